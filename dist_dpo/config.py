@@ -1,0 +1,338 @@
+"""The recipe: typed dataclasses whose `help` metadata is the documentation, read from a YAML file plus
+`--key value` overrides on the command line.
+
+A recipe YAML has four sections (`model`, `lora`, `data`, `train`); on the command line every key is flat
+(`--learning_rate 1e-5`) because key names are unique across sections. An unknown or mistyped key, a value of the
+wrong type or out of range is a `UserError` naming the key, the file and a likely fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dist_dpo.errors import UserError
+
+BUILTIN_MODEL = "builtin:tiny-qwen2"
+BUILTIN_DATASET = "builtin:bad-boy"
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelArgs:
+    model_name_or_path: str = _f(
+        BUILTIN_MODEL,
+        "Local path or hub id of the base model. 'builtin:tiny-qwen2' is a tiny random-weight Qwen2 built offline.",
+    )
+    tokenizer_name_or_path: str | None = _f(None, "Tokenizer path if it differs from the model's.")
+    trust_remote_code: bool = _f(False, "Allow custom modeling code shipped with the model.")
+    attn_implementation: str = _f("sdpa", "Attention kernel: sdpa, eager or flash_attention_2.", choices=("sdpa", "eager", "flash_attention_2"))
+    dtype: str = _f(
+        "auto",
+        "Weights/compute dtype: auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), bfloat16, float16, float32.",
+        choices=("auto", "bfloat16", "float16", "float32"),
+    )
+    load_in_4bit: bool = _f(False, "QLoRA: load the base model in 4-bit NF4 (bitsandbytes).")
+    load_in_8bit: bool = _f(False, "Load the base model in 8-bit (bitsandbytes LLM.int8). Not with FSDP.")
+    bnb_4bit_quant_type: str = _f("nf4", "4-bit data type: nf4 or fp4.", choices=("nf4", "fp4"))
+    bnb_4bit_use_double_quant: bool = _f(True, "Quantize the quantization constants too (saves ~0.4 bit/param).")
+
+
+@dataclass
+class LoraArgs:
+    use_peft: bool = _f(True, "Train a LoRA adapter (True) or all weights (False; not with 4/8-bit).")
+    lora_r: int = _f(8, "LoRA rank.", min=1)
+    lora_alpha: int = _f(32, "LoRA scaling numerator (scale = alpha / r).", min=1)
+    lora_dropout: float = _f(0.1, "Dropout on the LoRA input.", min=0.0, max=0.99)
+    lora_target_modules: list[str] = _f(
+        ["q_proj", "v_proj"], "Module names to adapt (comma-separated on the CLI), or 'all-linear'."
+    )
+
+
+@dataclass
+class DataArgs:
+    dataset_name: str = _f(
+        BUILTIN_DATASET,
+        "Hub id, local dir or json/jsonl/csv/parquet file of preference data. 'builtin:bad-boy' is the bundled set.",
+    )
+    dataset_config: str | None = _f(None, "Hub dataset configuration name.")
+    train_split: str = _f("train", "Split to train on.")
+    test_split: str = _f("test", "Split to evaluate on; made from train (test_size) when the data has none.")
+    test_size: float = _f(0.1, "Fraction of train held out when the data has no test split.", min=0.01, max=0.5)
+    system_prompt: str | None = _f(None, "System prompt put before every prompt when the chat template is applied.")
+    apply_chat_template: bool = _f(
+        True,
+        "Turn plain prompt/chosen/rejected strings into chat messages so the tokenizer's chat template is used.",
+    )
+    max_train_samples: int | None = _f(None, "Use only the first N training rows.", min=1)
+    max_eval_samples: int | None = _f(None, "Use only the first N test rows.", min=1)
+
+
+@dataclass
+class TrainArgs:
+    output_dir: str = _f("outputs/run", "Where checkpoints, the adapter, logs and metrics go.")
+    num_train_epochs: float = _f(1.0, "Epochs over the training split.", min=0.0)
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: use num_train_epochs).")
+    per_device_train_batch_size: int = _f(4, "Preference pairs per process per micro-step.", min=1)
+    per_device_eval_batch_size: int = _f(4, "Preference pairs per process per eval step.", min=1)
+    gradient_accumulation_steps: int = _f(4, "Micro-steps per optimizer step.", min=1)
+    learning_rate: float = _f(1e-5, "Peak learning rate.", min=0.0)
+    lr_scheduler_type: str = _f("linear", "transformers scheduler name (linear, cosine, constant ...).")
+    warmup_ratio: float = _f(0.0, "Fraction of steps spent warming up.", min=0.0, max=1.0)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", min=0.0)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.", min=0.0)
+    optim: str = _f("adamw_torch", "Optimizer (adamw_torch, paged_adamw_8bit, adamw_torch_fused ...).")
+    beta: float = _f(0.1, "DPO temperature beta: how far the policy may move from the reference.", min=0.0)
+    loss_type: str = _f("sigmoid", "DPO loss (sigmoid = the original DPO; ipo, hinge, robust ...).")
+    max_length: int = _f(1024, "Truncate prompt+answer to this many tokens.", min=8)
+    gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory (slower).")
+    logging_steps: int = _f(10, "Log every N optimizer steps.", min=1)
+    eval_steps: int = _f(10, "Evaluate every N optimizer steps (0: no evaluation during training).", min=0)
+    save_steps: int = _f(50, "Checkpoint every N optimizer steps.", min=1)
+    save_total_limit: int = _f(2, "Keep at most this many checkpoints.", min=1)
+    seed: int = _f(42, "Random seed (model init, data order, dropout).")
+    report_to: list[str] = _f(["tensorboard"], "Trackers: tensorboard, wandb, none (comma-separated).")
+    run_name: str | None = _f(None, "Run name shown in trackers.")
+    deepspeed: str | None = _f(
+        None, "DeepSpeed JSON (ds_configs/*.json) for the `deepspeed`/torchrun launchers; accelerate yamls set it."
+    )
+    resume: str = _f("auto", "auto: resume from the last complete checkpoint in output_dir; never; or a checkpoint path.")
+    overwrite_output_dir: bool = _f(False, "Allow training into an output_dir that already holds a finished run.")
+    collective_timeout_s: int = _f(
+        600, "Seconds a rank waits in a collective before the job fails (torch's default 1800 hides dead ranks).", min=30
+    )
+    dataloader_num_workers: int = _f(0, "Data-loader worker processes per rank.", min=0)
+    dpo_extra: dict = _f({}, "Any other trl DPOConfig field, e.g. {precompute_ref_log_probs: true}.")
+
+
+SECTIONS: dict[str, type] = {"model": ModelArgs, "lora": LoraArgs, "data": DataArgs, "train": TrainArgs}
+
+
+@dataclass
+class Recipe:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    source: str = "defaults"  # the YAML it came from, for messages
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = f"# Resolved dist-dpo recipe (from {self.source} plus command-line overrides).\n"
+        path.write_text(header + yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
+
+
+def _key_index() -> dict[str, tuple[str, dataclasses.Field, Any]]:
+    index = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            index[f.name] = (section, f, hints[f.name])
+    return index
+
+
+KEYS = _key_index()
+
+
+def _suggest(key: str, options) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else "; run `dist-dpo train --help` for the list"
+
+
+def _base_types(tp: Any) -> tuple[Any, bool]:
+    """(the non-None type, whether None is allowed)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _convert(key: str, value: Any, where: str) -> Any:
+    section, f, tp = KEYS[key]
+    base, optional = _base_types(tp)
+    bad = f"{where}: '{key}' "
+    if isinstance(value, str) and base is not str:
+        if value.strip().lower() in ("none", "null", "~") and optional:
+            return None
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            pass
+    if value is None:
+        if optional:
+            return None
+        raise UserError(bad + "may not be empty")
+    origin = typing.get_origin(base) or base
+    if origin is bool:
+        if not isinstance(value, bool):
+            raise UserError(bad + f"must be true or false, got {value!r}")
+    elif origin is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(bad + f"must be an integer, got {value!r}")
+    elif origin is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(bad + f"must be a number, got {value!r}")
+        value = float(value)
+    elif origin is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise UserError(bad + f"must be a string, got {value!r}")
+        value = str(value)
+    elif origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UserError(bad + f"must be a list of names, got {value!r}")
+    elif origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(bad + f"must be a mapping like {{key: value}}, got {value!r}")
+    meta = f.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        raise UserError(bad + f"must be one of {', '.join(meta['choices'])}, got {value!r}")
+    if "min" in meta and isinstance(value, (int, float)) and value < meta["min"]:
+        raise UserError(bad + f"must be >= {meta['min']}, got {value!r}")
+    if "max" in meta and isinstance(value, (int, float)) and value > meta["max"]:
+        raise UserError(bad + f"must be <= {meta['max']}, got {value!r}")
+    return value
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        hint = ""
+        recipes = Path(__file__).resolve().parent.parent / "recipes"
+        if recipes.is_dir():
+            names = sorted(x.name for x in recipes.glob("*.yaml"))
+            hint = f"; recipes shipped: {', '.join(names)}"
+        raise UserError(f"recipe file '{path}' does not exist{hint}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"recipe '{path}'{line} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"recipe '{path}' must be a mapping of sections (model, lora, data, train)")
+    flat: dict[str, Any] = {}
+    for section, body in data.items():
+        if section not in SECTIONS:
+            if section in KEYS:  # a flat recipe is fine too
+                flat[section] = body
+                continue
+            raise UserError(
+                f"recipe '{path}': unknown section or key '{section}'" + _suggest(section, [*SECTIONS, *KEYS])
+            )
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise UserError(f"recipe '{path}': section '{section}' must be a mapping of keys")
+        for key, value in body.items():
+            if key not in KEYS:
+                raise UserError(f"recipe '{path}': unknown key '{key}' in section '{section}'" + _suggest(key, KEYS))
+            if KEYS[key][0] != section:
+                raise UserError(f"recipe '{path}': key '{key}' belongs in section '{KEYS[key][0]}', not '{section}'")
+            flat[key] = value
+    return flat
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one line, exit 2, with a suggestion
+        if "unrecognized arguments" in message:
+            bad = message.split(":", 1)[1].split()
+            flag = next((b for b in bad if b.startswith("--")), bad[0])
+            key = flag.lstrip("-").split("=")[0]
+            raise UserError(f"unknown option '{flag}'" + _suggest(key, KEYS))
+        raise UserError(message)
+
+
+def build_parser(prog: str = "dist-dpo train") -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=prog,
+        usage=f"{prog} --config RECIPE.yaml [--key value ...]",
+        description="Train a LoRA/QLoRA DPO adapter. Values come from --config RECIPE.yaml, then the options below.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", help="Recipe YAML (see recipes/).", default=None)
+    parser.add_argument("--local_rank", "--local-rank", type=int, help="Set by the deepspeed launcher; ignored.")
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} options")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            meta = f.metadata
+            extra = f" Choices: {', '.join(meta['choices'])}." if "choices" in meta else ""
+            _, _, tp = KEYS[f.name]
+            base, _ = _base_types(tp)
+            nargs = "?" if base is bool else None  # `--load_in_4bit` alone means true
+            group.add_argument(
+                f"--{f.name}",
+                metavar="V",
+                nargs=nargs,
+                const="true" if base is bool else None,
+                help=f"{meta['help']}{extra} (default: {default!r})",
+            )
+    return parser
+
+
+def parse_recipe(argv: list[str]) -> Recipe:
+    parser = build_parser()
+    ns = vars(parser.parse_args(argv))
+    config_path = ns.pop("config", None)
+    ns.pop("local_rank", None)
+    values: dict[str, Any] = {}
+    if config_path:
+        for key, value in _read_yaml(config_path).items():
+            values[key] = _convert(key, value, f"recipe '{config_path}'")
+    for key, value in ns.items():
+        values[key] = _convert(key, value, "command line")
+    sections = {name: {} for name in SECTIONS}
+    for key, value in values.items():
+        sections[KEYS[key][0]][key] = value
+    recipe = Recipe(**{name: SECTIONS[name](**kw) for name, kw in sections.items()}, source=config_path or "defaults")
+    validate(recipe)
+    return recipe
+
+
+def validate(r: Recipe) -> None:
+    """Checks that span several keys. Single-key types and ranges are checked while parsing."""
+    m, lo, t = r.model, r.lora, r.train
+    if m.load_in_4bit and m.load_in_8bit:
+        raise UserError("load_in_4bit and load_in_8bit are both true: choose one (4-bit is QLoRA)")
+    if (m.load_in_4bit or m.load_in_8bit) and not lo.use_peft:
+        raise UserError("a 4/8-bit base cannot be trained directly: keep use_peft true (LoRA on top of it)")
+    if not lo.lora_target_modules:
+        raise UserError("lora_target_modules is empty: name modules such as q_proj,v_proj or use all-linear")
+    if "none" in t.report_to and len(t.report_to) > 1:
+        raise UserError(f"report_to {t.report_to} mixes 'none' with trackers: use 'none' alone")
+    unknown = set(t.report_to) - {"none", "tensorboard", "wandb"}
+    if unknown:
+        raise UserError(f"report_to: unknown tracker(s) {sorted(unknown)}; use tensorboard, wandb or none")
+    if t.resume not in ("auto", "never") and not Path(t.resume).is_dir():
+        raise UserError(f"resume '{t.resume}' is not a checkpoint directory; use auto, never or a checkpoint path")
+    if t.dpo_extra:
+        from trl import DPOConfig
+
+        known = {f.name for f in dataclasses.fields(DPOConfig)}
+        for key in t.dpo_extra:
+            if key not in known:
+                raise UserError(f"dpo_extra: '{key}' is not a trl DPOConfig field" + _suggest(key, known))
+            if key in KEYS:
+                raise UserError(f"dpo_extra: '{key}' is a dist-dpo key: set it directly (--{key})")

@@ -1,0 +1,217 @@
+"""Preference data: load (built-in, local json/jsonl/csv/parquet, or hub), validate with errors that name the
+file, row and field, and shape it for trl (standard strings -> chat messages when a chat template applies).
+
+trl validates nothing until it is deep inside tokenization, where a bad row surfaces as a KeyError on N ranks;
+so we check every row up front.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dist_dpo.config import BUILTIN_DATASET, DataArgs
+from dist_dpo.errors import UserError
+from dist_dpo.logs import get_logger
+
+ASSETS = Path(__file__).resolve().parent / "assets" / "data"
+_SUFFIX_LOADER = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+ROLES = {"system", "user", "assistant"}
+MIN_ANSWER_TOKENS = 4  # a pair whose prompt leaves fewer answer tokens than this inside max_length teaches nothing
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        if not all(isinstance(r, dict) for r in data):
+            raise UserError(f"{path}: expected a list of objects with prompt/chosen/rejected")
+        return data
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg}); fix or delete that line") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{lineno}: each line must be a JSON object with prompt/chosen/rejected")
+        rows.append(row)
+    return rows
+
+
+def _load_file(path: Path):
+    import datasets
+
+    if path.suffix in (".json", ".jsonl"):
+        rows = _read_jsonl(path)
+        if not rows:
+            raise UserError(f"{path}: the file has no rows")
+        columns = {k for r in rows for k in r}
+        # Rows with missing keys become None so that validation can name the row instead of pyarrow failing.
+        return datasets.Dataset.from_list([{k: r.get(k) for k in columns} for r in rows])
+    try:
+        return datasets.load_dataset(_SUFFIX_LOADER[path.suffix], data_files=str(path), split="train")
+    except Exception as e:  # pyarrow/pandas parse errors have many types
+        raise UserError(f"{path}: cannot read as {path.suffix[1:]}: {str(e).splitlines()[0]}") from None
+
+
+def _split_files(directory: Path) -> dict[str, Path]:
+    found = {}
+    for f in sorted(directory.iterdir()):
+        if f.suffix in _SUFFIX_LOADER:
+            found[f.stem.split(".")[0].split("-")[0]] = f
+    return found
+
+
+def load_raw(d: DataArgs) -> dict[str, Any]:
+    """{split name: datasets.Dataset} from whatever `dataset_name` points at."""
+    import datasets
+
+    name = d.dataset_name
+    if name == BUILTIN_DATASET:
+        return {split: _load_file(f) for split, f in _split_files(ASSETS / "bad_boy").items()}
+    if name.startswith("builtin:"):
+        raise UserError(f"unknown built-in dataset '{name}': the built-in dataset is '{BUILTIN_DATASET}'")
+    p = Path(name).expanduser()
+    if p.is_file():
+        if p.suffix not in _SUFFIX_LOADER:
+            raise UserError(f"{p}: unsupported data file type; use .json, .jsonl, .csv or .parquet")
+        return {d.train_split: _load_file(p)}
+    if p.is_dir():
+        files = _split_files(p)
+        if files:
+            return {split: _load_file(f) for split, f in files.items()}
+        try:
+            return dict(datasets.load_from_disk(str(p)))
+        except Exception:
+            raise UserError(f"{p}: no train/test .jsonl/.json/.csv/.parquet files and not a saved dataset") from None
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise UserError(f"dataset '{name}' does not exist: pass a local file/dir, a hub id, or {BUILTIN_DATASET}")
+    try:
+        return dict(datasets.load_dataset(name, d.dataset_config))
+    except Exception as e:
+        raise UserError(f"cannot load dataset '{name}' from the hub or its cache: {str(e).splitlines()[0]}") from None
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) for m in value)
+
+
+def validate_rows(ds, where: str) -> None:
+    """Every row: chosen/rejected (and prompt) present, one format, non-empty, valid roles."""
+    columns = set(ds.column_names)
+    missing = [c for c in ("chosen", "rejected") if c not in columns]
+    if missing:
+        raise UserError(
+            f"{where}: missing column(s) {missing}; found {sorted(columns)}. Preference data needs "
+            "prompt/chosen/rejected (rename your columns or convert the file)"
+        )
+    if len(ds) == 0:
+        raise UserError(f"{where}: the dataset is empty")
+    has_prompt = "prompt" in columns
+    identical = 0
+    for i, row in enumerate(ds):
+        fields = ["prompt", "chosen", "rejected"] if has_prompt else ["chosen", "rejected"]
+        conversational = _is_messages(row["chosen"])
+        for f in fields:
+            v = row[f]
+            if v is None:
+                raise UserError(f"{where} row {i}: field '{f}' is missing")
+            if conversational:
+                if not _is_messages(v) or not v:
+                    raise UserError(f"{where} row {i}: field '{f}' must be a non-empty list of chat messages")
+                for m in v:
+                    if m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                        raise UserError(
+                            f"{where} row {i}: field '{f}' has a message {json.dumps(m, ensure_ascii=False)[:80]}; "
+                            "each message needs role system/user/assistant and string content"
+                        )
+                if f in ("chosen", "rejected") and has_prompt and v[-1]["role"] != "assistant":
+                    raise UserError(f"{where} row {i}: field '{f}' must end with an assistant message")
+                if f == "prompt" and v[-1]["role"] != "user":
+                    raise UserError(f"{where} row {i}: the prompt must end with a user message")
+            else:
+                if not isinstance(v, str):
+                    raise UserError(f"{where} row {i}: field '{f}' must be a string, got {type(v).__name__}")
+                if not v.strip():
+                    raise UserError(f"{where} row {i}: field '{f}' is empty")
+        if row["chosen"] == row["rejected"]:
+            identical += 1
+    if identical == len(ds):
+        raise UserError(f"{where}: chosen equals rejected on every row, so there is no preference to learn")
+    if identical:
+        get_logger().warning("%s: %d row(s) have chosen == rejected; they add no signal", where, identical)
+
+
+def to_chat(row: dict, system_prompt: str | None) -> dict:
+    """Standard strings -> chat messages, so trl renders them with the tokenizer's chat template."""
+    prompt = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    prompt.append({"role": "user", "content": row["prompt"]})
+    return {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": row["chosen"]}],
+        "rejected": [{"role": "assistant", "content": row["rejected"]}],
+    }
+
+
+def _drop_overlong(ds, tokenizer, max_length: int, where: str):
+    """Drop pairs whose prompt fills max_length: trl keeps the start, so their answers would be cut to nothing."""
+
+    def prompt_len(row):
+        p = row["prompt"]
+        if _is_messages(p):
+            ids = tokenizer.apply_chat_template(p, tokenize=True, add_generation_prompt=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) else ids
+            return len(ids)
+        return len(tokenizer(p)["input_ids"])
+
+    keep = [i for i, row in enumerate(ds) if prompt_len(row) <= max_length - MIN_ANSWER_TOKENS]
+    if not keep:
+        raise UserError(
+            f"{where}: every prompt is longer than max_length={max_length} tokens; raise max_length or shorten prompts"
+        )
+    if len(keep) < len(ds):
+        get_logger().warning(
+            "%s: dropped %d of %d pairs whose prompt leaves < %d tokens for the answer at max_length=%d",
+            where, len(ds) - len(keep), len(ds), MIN_ANSWER_TOKENS, max_length,
+        )
+        ds = ds.select(keep)
+    return ds
+
+
+def load_preference_data(d: DataArgs, tokenizer, max_length: int, seed: int):
+    """(train, test) datasets, validated and in the format trl expects."""
+    splits = load_raw(d)
+    if d.train_split not in splits:
+        raise UserError(f"dataset '{d.dataset_name}' has no split '{d.train_split}'; it has {sorted(splits)}")
+    train = splits[d.train_split]
+    validate_rows(train, f"{d.dataset_name} [{d.train_split}]")
+    if d.test_split in splits:
+        test = splits[d.test_split]
+        validate_rows(test, f"{d.dataset_name} [{d.test_split}]")
+    else:
+        if len(train) < 2:
+            raise UserError(f"{d.dataset_name}: need at least 2 rows to hold out a test split")
+        parts = train.train_test_split(test_size=d.test_size, seed=seed)
+        train, test = parts["train"], parts["test"]
+    if d.max_train_samples:
+        train = train.select(range(min(d.max_train_samples, len(train))))
+    if d.max_eval_samples:
+        test = test.select(range(min(d.max_eval_samples, len(test))))
+    standard = "prompt" in train.column_names and isinstance(train[0]["prompt"], str)
+    if standard and d.apply_chat_template and getattr(tokenizer, "chat_template", None):
+        keep = ["prompt", "chosen", "rejected"]
+        train = train.map(to_chat, fn_kwargs={"system_prompt": d.system_prompt}, remove_columns=[
+            c for c in train.column_names if c not in keep])
+        test = test.map(to_chat, fn_kwargs={"system_prompt": d.system_prompt}, remove_columns=[
+            c for c in test.column_names if c not in keep])
+    if "prompt" in train.column_names:
+        train = _drop_overlong(train, tokenizer, max_length, f"{d.dataset_name} [{d.train_split}]")
+        test = _drop_overlong(test, tokenizer, max_length, f"{d.dataset_name} [{d.test_split}]")
+    return train, test

@@ -1,0 +1,66 @@
+"""Recipe + runtime + strategy -> trl `DPOConfig`. The one place where training arguments are decided.
+
+It must run BEFORE the model is loaded: under ZeRO-3 the DPOConfig registers DeepSpeed's config so that
+`from_pretrained` partitions weights while loading instead of materializing the full model on every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dist_dpo.config import Recipe
+from dist_dpo.modeling import resolve_dtype
+from dist_dpo.runtime import Runtime
+from dist_dpo.strategies import Strategy
+
+
+def build_dpo_config(r: Recipe, rt: Runtime, strat: Strategy):
+    from trl import DPOConfig
+
+    t = r.train
+    dtype = resolve_dtype(r.model, rt)
+    on_gpu = rt.device_type == "cuda"
+    evaluate = t.eval_steps > 0
+    kwargs = dict(
+        output_dir=t.output_dir,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_ratio=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        beta=t.beta,
+        loss_type=[t.loss_type],
+        max_length=t.max_length,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": strat.checkpointing_reentrant},
+        ddp_find_unused_parameters=strat.ddp_find_unused_parameters,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=t.eval_steps if evaluate else None,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to=[] if t.report_to == ["none"] else t.report_to,
+        run_name=t.run_name,
+        deepspeed=t.deepspeed if rt.launcher != "accelerate" else None,  # accelerate passes its own plugin
+        bf16=on_gpu and dtype == torch.bfloat16,
+        fp16=on_gpu and dtype == torch.float16,
+        use_cpu=not on_gpu,  # also makes accelerate pick gloo for a multi-process CPU run
+        dataloader_num_workers=t.dataloader_num_workers,
+        ddp_timeout=t.collective_timeout_s,
+        log_level="info" if rt.is_main else "error",
+        log_level_replica="error",
+        disable_tqdm=not rt.is_main,
+        save_only_model=False,  # optimizer/scheduler/RNG in every checkpoint: resume must not lose state
+    )
+    kwargs.update(t.dpo_extra)
+    return DPOConfig(**kwargs)

@@ -1,0 +1,101 @@
+"""THE table of what differs per distributed strategy. Every other module asks it; nobody branches on the
+strategy name elsewhere.
+
+Each cell carries its reason. The trackers cited are where users hit the problem the cell avoids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    summary: str
+    # Where a 4/8-bit base model is placed. "local_rank": the whole quantized model on this process's LOCAL GPU
+    # ({"": local_rank}); None: no device_map, the wrapper (FSDP/ZeRO-3) places shards itself.
+    quant_device_map: str | None
+    # bitsandbytes storage dtype of packed 4-bit weights. FSDP/ZeRO-3 flatten and shard parameters and need one float
+    # dtype across the model; uint8 storage there fails or is silently not sharded.
+    bnb_4bit_quant_storage: str
+    # Gradient checkpointing reentrancy. Non-reentrant works with DDP and is the PyTorch recommendation; PEFT+ZeRO-3
+    # needs reentrant (trl#2514; trl forces it and warns, so we set it up front).
+    checkpointing_reentrant: bool
+    # peft.prepare_model_for_kbit_training upcasts every non-quantized parameter to fp32. Under FSDP/ZeRO-3 that
+    # mixes dtypes inside flat parameters (crash or 2x memory), so it is skipped there.
+    prepare_kbit: bool
+    # DDP only: all LoRA params get gradients, so the unused-parameter search is pure overhead (and fails with
+    # reentrant checkpointing).
+    ddp_find_unused_parameters: bool | None
+    # How the adapter leaves the job. "rank0": the trainer's save_model on a replicated model. "gathered": the
+    # sharded params are gathered to full tensors first (ZeRO-3 needs stage3_gather_16bit_weights_on_model_save;
+    # FSDP needs a FULL_STATE_DICT) - the classic source of EMPTY adapters, so train.py verifies the saved file.
+    adapter_save: str
+    # Whether the strategy can run without GPUs (gloo). Decides what CI can exercise on CPU.
+    runs_on_cpu: bool
+
+
+STRATEGY_TABLE: dict[str, Strategy] = {
+    "single": Strategy(
+        name="single",
+        summary="one process, one device",
+        quant_device_map="local_rank",  # GPU 0 of this process (or cpu)
+        bnb_4bit_quant_storage="uint8",  # bitsandbytes default; nothing is sharded
+        checkpointing_reentrant=False,  # recommended by PyTorch; no wrapper constraints
+        prepare_kbit=True,  # fp32 norms/head for stable QLoRA (the QLoRA paper's recipe)
+        ddp_find_unused_parameters=None,  # not DDP
+        adapter_save="rank0",
+        runs_on_cpu=True,
+    ),
+    "ddp": Strategy(
+        name="ddp",
+        summary="data parallel: a full model replica per GPU",
+        # {"": LOCAL rank}: with device_map="auto" or the global rank, node 2's ranks 8..15 would ask for GPU 8..15
+        # that do not exist, or stack every replica on GPU 0 - the classic "QLoRA on the wrong device" report.
+        quant_device_map="local_rank",
+        bnb_4bit_quant_storage="uint8",  # replicas are not flattened; default storage is fine
+        checkpointing_reentrant=False,  # reentrant + DDP fails on LoRA ("marked ready twice")
+        prepare_kbit=True,
+        ddp_find_unused_parameters=False,  # every LoRA param is used; True costs a graph walk per step
+        adapter_save="rank0",
+        runs_on_cpu=True,
+    ),
+    "fsdp": Strategy(
+        name="fsdp",
+        summary="FSDP2: parameters, gradients and optimizer state sharded across GPUs",
+        quant_device_map=None,  # FSDP moves shards to each rank's device itself
+        bnb_4bit_quant_storage="bfloat16",  # FSDP needs one float dtype to shard 4-bit weights (QLoRA+FSDP, answer.ai)
+        checkpointing_reentrant=False,  # FSDP2 + reentrant recompute mismatches parameter states
+        prepare_kbit=False,  # fp32 upcast would mix dtypes in FSDP units
+        ddp_find_unused_parameters=None,
+        adapter_save="gathered",  # FULL_STATE_DICT gather; FSDP1 SHARDED saved empty adapters here (see README)
+        runs_on_cpu=False,
+    ),
+    "zero2": Strategy(
+        name="zero2",
+        summary="DeepSpeed ZeRO-2: optimizer state and gradients sharded, weights replicated",
+        quant_device_map="local_rank",  # weights are replicated like DDP, so each rank holds its own 4-bit copy
+        bnb_4bit_quant_storage="uint8",
+        checkpointing_reentrant=False,
+        prepare_kbit=True,
+        ddp_find_unused_parameters=None,  # DeepSpeed's engine, not torch DDP
+        adapter_save="rank0",
+        runs_on_cpu=False,
+    ),
+    "zero3": Strategy(
+        name="zero3",
+        summary="DeepSpeed ZeRO-3: weights, gradients and optimizer state sharded (+ optional CPU offload)",
+        quant_device_map=None,  # ZeRO-3 partitions parameters at load (zero.Init); a device_map fights it
+        bnb_4bit_quant_storage="bfloat16",  # ZeRO-3 partitions 4-bit weights only as a float storage dtype
+        checkpointing_reentrant=True,  # PEFT + ZeRO-3 needs reentrant (trl#2514); trl would force it anyway
+        prepare_kbit=False,  # fp32 upcast breaks ZeRO-3's coalesced all-gather (DeepSpeed#8072)
+        ddp_find_unused_parameters=None,
+        adapter_save="gathered",  # needs stage3_gather_16bit_weights_on_model_save: true (ds_configs/zero3*.json)
+        runs_on_cpu=False,
+    ),
+}
+
+
+def strategy_for(name: str) -> Strategy:
+    return STRATEGY_TABLE[name]
