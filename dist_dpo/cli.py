@@ -56,13 +56,17 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     module, func, _ = COMMANDS[command]
     rank = _global_rank()
+    # bitsandbytes warns on every CPU process that an optional hub kernel is missing; nothing for users to do.
+    logging.getLogger("bitsandbytes.backends.cpu").setLevel(logging.ERROR)
     try:
         code = getattr(importlib.import_module(module), func)(rest)
     except UserError as e:
         if rank == 0:
             print(f"dist-dpo: error: {e}", file=sys.stderr, flush=True)
         else:
-            logging.getLogger("dist_dpo").error("%s", e)  # its rank file only, if one is open
+            from dist_dpo.logs import log_to_rank_file
+
+            log_to_rank_file(logging.ERROR, str(e))
         _shutdown_distributed()
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -91,7 +91,7 @@ class TrainArgs:
     gradient_accumulation_steps: int = _f(4, "Micro-steps per optimizer step.", min=1)
     learning_rate: float = _f(1e-5, "Peak learning rate.", min=0.0)
     lr_scheduler_type: str = _f("linear", "transformers scheduler name (linear, cosine, constant ...).")
-    warmup_ratio: float = _f(0.0, "Fraction of steps spent warming up.", min=0.0, max=1.0)
+    warmup_ratio: float = _f(0.0, "Fraction of steps spent warming up (0 <= r < 1).", min=0.0, max=0.99)
     weight_decay: float = _f(0.0, "AdamW weight decay.", min=0.0)
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.", min=0.0)
     optim: str = _f("adamw_torch", "Optimizer (adamw_torch, paged_adamw_8bit, adamw_torch_fused ...).")
@@ -128,6 +128,7 @@ class Recipe:
     data: DataArgs = field(default_factory=DataArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
     source: str = "defaults"  # the YAML it came from, for messages
+    dry_run: bool = False  # check everything, train nothing (launch scripts run this once before the launcher)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
@@ -187,6 +188,11 @@ def _convert(key: str, value: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise UserError(bad + f"must be an integer, got {value!r}")
     elif origin is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string; users write it that way
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(bad + f"must be a number, got {value!r}")
         value = float(value)
@@ -273,6 +279,10 @@ def build_parser(prog: str = "dist-dpo train") -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="Recipe YAML (see recipes/).", default=None)
     parser.add_argument("--local_rank", "--local-rank", type=int, help="Set by the deepspeed launcher; ignored.")
+    parser.add_argument(
+        "--dry_run", action="store_true", default=False,
+        help="Check the recipe, data, tokenizer and model config in this one process, print the plan, train nothing.",
+    )
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(f"{section} options")
         for f in dataclasses.fields(cls):
@@ -297,6 +307,7 @@ def parse_recipe(argv: list[str]) -> Recipe:
     ns = vars(parser.parse_args(argv))
     config_path = ns.pop("config", None)
     ns.pop("local_rank", None)
+    dry_run = ns.pop("dry_run", False)
     values: dict[str, Any] = {}
     if config_path:
         for key, value in _read_yaml(config_path).items():
@@ -306,7 +317,8 @@ def parse_recipe(argv: list[str]) -> Recipe:
     sections = {name: {} for name in SECTIONS}
     for key, value in values.items():
         sections[KEYS[key][0]][key] = value
-    recipe = Recipe(**{name: SECTIONS[name](**kw) for name, kw in sections.items()}, source=config_path or "defaults")
+    recipe = Recipe(**{name: SECTIONS[name](**kw) for name, kw in sections.items()}, source=config_path or "defaults",
+                    dry_run=dry_run)
     validate(recipe)
     return recipe
 

@@ -30,7 +30,7 @@ def build_dpo_config(r: Recipe, rt: Runtime, strat: Strategy):
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
-        warmup_ratio=t.warmup_ratio,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
@@ -57,7 +57,7 @@ def build_dpo_config(r: Recipe, rt: Runtime, strat: Strategy):
         use_cpu=not on_gpu,  # also makes accelerate pick gloo for a multi-process CPU run
         dataloader_num_workers=t.dataloader_num_workers,
         ddp_timeout=t.collective_timeout_s,
-        log_level="info" if rt.is_main else "error",
+        log_level="warning" if rt.is_main else "error",  # our run header replaces transformers' info dump
         log_level_replica="error",
         disable_tqdm=not rt.is_main,
         save_only_model=False,  # optimizer/scheduler/RNG in every checkpoint: resume must not lose state

@@ -52,6 +52,7 @@ def _quiet_libraries(rt: Runtime) -> None:
     import datasets
     import transformers
 
+    datasets.disable_progress_bars()  # per-map bars on every rank drown the step logs
     if rt.is_main:
         transformers.utils.logging.set_verbosity_warning()
         datasets.utils.logging.set_verbosity_warning()
@@ -59,7 +60,14 @@ def _quiet_libraries(rt: Runtime) -> None:
         # Off rank 0 only errors reach the console; the rank file still records this rank's own log lines.
         transformers.utils.logging.set_verbosity_error()
         datasets.utils.logging.set_verbosity_error()
-        datasets.disable_progress_bars()
         logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
         logging.getLogger("accelerate").setLevel(logging.ERROR)
         logging.getLogger("torch.distributed").setLevel(logging.ERROR)
+
+
+def log_to_rank_file(level: int, message: str) -> None:
+    """Record a message in this rank's file only: for errors that global rank 0 already prints for everyone."""
+    record = get_logger().makeRecord(LOGGER_NAME, level, __file__, 0, message, None, None)
+    for handler in get_logger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -27,18 +28,24 @@ def run(argv: list[str]) -> int:
     from dist_dpo.dpo_args import build_dpo_config
     from dist_dpo.modeling import load_model, load_tokenizer, lora_config, resolve_model_path
 
-    args = build_dpo_config(recipe, rt, strat)  # before the model: ZeRO-3 partitions while loading
     model_path = resolve_model_path(recipe.model.model_name_or_path)
+    args = build_dpo_config(recipe, rt, strat)  # before the model: ZeRO-3 partitions while loading
     tokenizer = load_tokenizer(recipe.model, model_path)
 
     from dist_dpo.data import load_preference_data
 
     train_ds, eval_ds = load_preference_data(recipe.data, tokenizer, recipe.train.max_length, recipe.train.seed)
+    if recipe.dry_run:
+        return dry_run_report(recipe, rt, model_path, len(train_ds), len(eval_ds))
     model = load_model(recipe.model, model_path, rt, strat, recipe.train.gradient_checkpointing)
     peft_config = lora_config(recipe.lora, model)
 
     # Everything that can be wrong with the input has been checked: only now touch the output dir.
     add_rank_file(rt, out)
+    log.info(
+        "rank %d of %d | local rank %d | node %d of %d | %s | pid %d",
+        rt.rank, rt.world_size, rt.local_rank, rt.node_rank, rt.num_nodes, model_device(model), os.getpid(),
+    )
     if rt.is_main:
         recipe.write(out / "resolved_config.yaml")
 
@@ -77,6 +84,31 @@ def run(argv: list[str]) -> int:
         )
         log.info("done. adapter: %s | logs: %s | metrics: %s", out, out / "logs", out / "train_results.json")
     trainer.accelerator.wait_for_everyone()
+    log.info("rank %d finished at step %d", rt.rank, trainer.state.global_step)
+    return 0
+
+
+def model_device(model) -> str:
+    devices = sorted({str(p.device) for p in model.parameters()})
+    return "model on " + ", ".join(devices)
+
+
+def dry_run_report(r: Recipe, rt: Runtime, model_path: str, n_train: int, n_eval: int) -> int:
+    """The model's modules come from its config on the meta device: LoRA targets are checked without weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dist_dpo.modeling import lora_config
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=r.model.trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=r.model.trust_remote_code)
+    lora_config(r.lora, skeleton)
+    params = sum(p.numel() for p in skeleton.parameters())
+    get_logger().info(
+        "dry run OK: %s (%.2fB params) | %d train / %d test pairs | output_dir %s | %s",
+        model_path, params / 1e9, n_train, n_eval, r.train.output_dir, rt.describe(),
+    )
     return 0
 
 

@@ -1,0 +1,223 @@
+"""Random-weight models of real shapes, built offline: the built-in tiny model and stand-ins for benchmarks.
+
+Random weights are enough to test and time LoRA/QLoRA DPO (the memory and FLOPs depend on the shape, not on the
+values), and they need no hub access. Every model ships with the built-in ChatML tokenizer (assets/tokenizer, 4096
+ids); for the big vocabularies those ids are simply the first 4096 rows of the embedding.
+
+    dist-dpo build-model --list
+    dist-dpo build-model --shape qwen2.5-1.5b --out /tmp/q15 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from dist_dpo.errors import UserError
+
+TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
+MARKER = "dist_dpo_model.json"  # written last inside the temp dir: its presence means the dir is complete
+BUILTIN_SHAPE = "tiny-qwen2"
+# Bump the suffix whenever the tiny shape, its seed or the bundled tokenizer changes, so stale caches are not reused.
+BUILTIN_DIRNAME = "tiny-qwen2-v1"
+_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _qwen2(**kw) -> dict:
+    # Shared by every Qwen2.5 size (values from the Qwen2.5-*-Instruct config.json files). Sliding window is off
+    # in all of them, so it is left out.
+    base = dict(model_type="qwen2", hidden_act="silu", rope_theta=1000000.0, rms_norm_eps=1e-6,
+                max_position_embeddings=32768, initializer_range=0.02, attention_dropout=0.0)
+    return {"architecture": "Qwen2ForCausalLM", "config": {**base, **kw}}
+
+
+SHAPES: dict[str, dict] = {
+    # ~1.3M params: runs a DPO step on CPU in a second. vocab_size matches the built-in tokenizer.
+    "tiny-qwen2": _qwen2(vocab_size=4096, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         max_position_embeddings=2048),
+    "qwen2.5-0.5b": _qwen2(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                           num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-1.5b": _qwen2(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                           num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-3b": _qwen2(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                         num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-7b": _qwen2(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+    "qwen2.5-14b": _qwen2(vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
+                          num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False),
+    "qwen2.5-32b": _qwen2(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
+                          num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False),
+    "qwen2.5-72b": _qwen2(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+                          num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False),
+    # Meta-Llama-3-8B config.json.
+    "llama-3-8b": {"architecture": "LlamaForCausalLM", "config": dict(
+        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, hidden_act="silu", max_position_embeddings=8192,
+        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+        initializer_range=0.02)},
+}
+
+
+def get_shape(shape: str | dict) -> dict:
+    """A SHAPES entry by name (or the entry itself); a bad name is a UserError listing the valid ones."""
+    if isinstance(shape, dict):
+        return shape
+    if shape not in SHAPES:
+        raise UserError(f"unknown model shape '{shape}': choose one of {', '.join(SHAPES)}")
+    return SHAPES[shape]
+
+
+def param_count(shape: str | dict) -> int:
+    """Parameters of a shape, computed from its config (no model built): used for MFU and memory planning."""
+    entry = get_shape(shape)
+    c = entry["config"]
+    h, inter, layers, vocab = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    heads = c["num_attention_heads"]
+    kv = c.get("num_key_value_heads", heads)
+    hd = c.get("head_dim") or h // heads
+    q, k = heads * hd, kv * hd
+    attn = h * q + 2 * h * k + q * h  # q, k, v, o projections
+    if entry["architecture"] == "Qwen2ForCausalLM":
+        attn += q + 2 * k  # Qwen2 always has q/k/v biases, o_proj has none
+    elif c.get("attention_bias"):
+        attn += q + 2 * k + h  # Llama's attention_bias covers o_proj too
+    mlp = 3 * h * inter + ((2 * inter + h) if c.get("mlp_bias") else 0)  # gate, up, down
+    per_layer = attn + mlp + 2 * h  # + input / post-attention RMSNorm
+    embed = vocab * h * (1 if c.get("tie_word_embeddings") else 2)
+    return embed + layers * per_layer + h  # + final norm
+
+
+def _special_ids() -> dict[str, int]:
+    """Ids of the built-in tokenizer's special tokens, read from its tokenizer.json (the source of truth)."""
+    added = json.loads((TOKENIZER_DIR / "tokenizer.json").read_text(encoding="utf-8"))["added_tokens"]
+    return {t["content"]: t["id"] for t in added}
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+def _check_existing(out: Path, meta: dict) -> Path:
+    have = json.loads((out / MARKER).read_text(encoding="utf-8"))
+    if any(have.get(k) != meta[k] for k in ("shape", "seed", "dtype")):
+        raise UserError(f"{out} already holds a different model ({have.get('shape')}, seed {have.get('seed')}, "
+                        f"{have.get('dtype')}): remove it or choose another output dir")
+    return out
+
+
+def build_random_model(shape: str, out_dir: str | Path, seed: int = 0, dtype: str = "bfloat16",
+                       device: str = "cpu") -> Path:
+    """Build `shape` with random init from `seed`, save it (safetensors + built-in tokenizer) to `out_dir`.
+
+    The model is written into a temp dir next to `out_dir` and renamed into place, so `out_dir` is either absent or
+    complete, and concurrent builders (e.g. every rank at start-up) cannot see half a model. An existing complete
+    `out_dir` is returned as is.
+    """
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    entry = get_shape(shape)
+    if dtype not in _DTYPES:
+        raise UserError(f"unknown dtype '{dtype}': choose one of {', '.join(_DTYPES)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} but no CUDA device is visible: use --device cpu")
+    out = Path(out_dir).expanduser().resolve()
+    meta = {"shape": shape, "seed": seed, "dtype": dtype, "architecture": entry["architecture"],
+            "param_count": param_count(entry), "built_with": f"transformers {transformers.__version__}"}
+    if _is_complete(out):
+        return _check_existing(out, meta)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not a dist-dpo model dir (no {MARKER}): remove it or choose another")
+
+    ids = _special_ids()
+    kw = dict(entry["config"])
+    # Token ids follow the bundled tokenizer (not the original model's), so generation stops at <|im_end|>. No
+    # bos (the tokenizer has none; transformers would "align" it with a warning) and, like Qwen2.5's config, no
+    # pad_token_id: it would become the embedding's padding_idx and zero that row at init.
+    kw.update(bos_token_id=None, eos_token_id=ids["<|im_end|>"])
+    config = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    model_cls = getattr(transformers, entry["architecture"])
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        dev = torch.device(device)
+        # fork_rng: seeding must not disturb the caller's RNG streams (e.g. a trainer seeded earlier).
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(seed)
+            # Allocate and initialise directly on the device in the target dtype: for a 7B+ shape on a GPU this
+            # takes seconds, where a CPU fp32 init followed by a cast would take minutes and twice the memory.
+            with dev:
+                model = model_cls._from_config(config, dtype=getattr(torch, dtype))  # post_init -> _init_weights
+        model.save_pretrained(tmp)
+        del model
+        for f in TOKENIZER_DIR.iterdir():
+            shutil.copy2(f, tmp / f.name)
+        (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        try:
+            os.replace(tmp, out)  # atomic; succeeds over an absent or empty dir only
+        except OSError:
+            if not _is_complete(out):
+                raise
+            # Another process won the race: its model is identical (same shape, seed, dtype), use it.
+            shutil.rmtree(tmp, ignore_errors=True)
+            return _check_existing(out, meta)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def builtin_model_dir(cache_dir: str | Path | None = None) -> Path:
+    root = cache_dir or os.environ.get("DIST_DPO_CACHE") or Path.home() / ".cache" / "dist_dpo"
+    return Path(root).expanduser() / "models" / BUILTIN_DIRNAME
+
+
+def ensure_builtin_model(cache_dir: str | Path | None = None) -> Path:
+    """Path of the built-in tiny model (fp32, seed 0), built on first use under `cache_dir` / $DIST_DPO_CACHE /
+    ~/.cache/dist_dpo. Safe when every rank calls it at once: each builds privately and renames atomically; the
+    losers use the winner's copy (bit-identical anyway, since the build is seeded)."""
+    out = builtin_model_dir(cache_dir)
+    if _is_complete(out):
+        return out
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # Inside a process group transformers' save_pretrained writes on global rank 0 only, so a private build on
+        # another rank would come out without weights: rank 0 builds, the rest wait for it.
+        if dist.get_rank() == 0:
+            build_random_model(BUILTIN_SHAPE, out, seed=0, dtype="float32", device="cpu")
+        dist.barrier()
+        if _is_complete(out):
+            return out
+    return build_random_model(BUILTIN_SHAPE, out, seed=0, dtype="float32", device="cpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dist-dpo build-model",
+                                description="Write a random-weight model of a real shape (offline).")
+    p.add_argument("--shape", help="one of: " + ", ".join(SHAPES))
+    p.add_argument("--out", help="output dir (must be absent, empty, or hold the same model)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bfloat16", choices=_DTYPES)
+    p.add_argument("--device", default="cpu", help="where to initialise: cpu, cuda, cuda:1 ...")
+    p.add_argument("--list", action="store_true", help="print the shapes with their parameter counts")
+    a = p.parse_args(argv)
+    if a.list:
+        for name, entry in SHAPES.items():
+            n = param_count(entry)
+            size = f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+            print(f"{name:14s} {entry['architecture']:18s} {size:>7s}  ({n:,} params)")
+        return 0
+    if not a.shape or not a.out:
+        raise UserError("build-model needs --shape and --out (or --list to see the shapes)")
+    get_shape(a.shape)  # fail on a bad name before importing torch
+    path = build_random_model(a.shape, a.out, seed=a.seed, dtype=a.dtype, device=a.device)
+    print(path)
+    return 0

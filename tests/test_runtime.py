@@ -1,0 +1,91 @@
+"""Who-am-I resolution from launcher environments, the strategy table, and device placement per LOCAL rank."""
+
+import json
+
+import pytest
+
+from dist_dpo.config import ModelArgs
+from dist_dpo.errors import UserError
+from dist_dpo.modeling import device_map_for, quantization_config
+from dist_dpo.runtime import STRATEGIES, resolve_runtime
+from dist_dpo.strategies import STRATEGY_TABLE, strategy_for
+
+
+def test_plain_python_is_single(clean_launch_env):
+    rt = resolve_runtime(device_type="cpu")
+    assert (rt.rank, rt.local_rank, rt.world_size, rt.strategy, rt.launcher) == (0, 0, 1, "single", "python")
+    assert rt.is_main and not rt.distributed
+
+
+def test_torchrun_second_node(clean_launch_env):
+    # node 1 of 2, 4 GPUs each: global rank 5 is local rank 1 -> its model belongs on cuda:1, not cuda:5
+    env = dict(RANK="5", LOCAL_RANK="1", WORLD_SIZE="8", LOCAL_WORLD_SIZE="4", GROUP_RANK="1", TORCHELASTIC_RUN_ID="x")
+    for k, v in env.items():
+        clean_launch_env.setenv(k, v)
+    rt = resolve_runtime(device_type="cuda")
+    assert (rt.rank, rt.local_rank, rt.node_rank, rt.num_nodes, rt.strategy) == (5, 1, 1, 2, "ddp")
+    assert not rt.is_main
+    m = ModelArgs(load_in_4bit=True)
+    assert device_map_for(m, rt, strategy_for("ddp")) == {"": 1}
+    assert device_map_for(m, rt, strategy_for("zero2")) == {"": 1}
+    assert device_map_for(m, rt, strategy_for("fsdp")) is None
+    assert device_map_for(m, rt, strategy_for("zero3")) is None
+    assert device_map_for(ModelArgs(), rt, strategy_for("ddp")) is None  # unquantized: the Trainer moves it
+
+
+def test_deepspeed_launcher(clean_launch_env, tmp_path):
+    cfg = tmp_path / "z3.json"
+    cfg.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}))
+    for k, v in dict(RANK="3", LOCAL_RANK="1", WORLD_SIZE="4", LOCAL_SIZE="2", CROSS_RANK="1").items():
+        clean_launch_env.setenv(k, v)
+    rt = resolve_runtime(str(cfg), device_type="cuda")
+    assert (rt.launcher, rt.strategy, rt.offload, rt.node_rank, rt.local_world_size) == ("deepspeed", "zero3", True, 1, 2)
+    assert rt.deepspeed_config == str(cfg)
+
+
+def test_accelerate_zero2_and_fsdp(clean_launch_env, tmp_path):
+    cfg = tmp_path / "z2.json"
+    cfg.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    for k, v in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", ACCELERATE_USE_DEEPSPEED="true",
+                     ACCELERATE_DEEPSPEED_CONFIG_FILE=str(cfg)).items():
+        clean_launch_env.setenv(k, v)
+    rt = resolve_runtime(device_type="cuda")
+    assert (rt.launcher, rt.strategy, rt.offload) == ("accelerate", "zero2", False)
+    clean_launch_env.delenv("ACCELERATE_USE_DEEPSPEED")
+    clean_launch_env.setenv("ACCELERATE_USE_FSDP", "true")
+    assert resolve_runtime(device_type="cuda").strategy == "fsdp"
+
+
+@pytest.mark.parametrize("content, needle", [(None, "does not exist"), ("{", "not valid JSON"),
+                                             ('{"zero_optimization": {"stage": 1}}', "supports ZeRO stage 2 or 3")])
+def test_bad_deepspeed_config(clean_launch_env, tmp_path, content, needle):
+    path = tmp_path / "ds.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(UserError, match=needle):
+        resolve_runtime(str(path), device_type="cuda")
+
+
+def test_strategy_table_is_complete_and_consistent():
+    assert set(STRATEGY_TABLE) == set(STRATEGIES)
+    for name, s in STRATEGY_TABLE.items():
+        sharded = name in ("fsdp", "zero3")
+        # sharded strategies: no device_map, float storage for 4-bit, no fp32 upcast, adapter gathered on save
+        assert (s.quant_device_map is None) == sharded
+        assert (s.bnb_4bit_quant_storage == "bfloat16") == sharded
+        assert s.prepare_kbit == (not sharded)
+        assert (s.adapter_save == "gathered") == sharded
+    assert STRATEGY_TABLE["ddp"].ddp_find_unused_parameters is False
+    assert STRATEGY_TABLE["ddp"].checkpointing_reentrant is False
+    assert STRATEGY_TABLE["zero3"].checkpointing_reentrant is True  # trl#2514
+
+
+def test_quant_storage_follows_strategy():
+    import torch
+
+    m = ModelArgs(load_in_4bit=True)
+    assert quantization_config(m, strategy_for("zero3"), torch.bfloat16).bnb_4bit_quant_storage == torch.bfloat16
+    assert quantization_config(m, strategy_for("ddp"), torch.bfloat16).bnb_4bit_quant_storage == torch.uint8
+    q = quantization_config(m, strategy_for("ddp"), torch.bfloat16)
+    assert q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant and q.bnb_4bit_compute_dtype == torch.bfloat16
+    assert quantization_config(ModelArgs(), strategy_for("ddp"), torch.bfloat16) is None
