@@ -99,7 +99,8 @@ def _special_ids() -> dict[str, int]:
 
 
 def _is_complete(path: Path) -> bool:
-    return (path / MARKER).is_file()
+    # The marker is written last; config.json is checked too, since a rank-gated save_pretrained can skip it.
+    return (path / MARKER).is_file() and (path / "config.json").is_file()
 
 
 def _check_existing(out: Path, meta: dict) -> Path:

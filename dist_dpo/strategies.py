@@ -34,6 +34,11 @@ class Strategy:
     adapter_save: str
     # Whether the strategy can run without GPUs (gloo). Decides what CI can exercise on CPU.
     runs_on_cpu: bool
+    # FSDP2 only: keep module outputs uncast. accelerate's default bf16 policy casts the ROOT output too, so trl's
+    # fp32 per-token log-probs came back in bf16 (sums over 512 tokens in multiples of 16: the DPO loss was rounding
+    # noise). output_dtype=None leaves each block in its compute dtype and the log-probs in fp32; fp32 output_dtype
+    # instead would feed fp32 activations into bf16 LoRA/QLoRA blocks (dtype mismatch).
+    fsdp_uncast_outputs: bool = False
 
 
 STRATEGY_TABLE: dict[str, Strategy] = {
@@ -71,6 +76,7 @@ STRATEGY_TABLE: dict[str, Strategy] = {
         ddp_find_unused_parameters=None,
         adapter_save="gathered",  # FULL_STATE_DICT gather; FSDP1 SHARDED saved empty adapters here (see README)
         runs_on_cpu=False,
+        fsdp_uncast_outputs=True,
     ),
     "zero2": Strategy(
         name="zero2",

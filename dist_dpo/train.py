@@ -53,6 +53,8 @@ def run(argv: list[str]) -> int:
     from transformers.trainer_callback import ProgressCallback
 
     from dist_dpo.callbacks import RankZeroProgress
+    from dist_dpo.precision import keep_logprobs_fp32
+    from dist_dpo.run_stats import RunStats
 
     trainer = DPOTrainer(
         model=model,
@@ -62,8 +64,11 @@ def run(argv: list[str]) -> int:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    keep_logprobs_fp32(trainer, strat)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(RankZeroProgress())
+    stats = RunStats()
+    trainer.add_callback(stats)
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     log_header(log, recipe, rt, strat, trainer, len(train_ds), len(eval_ds))
 
@@ -80,8 +85,9 @@ def run(argv: list[str]) -> int:
             summary = {}
         (out / RUN_MARKER).write_text(
             json.dumps({"status": "complete", "strategy": rt.strategy, "world_size": rt.world_size,
-                        "global_step": trainer.state.global_step, "adapter": summary}, indent=2)
+                        "global_step": trainer.state.global_step, "adapter": summary, **stats.summary}, indent=2)
         )
+        # REPORT HOOK (issue 4): plots + summary of the curves are written here, on rank 0.
         log.info("done. adapter: %s | logs: %s | metrics: %s", out, out / "logs", out / "train_results.json")
     trainer.accelerator.wait_for_everyone()
     log.info("rank %d finished at step %d", rt.rank, trainer.state.global_step)

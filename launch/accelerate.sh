@@ -4,6 +4,7 @@
 # Env: NGPUS (GPUs per node; default: all visible), and for multi-node NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT.
 set -euo pipefail
 (($# >= 2)) || { echo "usage: $0 STRATEGY RECIPE [--key value ...]" >&2; exit 2; }
+# shellcheck source-path=SCRIPTDIR source=env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 strategy="$1" recipe="$(user_path "$2")"
 shift 2

@@ -5,6 +5,7 @@
 # run on node 0 only - deepspeed reaches the other hosts of the hostfile over ssh (pdsh).
 set -euo pipefail
 (($# >= 2)) || { echo "usage: $0 STAGE RECIPE [--key value ...]" >&2; exit 2; }
+# shellcheck source-path=SCRIPTDIR source=env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 stage="$1" recipe="$(user_path "$2")"
 shift 2

@@ -5,6 +5,7 @@
 set -euo pipefail
 LOCAL_PROCS=2                # matches num_processes in cpu.yaml; splits the cores between the two ranks
 export CUDA_VISIBLE_DEVICES="" # the same CPU run on a GPU machine too (for GPUs: launch/accelerate.sh ddp recipes/demo.yaml)
+# shellcheck source-path=SCRIPTDIR source=env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 run "${ACCELERATE[@]}" launch --config_file accelerate_configs/cpu.yaml -m dist_dpo train --config recipes/demo.yaml "$@"

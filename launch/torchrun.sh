@@ -5,6 +5,7 @@
 # MASTER_PORT (run the same command on every node).
 set -euo pipefail
 (($# >= 1)) || { echo "usage: $0 RECIPE [--key value ...]" >&2; exit 2; }
+# shellcheck source-path=SCRIPTDIR source=env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 recipe="$(user_path "$1")"
 shift

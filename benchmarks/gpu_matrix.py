@@ -1,0 +1,333 @@
+"""The tested strategy matrix: every strategy x LoRA/QLoRA through the REAL launch paths, on GPUs.
+
+    python3 benchmarks/gpu_matrix.py --out benchmarks/results      (on a machine with >= 2 GPUs)
+
+Cells run through `make train-*` (the shipped accelerate configs), `launch/deepspeed.sh` (the `deepspeed` launcher
+with the shipped JSON), `launch/torchrun.sh`, and two simulated nodes on one host. Every cell trains the same
+random-weight Qwen2-architecture model (fixed seed) on the bundled data with the same global batch and steps, and is
+compared step by step with a single-GPU reference of the same quantization.
+
+Tolerance: the same reference is also trained with a different but mathematically equivalent micro-batch layout
+(8 x 2 accumulation vs 4 x 4). That difference is pure numerics (bf16 reduction order), the same kind of noise a
+strategy introduces. tol = 3 x that measured max |loss difference| (floor 2e-3). A strategy that computes the loss
+differently (bf16 log-probs, lost gradients, wrong data order) lands far outside it.
+
+Adapters: each cell's saved adapter is reloaded on one GPU with peft (benchmarks/check_adapter.py) and must
+reproduce the eval log-probs that the trained model logged under its strategy; QLoRA adapters are also merged into
+a bf16 base and reloaded with plain transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 8
+PER_DEVICE = 8
+GLOBAL_BATCH = 16
+
+
+@dataclass
+class Cell:
+    name: str
+    launcher: str  # make | deepspeed | torchrun | multinode-accelerate | multinode-torchrun | python
+    strategy: str  # single | ddp | fsdp | zero2 | zero3 | zero3_offload
+    quant: str  # lora | qlora
+    gpus: int = 2
+    reference: str = ""  # the cell it must agree with
+    result: dict = field(default_factory=dict)
+
+
+def cells() -> list[Cell]:
+    out = []
+    for q in ("lora", "qlora"):
+        out += [
+            Cell(f"ref-{q}", "python", "single", q, gpus=1),
+            Cell(f"ref-alt-{q}", "python", "single", q, gpus=1),  # same math, other layout: the noise floor
+        ]
+    for q in ("lora", "qlora"):
+        for s in ("ddp", "fsdp", "zero2", "zero3", "zero3_offload"):
+            out.append(Cell(f"make-{s}-{q}", "make", s, q, reference=f"ref-{q}"))
+        for s in ("zero2", "zero3"):
+            out.append(Cell(f"deepspeed-{s}-{q}", "deepspeed", s, q, reference=f"ref-{q}"))
+        out.append(Cell(f"torchrun-ddp-{q}", "torchrun", "ddp", q, reference=f"ref-{q}"))
+        out.append(Cell(f"2nodes-accelerate-ddp-{q}", "multinode-accelerate", "ddp", q, reference=f"make-ddp-{q}"))
+        out.append(Cell(f"2nodes-torchrun-ddp-{q}", "multinode-torchrun", "ddp", q, reference=f"make-ddp-{q}"))
+    return out
+
+
+def train_args(cell: Cell, model: Path, out: Path) -> list[str]:
+    per_device, accum = PER_DEVICE, GLOBAL_BATCH // (PER_DEVICE * cell.gpus)
+    if cell.name.startswith("ref-alt"):
+        per_device, accum = 4, 4
+    args = [
+        "--model_name_or_path", str(model), "--output_dir", str(out), "--max_steps", str(STEPS),
+        "--per_device_train_batch_size", str(per_device), "--gradient_accumulation_steps", str(accum),
+        "--per_device_eval_batch_size", "8", "--max_eval_samples", "32", "--eval_steps", str(STEPS),
+        "--save_steps", str(STEPS), "--logging_steps", "1", "--learning_rate", "2e-4", "--lr_scheduler_type",
+        "constant", "--max_length", "512", "--lora_dropout", "0", "--report_to", "none", "--seed", "7",
+        "--lora_target_modules", "q_proj,k_proj,v_proj,o_proj", "--gradient_checkpointing", "true",
+        "--optim", "adamw_torch", "--collective_timeout_s", "300",
+    ]
+    if cell.quant == "qlora":
+        args.append("--load_in_4bit")
+    return args
+
+
+def launch(cell: Cell, model: Path, work: Path, gpu_ids: list[int], port: int) -> dict:
+    out = work / "runs" / cell.name
+    log = work / "logs" / f"{cell.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHON=sys.executable, NGPUS=str(cell.gpus), MASTER_PORT=str(port),
+               CUDA_VISIBLE_DEVICES=",".join(map(str, gpu_ids)), PYTHONUNBUFFERED="1")
+    args = train_args(cell, model, out)
+    recipe = "recipes/demo.yaml"
+    if cell.launcher == "python":
+        cmds = [[sys.executable, "-m", "dist_dpo", "train", "--config", recipe, *args]]
+    elif cell.launcher == "make":
+        target = "train-" + cell.strategy.replace("_", "-")
+        cmds = [["make", target, f"RECIPE={recipe}", f"PYTHON={sys.executable}", f"NGPUS={cell.gpus}",
+                 "ARGS=" + shlex.join(args)]]
+    elif cell.launcher == "deepspeed":
+        cmds = [["bash", "launch/deepspeed.sh", cell.strategy, recipe, *args]]
+    elif cell.launcher == "torchrun":
+        cmds = [["bash", "launch/torchrun.sh", recipe, *args]]
+    else:  # two "nodes" on one host: one launcher per node, 1 GPU each, localhost rendezvous
+        cmds = []
+        for node in (0, 1):
+            if cell.launcher == "multinode-accelerate":
+                cmds.append(["bash", "launch/accelerate.sh", "ddp", recipe, *args])
+            else:
+                cmds.append(["bash", "launch/torchrun.sh", recipe, *args])
+    start = time.time()
+    if len(cmds) == 1:
+        with open(log, "w") as f:
+            rc = subprocess.run(cmds[0], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=420).returncode
+        logs = [log]
+    else:
+        procs, logs = [], []
+        for node, cmd in enumerate(cmds):
+            node_env = dict(env, NGPUS="1", NNODES="2", NODE_RANK=str(node), MASTER_ADDR="127.0.0.1",
+                            CUDA_VISIBLE_DEVICES=str(gpu_ids[node]))
+            node_log = log.with_suffix(f".node{node}.log")
+            logs.append(node_log)
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=node_env, stdout=open(node_log, "w"),
+                                          stderr=subprocess.STDOUT))
+        rc = 0
+        for p in procs:
+            try:
+                rc = rc or p.wait(timeout=420)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                rc = 124
+    return {"rc": rc, "wall_s": round(time.time() - start, 1), "out": str(out), "logs": [str(p) for p in logs],
+            "command": " ".join(shlex.quote(c) for c in cmds[0])}
+
+
+def read_run(cell: Cell) -> None:
+    r = cell.result
+    out = Path(r["out"])
+    marker = out / "dist_dpo_run.json"
+    if r["rc"] != 0 or not marker.is_file():
+        tail = "\n".join(Path(r["logs"][0]).read_text(errors="replace").splitlines()[-15:])
+        r.update(status="failed", reason=f"exit {r['rc']}: " + _first_error(r["logs"]) , log_tail=tail)
+        return
+    run = json.loads(marker.read_text())
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    train = [h for h in history if "loss" in h and "eval_loss" not in h]
+    evals = [h for h in history if "eval_loss" in h]
+    adapter = out / "adapter_model.safetensors"
+    r.update(
+        status="ok",
+        losses=[h["loss"] for h in train],
+        accuracies=[h.get("rewards/accuracies") for h in train],
+        margins=[h.get("rewards/margins") for h in train],
+        eval=evals[-1] if evals else {},
+        seconds_per_step=run.get("seconds_per_step"),
+        peak_mem_gib=max(run.get("peak_mem_gib_per_rank") or [0]),
+        peak_mem_gib_per_rank=run.get("peak_mem_gib_per_rank"),
+        peak_reserved_gib=max(run.get("peak_reserved_gib_per_rank") or [0]),
+        adapter_tensors=run["adapter"]["tensors"],
+        adapter_bytes=run["adapter"]["bytes"],
+        adapter_sha256=hashlib.sha256(adapter.read_bytes()).hexdigest()[:16],
+        world_size=run["world_size"],
+        strategy_seen=run["strategy"],
+    )
+    text = "\n".join(Path(p).read_text(errors="replace") for p in r["logs"])
+    r["step_log_lines"] = sum(1 for line in text.splitlines() if f"/{STEPS} |" in line and "INFO dist_dpo: step" in line)
+    r["model_devices"] = sorted({line.split("| model on ")[1].split(" |")[0] for line in _rank_logs(out)
+                                 if "| model on " in line})
+    if cell.launcher.startswith("multinode"):
+        node1 = Path(r["logs"][1]).read_text(errors="replace")
+        r["node1_printed_step_logs"] = "INFO dist_dpo: step" in node1
+
+
+def _rank_logs(out: Path) -> list[str]:
+    lines = []
+    for f in sorted((out / "logs").glob("rank*.log")):
+        lines += f.read_text(errors="replace").splitlines()
+    return lines
+
+
+def _first_error(logs: list[str]) -> str:
+    for p in logs:
+        for line in Path(p).read_text(errors="replace").splitlines():
+            if "dist-dpo: error" in line or "Error:" in line or "error:" in line:
+                return line.strip()[:300]
+    return "see log"
+
+
+def check_adapter(cell: Cell, model: Path, work: Path, gpu: int) -> None:
+    r = cell.result
+    if r.get("status") != "ok":
+        return
+    out_json = work / "checks" / f"{cell.name}.json"
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "benchmarks/check_adapter.py", "--run", r["out"], "--base", str(model),
+           "--out", str(out_json)]
+    if cell.quant == "qlora":
+        cmd.append("--load_in_4bit")
+    if cell.name in ("make-ddp-qlora", "make-zero3-qlora", "make-fsdp-qlora"):
+        cmd.append("--merge")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
+    with open(work / "logs" / f"check-{cell.name}.log", "w") as f:
+        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=300).returncode
+    r["adapter_check"] = json.loads(out_json.read_text()) if out_json.is_file() else {"ok": False, "rc": rc}
+
+
+def agreement(all_cells: dict[str, Cell]) -> dict:
+    noise = {}
+    for q in ("lora", "qlora"):
+        a, b = all_cells[f"ref-{q}"].result, all_cells[f"ref-alt-{q}"].result
+        if a.get("status") == "ok" and b.get("status") == "ok":
+            noise[q] = max(abs(x - y) for x, y in zip(a["losses"], b["losses"]))
+    tol = {q: max(3 * n, 2e-3) for q, n in noise.items()}
+    for c in all_cells.values():
+        r = c.result
+        ref = all_cells.get(c.reference)
+        if not ref or r.get("status") != "ok" or ref.result.get("status") != "ok":
+            r["agrees"] = r.get("status") == "ok" and not c.reference
+            continue
+        diffs = [abs(x - y) for x, y in zip(r["losses"], ref.result["losses"])]
+        r["max_loss_diff"] = max(diffs) if len(diffs) == STEPS else float("inf")
+        r["tolerance"] = tol.get(c.quant)
+        r["agrees"] = r["tolerance"] is not None and r["max_loss_diff"] <= r["tolerance"]
+    return {"noise": noise, "tolerance": tol}
+
+
+def run_matrix(args) -> dict:
+    import torch
+
+    ngpu = torch.cuda.device_count()
+    assert ngpu >= 2, "the matrix needs at least 2 GPUs"
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    model = work / "model"
+    t0 = time.time()
+    subprocess.run([sys.executable, "-m", "dist_dpo", "build-model", "--shape", args.shape, "--out", str(model),
+                    "--device", "cuda", "--dtype", "bfloat16", "--seed", "0"], cwd=ROOT, check=True)
+    all_cells = {c.name: c for c in cells() if not args.only or any(k in c.name for k in args.only.split(","))}
+    port = iter(range(29600, 29999, 7))
+
+    def batch(group: list[Cell], width: int) -> None:
+        lanes = [list(range(i * width, (i + 1) * width)) for i in range(ngpu // width)]
+        with cf.ThreadPoolExecutor(len(lanes)) as pool:
+            pending = list(group)
+            futures = {}
+            free = list(lanes)
+            while pending or futures:
+                while pending and free:
+                    cell, lane = pending.pop(0), free.pop(0)
+                    futures[pool.submit(launch, cell, model, work, lane, next(port))] = (cell, lane)
+                done, _ = cf.wait(futures, return_when=cf.FIRST_COMPLETED)
+                for f in done:
+                    cell, lane = futures.pop(f)
+                    cell.result = f.result()
+                    read_run(cell)
+                    free.append(lane)
+                    print(f"[{time.time() - t0:6.0f}s] {cell.name}: {cell.result['status']} "
+                          f"({cell.result['wall_s']} s)", flush=True)
+
+    batch([c for c in all_cells.values() if c.gpus == 1], 1)
+    batch([c for c in all_cells.values() if c.gpus == 2], 2)
+    with cf.ThreadPoolExecutor(ngpu) as pool:
+        list(pool.map(lambda ic: check_adapter(ic[1], model, work, ic[0] % ngpu), enumerate(all_cells.values())))
+    tol = agreement(all_cells)
+    return {"cells": all_cells, "tolerance": tol, "wall_s": round(time.time() - t0, 1), "model": str(model)}
+
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    names = ["torch", "transformers", "accelerate", "peft", "trl", "datasets", "deepspeed", "bitsandbytes"]
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip().splitlines()
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {"cards": smi, "gpu_count": torch.cuda.device_count(), "cuda": torch.version.cuda,
+            "versions": {n: md.version(n) for n in names}, "git_commit": commit or os.environ.get("GIT_COMMIT"),
+            "host": platform.node(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="benchmarks/results", help="where gpu_matrix.json goes")
+    p.add_argument("--work", default="/tmp/dist_dpo_matrix", help="scratch dir for models, runs and logs")
+    p.add_argument("--shape", default="qwen2.5-0.5b", help="model shape (dist-dpo build-model --list)")
+    p.add_argument("--only", default="", help="comma-separated substrings of cell names to run")
+    args = p.parse_args()
+    res = run_matrix(args)
+    cells_out = []
+    for c in res["cells"].values():
+        r = c.result
+        check = r.get("adapter_check", {})
+        row = {
+            "name": c.name, "strategy": c.strategy, "quant": c.quant, "launcher": c.launcher, "gpus": c.gpus,
+            "status": r.get("status", "failed"), "agrees": bool(r.get("agrees")) and bool(check.get("ok", False)),
+            "loss_agrees": bool(r.get("agrees")), "adapter_ok": bool(check.get("ok", False)),
+            "reference": c.reference, "max_loss_diff": r.get("max_loss_diff"), "tolerance": r.get("tolerance"),
+            "peak_mem_gib": r.get("peak_mem_gib"), "seconds_per_step": r.get("seconds_per_step"),
+            "adapter_tensors": r.get("adapter_tensors"),
+        }
+        row.update({k: v for k, v in r.items() if k not in row and k not in ("out",)})
+        if row["status"] != "ok" or not row["agrees"]:
+            row.setdefault("reason", r.get("reason") or check.get("reason") or "loss outside tolerance")
+        cells_out.append(row)
+    doc = {
+        "what": "dist-dpo strategy x quantization matrix (benchmarks/gpu_matrix.py)",
+        "command": "python3 benchmarks/gpu_matrix.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "environment": environment(),
+        "setup": {"shape": args.shape, "steps": STEPS, "global_batch": GLOBAL_BATCH, "max_length": 512,
+                  "lr": 2e-4, "lora": "r8 alpha32 q,k,v,o dropout 0", "gradient_checkpointing": True},
+        "tolerance": res["tolerance"],
+        "wall_s": res["wall_s"],
+        "cells": cells_out,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_matrix.json").write_text(json.dumps(doc, indent=1, default=str))
+    print(f"\n{'cell':34} {'status':7} {'agree':5} {'maxdiff':>9} {'tol':>8} {'GiB':>6} {'s/step':>7} {'tensors':>7}")
+    for row in cells_out:
+        fmt = lambda v, f: (f % v) if isinstance(v, (int, float)) else "-"
+        print(f"{row['name']:34} {row['status']:7} {str(row['agrees']):5} {fmt(row['max_loss_diff'], '%9.5f')} "
+              f"{fmt(row['tolerance'], '%8.5f')} {fmt(row['peak_mem_gib'], '%6.2f')} "
+              f"{fmt(row['seconds_per_step'], '%7.3f')} {fmt(row['adapter_tensors'], '%7d')}"
+              + (f"  {row.get('reason', '')[:90]}" if row["status"] != "ok" or not row["agrees"] else ""))
+    return 0 if all(r["status"] == "ok" and r["agrees"] for r in cells_out) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

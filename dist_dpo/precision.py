@@ -1,0 +1,21 @@
+"""Numerics the wrappers get wrong by default: DPO log-probs and the loss must stay fp32 under every strategy."""
+
+from __future__ import annotations
+
+import torch
+
+from dist_dpo.strategies import Strategy
+
+
+def keep_logprobs_fp32(trainer, strat: Strategy) -> None:
+    """Set before `train()` (FSDP wraps the model there). See `Strategy.fsdp_uncast_outputs`."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if not strat.fsdp_uncast_outputs or plugin is None:
+        return
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    param_dtype = torch.bfloat16 if trainer.args.bf16 else torch.float16 if trainer.args.fp16 else None
+    # Gradients are reduced in fp32 too: LoRA gradients are small and bf16 all-reduce rounding shows in the loss.
+    plugin.mixed_precision_policy = MixedPrecisionPolicy(
+        param_dtype=param_dtype, reduce_dtype=torch.float32, output_dtype=None
+    )
