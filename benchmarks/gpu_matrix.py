@@ -238,7 +238,9 @@ def run_matrix(args) -> dict:
     t0 = time.time()
     subprocess.run([sys.executable, "-m", "dist_dpo", "build-model", "--shape", args.shape, "--out", str(model),
                     "--device", "cuda", "--dtype", "bfloat16", "--seed", "0"], cwd=ROOT, check=True)
-    all_cells = {c.name: c for c in cells() if not args.only or any(k in c.name for k in args.only.split(","))}
+    all_cells = {c.name: c for c in cells()
+                 if (args.quant == "all" or c.quant == args.quant)
+                 and (not args.only or any(k in c.name for k in args.only.split(",")))}
     port = iter(range(29600, 29999, 7))
 
     def batch(group: list[Cell], width: int) -> None:
@@ -288,7 +290,11 @@ def main() -> int:
     p.add_argument("--work", default="/tmp/dist_dpo_matrix", help="scratch dir for models, runs and logs")
     p.add_argument("--shape", default="qwen2.5-0.5b", help="model shape (dist-dpo build-model --list)")
     p.add_argument("--only", default="", help="comma-separated substrings of cell names to run")
+    p.add_argument("--quant", default="all", choices=("all", "lora", "qlora"), help="run only this half")
+    p.add_argument("--merge", nargs="+", help="merge partial result files (one per --quant run) into --out")
     args = p.parse_args()
+    if args.merge:
+        return merge(args.merge, Path(args.out))
     res = run_matrix(args)
     cells_out = []
     for c in res["cells"].values():
@@ -318,7 +324,26 @@ def main() -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    name = "gpu_matrix.json" if args.quant == "all" else f"gpu_matrix_{args.quant}.json"
+    (out / name).write_text(json.dumps(doc, indent=1, default=str))
+    return print_table(cells_out)
+
+
+def merge(parts: list[str], out: Path) -> int:
+    """Halves run in separate device calls (each call has a 10-minute limit) become one results file."""
+    docs = [json.loads(Path(p).read_text()) for p in parts]
+    doc = dict(docs[0])
+    doc["command"] = " && ".join(d["command"] for d in docs)
+    doc["runs"] = [{"command": d["command"], "environment": d["environment"], "wall_s": d["wall_s"]} for d in docs]
+    doc["tolerance"] = {k: {**docs[0]["tolerance"][k], **docs[1]["tolerance"][k]} for k in docs[0]["tolerance"]} \
+        if len(docs) == 2 else doc["tolerance"]
+    doc["cells"] = [c for d in docs for c in d["cells"]]
+    out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_matrix.json").write_text(json.dumps(doc, indent=1, default=str))
+    return print_table(doc["cells"])
+
+
+def print_table(cells_out: list[dict]) -> int:
     print(f"\n{'cell':34} {'status':7} {'agree':5} {'maxdiff':>9} {'tol':>8} {'GiB':>6} {'s/step':>7} {'tensors':>7}")
     for row in cells_out:
         fmt = lambda v, f: (f % v) if isinstance(v, (int, float)) else "-"
