@@ -210,6 +210,8 @@ def check_adapter(cell: Cell, model: Path, work: Path, gpu: int) -> None:
 def agreement(all_cells: dict[str, Cell]) -> dict:
     noise = {}
     for q in ("lora", "qlora"):
+        if f"ref-{q}" not in all_cells or f"ref-alt-{q}" not in all_cells:
+            continue
         a, b = all_cells[f"ref-{q}"].result, all_cells[f"ref-alt-{q}"].result
         if a.get("status") == "ok" and b.get("status") == "ok":
             noise[q] = max(abs(x - y) for x, y in zip(a["losses"], b["losses"]))
@@ -240,7 +242,7 @@ def run_matrix(args) -> dict:
                     "--device", "cuda", "--dtype", "bfloat16", "--seed", "0"], cwd=ROOT, check=True)
     all_cells = {c.name: c for c in cells()
                  if (args.quant == "all" or c.quant == args.quant)
-                 and (not args.only or any(k in c.name for k in args.only.split(",")))}
+                 and (not args.only or c.name.startswith("ref-") or any(k in c.name for k in args.only.split(",")))}
     port = iter(range(29600, 29999, 7))
 
     def batch(group: list[Cell], width: int) -> None:

@@ -1,19 +1,189 @@
-"""Which checkpoint a run resumes from. Only COMPLETE checkpoints count: a save cut off midway is never picked."""
+"""Checkpoints that are either complete or invisible, and the choice of which one a run resumes from.
+
+transformers' Trainer writes `checkpoint-N` in place, file after file, then rotates old checkpoints away. A job killed
+mid-save leaves a `checkpoint-N` that looks resumable and is not (a missing optimizer.pt, a half-written adapter),
+and a kill between its rotation and the next save can leave no good checkpoint at all. The Trainer has no hook for
+this (callbacks run after the save; `save_only_model` etc. don't change where files go), so `AtomicCheckpoints`
+overrides `_save_checkpoint` around the library's own saving code:
+
+  1. the Trainer saves into `<output_dir>/.incomplete/checkpoint-N` (it asks `_get_output_dir` where to write);
+  2. every rank fsyncs what it wrote (ZeRO/FSDP ranks write their own shards), then all meet at a barrier;
+  3. the saving rank writes `dist_dpo_checkpoint.json` (step, world size, every file with its size), fsyncs it,
+     renames the directory to `<output_dir>/checkpoint-N` (atomic within one file system) and fsyncs output_dir;
+  4. only then are old complete checkpoints rotated away, and all ranks meet again.
+
+Resume takes the newest `checkpoint-N` whose marker is present and whose every listed file exists with its size,
+so a save cut off at any point is never picked.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
 from pathlib import Path
 
+from dist_dpo.errors import UserError
+from dist_dpo.logs import get_logger
+
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
-# transformers writes trainer_state.json after the model, optimizer, scheduler and RNG files of a checkpoint.
-COMPLETE_FILE = "trainer_state.json"
+MARKER = "dist_dpo_checkpoint.json"  # written last, inside the staging dir, just before the rename
+RUN_MARKER = "dist_dpo_run.json"  # in output_dir, written last by `train` when the adapter is saved and verified
+STAGING = ".incomplete"  # never matches checkpoint-N, so neither we nor transformers ever resume from it
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file and directory under root to disk (clean pages cost nothing, so every rank may do it)."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            _fsync(Path(dirpath) / name)
+        _fsync(Path(dirpath))
+
+
+def _listing(ckpt: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(ckpt)): p.stat().st_size for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != MARKER
+    }
+
+
+def publish(staged: Path, final: Path, meta: dict) -> None:
+    """Marker, fsync, atomic rename: `final` appears complete or not at all."""
+    marker = staged / MARKER
+    with open(marker, "w", encoding="utf-8") as f:
+        json.dump({**meta, "files": _listing(staged)}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync(staged)
+    if final.exists():  # the same step saved again (or a torn dir from an older writer): replace it
+        old = staged.parent / f"{final.name}.replaced"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(staged, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staged, final)
+    _fsync(final.parent)
+
+
+def read_marker(ckpt: Path) -> dict | None:
+    try:
+        return json.loads((Path(ckpt) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def why_incomplete(ckpt: Path) -> str | None:
+    """None if the checkpoint is complete, else what is wrong with it."""
+    meta = read_marker(ckpt)
+    if meta is None:
+        return f"no {MARKER} (the save was cut off, or an older dist-dpo wrote it)"
+    for rel, size in meta.get("files", {}).items():
+        p = Path(ckpt) / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        if p.stat().st_size != size:
+            return f"{rel} has {p.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoint dirs, oldest step first."""
+    found = []
+    if not Path(output_dir).is_dir():
+        return []
+    for d in Path(output_dir).iterdir():
+        m = _CKPT.match(d.name)
+        if m and d.is_dir() and why_incomplete(d) is None:
+            found.append((int(m.group(1)), d))
+    return [d for _, d in sorted(found)]
 
 
 def last_complete_checkpoint(output_dir: Path) -> Path | None:
-    found = []
-    for d in Path(output_dir).iterdir():
-        m = _CKPT.match(d.name)
-        if m and d.is_dir() and (d / COMPLETE_FILE).is_file():
-            found.append((int(m.group(1)), d))
-    return max(found)[1] if found else None
+    out = Path(output_dir)
+    if not out.is_dir():
+        return None
+    for d in sorted((d for d in out.iterdir() if _CKPT.match(d.name) and d.is_dir()),
+                    key=lambda d: int(_CKPT.match(d.name).group(1)), reverse=True):
+        problem = why_incomplete(d)
+        if problem is None:
+            return d
+        get_logger().warning("skipping %s: %s", d, problem)
+    return None
+
+
+def check_resumable(ckpt: Path, world_size: int) -> None:
+    """A checkpoint from another process count is refused: its RNG files, data position (and ZeRO/FSDP optimizer
+    shards) are per rank, so the run would silently not be the one that was interrupted."""
+    problem = why_incomplete(ckpt)
+    if problem:
+        raise UserError(f"checkpoint '{ckpt}' is incomplete ({problem}); pass --resume auto to use the last complete one")
+    saved = read_marker(ckpt).get("world_size")
+    if saved != world_size:
+        raise UserError(
+            f"checkpoint '{ckpt}' was written by {saved} processes and this run has {world_size}: relaunch with "
+            f"{saved} processes to resume exactly, or start over with --resume never (or a new output_dir)"
+        )
+
+
+def discard_staging(output_dir: Path) -> None:
+    """Leftovers of a save that was cut off (rank 0, before training: nobody writes there before a barrier)."""
+    shutil.rmtree(Path(output_dir) / STAGING, ignore_errors=True)
+
+
+def rotate(output_dir: Path, keep: int | None, protect: str | None) -> None:
+    """Delete the oldest COMPLETE checkpoints beyond `keep`. transformers' rotate_checkpoints counts torn dirs too
+    (it could delete the last good one to keep a torn one), so we rotate ourselves."""
+    if not keep or keep <= 0:
+        return
+    ckpts = complete_checkpoints(output_dir)
+    for d in ckpts[:-keep]:
+        if protect and Path(protect).resolve() == d.resolve():
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class AtomicCheckpoints:
+    """Mixin for a transformers Trainer (put it before the Trainer class): atomic, marked, fsynced checkpoints.
+    `checkpoint_meta` (world size, strategy) is recorded in each marker."""
+
+    checkpoint_meta: dict = {}
+    _staging_root: Path | None = None
+
+    def _get_output_dir(self, trial) -> str:
+        if self._staging_root is not None:  # only while _save_checkpoint runs
+            return str(self._staging_root)
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"checkpoint-{self.state.global_step}"
+        staging_root = run_dir / STAGING
+        staged, final = staging_root / name, run_dir / name
+        if self.args.should_save:
+            shutil.rmtree(staged, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self._staging_root = staging_root
+        try:
+            super()._save_checkpoint(model, trial)  # everything transformers saves: model, optimizer, RNG, state
+        finally:
+            self._staging_root = None
+        if staged.is_dir():
+            fsync_tree(staged)
+        self.accelerator.wait_for_everyone()  # every rank's shards are on disk
+        if self.args.should_save:
+            best = self.state.best_model_checkpoint
+            if best and Path(best).parent == staging_root:  # transformers named the staging path
+                self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+                self.state.save_to_json(str(staged / "trainer_state.json"))
+            publish(staged, final, {"global_step": self.state.global_step, **self.checkpoint_meta})
+            rotate(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()

@@ -17,6 +17,10 @@ from dist_dpo.errors import EXIT_USER_ERROR, UserError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("dist_dpo.train", "run", "Train a LoRA/QLoRA DPO adapter (any launcher, any strategy)."),
     "build-model": ("dist_dpo.model_zoo", "main", "Write a random-weight model of a real shape (offline)."),
+    "chat": ("dist_dpo.chat", "main", "Chat with a trained adapter, a merged model or the base (streamed)."),
+    "merge": ("dist_dpo.merge", "main", "Merge the adapter into its base, save shards + model card, verify logits."),
+    "eval": ("dist_dpo.evaluate", "main", "Base vs tuned on the test split: preference accuracy, margins, samples."),
+    "report": ("dist_dpo.report", "main", "Training curves (PNG) and a one-page reading of them (report.md)."),
 }
 
 
@@ -47,6 +51,8 @@ def _shutdown_distributed() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # The `deepspeed` launcher puts --local_rank=N before our command; LOCAL_RANK in the environment says the same.
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0 if argv else EXIT_USER_ERROR

@@ -348,3 +348,5 @@ def validate(r: Recipe) -> None:
                 raise UserError(f"dpo_extra: '{key}' is not a trl DPOConfig field" + _suggest(key, known))
             if key in KEYS:
                 raise UserError(f"dpo_extra: '{key}' is a dist-dpo key: set it directly (--{key})")
+            if key == "hub_token":  # the recipe is copied into resolved_config.yaml; secrets stay in the environment
+                raise UserError("dpo_extra: 'hub_token' would be written to resolved_config.yaml: set HF_TOKEN instead")

@@ -6,6 +6,8 @@ It must run BEFORE the model is loaded: under ZeRO-3 the DPOConfig registers Dee
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from dist_dpo.config import Recipe
@@ -63,4 +65,7 @@ def build_dpo_config(r: Recipe, rt: Runtime, strat: Strategy):
         save_only_model=False,  # optimizer/scheduler/RNG in every checkpoint: resume must not lose state
     )
     kwargs.update(t.dpo_extra)
+    if "wandb" in t.report_to:  # read by transformers' WandbCallback (rank 0): offline runs land in the run dir
+        os.environ.setdefault("WANDB_DIR", os.path.abspath(os.path.expanduser(t.output_dir)))
+        os.environ.setdefault("WANDB_PROJECT", "dist-dpo")
     return DPOConfig(**kwargs)

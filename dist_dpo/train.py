@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
+import signal
+import sys
 from pathlib import Path
 
+from dist_dpo.checkpoints import RUN_MARKER, AtomicCheckpoints, complete_checkpoints, discard_staging
 from dist_dpo.config import Recipe, parse_recipe
 from dist_dpo.errors import UserError
-from dist_dpo.logs import add_rank_file, get_logger, setup_console
+from dist_dpo.logs import add_rank_file, get_logger, log_to_rank_file, setup_console
 from dist_dpo.runtime import Runtime, resolve_runtime
 from dist_dpo.strategies import strategy_for
 
-RUN_MARKER = "dist_dpo_run.json"  # written last, when the adapter is saved and verified
+EXIT_JOB_LOST = 3  # the job lost a rank or was terminated: rerun the same command to resume
 
 
 def run(argv: list[str]) -> int:
@@ -21,33 +25,26 @@ def run(argv: list[str]) -> int:
     rt = resolve_runtime(recipe.train.deepspeed)
     log = setup_console(rt)
     strat = strategy_for(rt.strategy)
-    check_combination(recipe, rt)
+    check_combination(recipe, rt)  # before the process group: a GPU strategy without GPUs must not reach NCCL
     out = Path(recipe.train.output_dir)
-    resume = check_output_dir(recipe, out)
 
+    from dist_dpo import preflight
     from dist_dpo.dpo_args import build_dpo_config
-    from dist_dpo.modeling import load_model, load_tokenizer, lora_config, resolve_model_path
+    from dist_dpo.modeling import load_model, lora_config
 
-    model_path = resolve_model_path(recipe.model.model_name_or_path)
-    args = build_dpo_config(recipe, rt, strat)  # before the model: ZeRO-3 partitions while loading
-    tokenizer = load_tokenizer(recipe.model, model_path)
-
-    from dist_dpo.data import load_preference_data
-
-    train_ds, eval_ds = load_preference_data(recipe.data, tokenizer, recipe.train.max_length, recipe.train.seed)
+    args = build_dpo_config(recipe, rt, strat)  # joins the process group; before the model: ZeRO-3 partitions at load
+    plan = preflight.run(recipe, rt)  # data, model, output dir, disk: one verdict for every rank, before heavy work
     if recipe.dry_run:
-        return dry_run_report(recipe, rt, model_path, len(train_ds), len(eval_ds))
-    model = load_model(recipe.model, model_path, rt, strat, recipe.train.gradient_checkpointing)
+        return dry_run_report(recipe, rt, plan)
+    model = load_model(recipe.model, plan.model_path, rt, strat, recipe.train.gradient_checkpointing)
     peft_config = lora_config(recipe.lora, model)
+    tokenizer, train_ds, eval_ds = plan.tokenizer, plan.train_ds, plan.eval_ds
 
     # Everything that can be wrong with the input has been checked: only now touch the output dir.
     add_rank_file(rt, out)
-    log.info(
-        "rank %d of %d | local rank %d | node %d of %d | %s | pid %d",
-        rt.rank, rt.world_size, rt.local_rank, rt.node_rank, rt.num_nodes, model_device(model), os.getpid(),
-    )
     if rt.is_main:
         recipe.write(out / "resolved_config.yaml")
+        discard_staging(out)  # a save cut off by an earlier crash; no rank writes there before the next barrier
 
     from trl import DPOTrainer
     from transformers.trainer_callback import ProgressCallback
@@ -56,7 +53,10 @@ def run(argv: list[str]) -> int:
     from dist_dpo.precision import keep_logprobs_fp32
     from dist_dpo.run_stats import RunStats
 
-    trainer = DPOTrainer(
+    class Trainer(AtomicCheckpoints, DPOTrainer):
+        checkpoint_meta = {"world_size": rt.world_size, "strategy": rt.strategy}
+
+    trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -70,9 +70,13 @@ def run(argv: list[str]) -> int:
     stats = RunStats()
     trainer.add_callback(stats)
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    log.info(  # every rank, into its own file: proves where each rank's (4-bit) model lives
+        "rank %d of %d | local rank %d | node %d of %d | %s | pid %d",
+        rt.rank, rt.world_size, rt.local_rank, rt.node_rank, rt.num_nodes, model_device(trainer.model), os.getpid(),
+    )
     log_header(log, recipe, rt, strat, trainer, len(train_ds), len(eval_ds))
 
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = train_or_explain(trainer, plan.resume, rt, out)
     trainer.save_model(str(out))  # gathers ZeRO-3 / FSDP shards as the strategy requires
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
@@ -87,11 +91,55 @@ def run(argv: list[str]) -> int:
             json.dumps({"status": "complete", "strategy": rt.strategy, "world_size": rt.world_size,
                         "global_step": trainer.state.global_step, "adapter": summary, **stats.summary}, indent=2)
         )
-        # REPORT HOOK (issue 4): plots + summary of the curves are written here, on rank 0.
+        from dist_dpo.report import report_after_training
+        report_after_training(out)  # plots + report.md reading the curves; never fails the finished run
         log.info("done. adapter: %s | logs: %s | metrics: %s", out, out / "logs", out / "train_results.json")
     trainer.accelerator.wait_for_everyone()
     log.info("rank %d finished at step %d", rt.rank, trainer.state.global_step)
     return 0
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+def train_or_explain(trainer, resume: str | None, rt: Runtime, out: Path):
+    """trainer.train, where the two ways a job dies from outside - a peer rank gone (killed, crashed, node lost) or
+    SIGTERM (the launcher tearing the job down after a failure, or a scheduler preempting it) - end this rank with
+    ONE line saying what happened and where it can resume, instead of a gloo/NCCL traceback or silence."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return trainer.train(resume_from_checkpoint=resume)
+    except _Terminated:
+        what = "stopped by SIGTERM (a launcher stops every rank when one fails; a scheduler may have preempted the job)"
+    except Exception as e:
+        if not (rt.distributed and _is_peer_loss(e)):
+            raise
+        what = f"lost contact with the other ranks ({str(e).strip().splitlines()[0][:200]}): a process of the job died"
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while we exit just ends the process
+    ckpts = complete_checkpoints(out)
+    where = f"rerun the same command to resume from {ckpts[-1].name}" if ckpts else "no complete checkpoint yet"
+    message = f"dist-dpo: rank {rt.rank}: {what}; {where} (logs: {out / 'logs'})"
+    print(message, file=sys.stderr, flush=True)
+    log_to_rank_file(logging.ERROR, message)
+    # SystemExit skips destroy_process_group: with a dead peer it can block (NCCL) and there is nothing to flush.
+    raise SystemExit(EXIT_JOB_LOST)
+
+
+def _is_peer_loss(e: BaseException) -> bool:
+    """A collective failed because a peer is gone or timed out (gloo and NCCL word it differently)."""
+    import torch.distributed as dist
+
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e).lower()
+    return any(s in text for s in ("connection closed by peer", "connection reset by peer", "broken pipe",
+                                   "timed out", "nccl", "gloo", "socket"))
 
 
 def model_device(model) -> str:
@@ -99,21 +147,15 @@ def model_device(model) -> str:
     return "model on " + ", ".join(devices)
 
 
-def dry_run_report(r: Recipe, rt: Runtime, model_path: str, n_train: int, n_eval: int) -> int:
-    """The model's modules come from its config on the meta device: LoRA targets are checked without weights."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def dry_run_report(r: Recipe, rt: Runtime, plan) -> int:
+    from dist_dpo.preflight import human
 
-    from dist_dpo.modeling import lora_config
-
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=r.model.trust_remote_code)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=r.model.trust_remote_code)
-    lora_config(r.lora, skeleton)
-    params = sum(p.numel() for p in skeleton.parameters())
     get_logger().info(
-        "dry run OK: %s (%.2fB params) | %d train / %d test pairs | output_dir %s | %s",
-        model_path, params / 1e9, n_train, n_eval, r.train.output_dir, rt.describe(),
+        "dry run OK: %s (%.2fB params, %s trainable) | %d train / %d test pairs | output_dir %s (%s free, ~%s for "
+        "checkpoints)%s | %s",
+        plan.model_path, plan.params / 1e9, f"{plan.trainable:,}", len(plan.train_ds), len(plan.eval_ds),
+        r.train.output_dir, human(plan.disk_free), human(plan.disk_need),
+        f" | resumes from {plan.resume}" if plan.resume else "", rt.describe(),
     )
     return 0
 
@@ -127,6 +169,15 @@ def check_combination(r: Recipe, rt: Runtime) -> None:
         raise UserError(f"strategy {rt.strategy} needs GPUs and none is visible: use the ddp or cpu configs on CPU")
     if rt.device_type == "cpu" and quant:
         raise UserError("4/8-bit loading needs a CUDA GPU (bitsandbytes); drop load_in_4bit/load_in_8bit on CPU")
+    if rt.device_type == "cpu":
+        # Each CPU rank is a "device": with fewer cores than ranks, gloo ranks starve each other (collectives crawl
+        # until they hit the timeout) and the launcher's 1 thread per rank is already the floor.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if rt.local_world_size > cores:
+            raise UserError(
+                f"{rt.local_world_size} processes on this node but {cores} CPU core(s) and no GPU: "
+                f"launch at most {cores} CPU processes (--num_processes)"
+            )
     if rt.device_type == "cuda":
         import torch
 
@@ -135,26 +186,6 @@ def check_combination(r: Recipe, rt: Runtime) -> None:
                 f"{rt.local_world_size} processes on this node but {torch.cuda.device_count()} visible GPU(s): "
                 "lower --num_processes / NGPUS"
             )
-
-
-def check_output_dir(r: Recipe, out: Path) -> str | None:
-    """Refuse to clobber a finished run; pick the checkpoint to resume from."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output_dir '{out}' is a file: choose a directory")
-    if (out / RUN_MARKER).exists() and not r.train.overwrite_output_dir and r.train.resume != "never":
-        raise UserError(
-            f"output_dir '{out}' already holds a finished run: choose another output_dir or pass --overwrite_output_dir"
-        )
-    if r.train.resume == "never" or not out.is_dir():
-        return None
-    if r.train.resume != "auto":
-        return r.train.resume
-    from dist_dpo.checkpoints import last_complete_checkpoint
-
-    ckpt = last_complete_checkpoint(out)
-    if ckpt:
-        get_logger().info("resuming from %s", ckpt)
-    return str(ckpt) if ckpt else None
 
 
 def verify_adapter(out: Path, expected_tensors: int) -> dict:

@@ -1,0 +1,242 @@
+"""Preflight: what can be wrong with a run, checked before any heavy work, with ONE verdict for the whole job.
+
+`train` runs it after joining the process group (building the DPOConfig does that) and before loading the model:
+  - every rank: model path, tokenizer and preference data (every node must be able to read them);
+  - global rank 0: LoRA targets on a weightless (meta-device) skeleton of the model, trackers, and the output dir:
+    a finished run there? writable? room for the checkpoints? which complete checkpoint to resume from?
+Then every rank learns every other's outcome (one all_gather_object). Either all go on, with rank 0's resume choice,
+or all raise the same UserError: rank 0 prints it as one line and every rank exits 2 together, so no rank is left
+waiting in a collective for a peer that has already quit.
+
+Checks that must come BEFORE the process group exists (strategy x device x quantization: a GPU strategy on a CPU
+machine must not even try NCCL) are `train.check_combination`; they give the same answer on every rank of a node.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dist_dpo.checkpoints import RUN_MARKER, check_resumable, last_complete_checkpoint
+from dist_dpo.config import Recipe
+from dist_dpo.errors import UserError
+from dist_dpo.logs import get_logger
+from dist_dpo.runtime import Runtime
+
+# Bytes a checkpoint holds per trainable parameter: fp32 weights (PEFT keeps adapters in fp32) + AdamW's two fp32
+# moments; a full fine-tune under ZeRO/FSDP also keeps fp32 master weights. Plus tokenizer, RNG and trainer state.
+_CKPT_BYTES_LORA, _CKPT_BYTES_FULL, _CKPT_EXTRA = 12, 16, 2**20
+
+
+@dataclass
+class Plan:
+    model_path: str
+    tokenizer: Any
+    train_ds: Any
+    eval_ds: Any
+    resume: str | None = None  # rank 0's choice, shared with every rank
+    params: int = 0  # rank 0 only, from the skeleton
+    trainable: int = 0
+    disk_need: int = 0
+    disk_free: int = 0
+
+
+def run(r: Recipe, rt: Runtime) -> Plan:
+    plan, error, bug = None, None, None
+    try:
+        plan = _every_rank(r)
+        if rt.is_main:
+            _rank_zero(r, rt, plan)
+    except UserError as e:
+        error = str(e)
+    except Exception as e:  # a bug on this rank must not leave the others waiting either
+        error, bug = f"{type(e).__name__}: {e}".splitlines()[0], e
+    reports = agree(rt, error, plan.resume if plan is not None and rt.is_main else None)
+    if bug is not None:
+        raise bug  # its traceback, on this rank; the others exit 2 with the line below
+    failed = [(rank, host, err) for rank, host, err, _ in reports if err]
+    if failed:
+        rank, host, err = failed[0]
+        raise UserError(err if rank == rt.rank or rank == 0 else f"rank {rank} on {host}: {err}")
+    plan.resume = reports[0][3]
+    return plan
+
+
+def agree(rt: Runtime, error: str | None, shared: Any) -> list[tuple]:
+    """[(rank, host, error or None, shared)] from every rank; one collective, nothing more."""
+    report = (rt.rank, rt.hostname, error, shared)
+    if rt.world_size == 1:
+        return [report]
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise RuntimeError("preflight needs the process group: build the DPOConfig first")
+    reports: list = [None] * rt.world_size
+    dist.all_gather_object(reports, report)
+    return reports
+
+
+def _every_rank(r: Recipe) -> Plan:
+    from dist_dpo.data import load_preference_data
+    from dist_dpo.modeling import load_tokenizer, resolve_model_path
+
+    model_path = resolve_model_path(r.model.model_name_or_path)
+    tokenizer = load_tokenizer(r.model, model_path)
+    train_ds, eval_ds = load_preference_data(r.data, tokenizer, r.train.max_length, r.train.seed)
+    return Plan(model_path, tokenizer, train_ds, eval_ds)
+
+
+def _rank_zero(r: Recipe, rt: Runtime, plan: Plan) -> None:
+    plan.params, plan.trainable = skeleton_counts(r, plan.model_path)
+    check_trackers(r.train.report_to)
+    out = Path(r.train.output_dir).expanduser()
+    plan.resume = check_output_dir(r, rt, out)
+    check_writable(out, keep=not r.dry_run)
+    plan.disk_need = checkpoint_disk_need(r, plan.trainable)
+    plan.disk_free = free_bytes(out)
+    if plan.disk_free < plan.disk_need:
+        raise UserError(
+            f"output_dir '{out}' has {human(plan.disk_free)} free but the checkpoints need about {human(plan.disk_need)} "
+            f"({r.train.save_total_limit} kept + 1 being written, {plan.trainable:,} trainable params): free space, "
+            "lower save_total_limit or choose another output_dir"
+        )
+
+
+def skeleton_counts(r: Recipe, model_path: str) -> tuple[int, int]:
+    """(params, trainable params) from the model's config on the meta device: LoRA targets are checked and counted
+    without loading a single weight."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dist_dpo.modeling import lora_config
+
+    try:
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=r.model.trust_remote_code)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=r.model.trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot build model '{model_path}' from its config.json: {str(e).splitlines()[0]}") from None
+    params = sum(p.numel() for p in skeleton.parameters())
+    peft_config = lora_config(r.lora, skeleton)
+    if peft_config is None:
+        return params, params
+    from peft import get_peft_model
+
+    adapted = get_peft_model(skeleton, peft_config)
+    return params, sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+
+
+def check_trackers(report_to: list[str]) -> None:
+    """The trackers start on rank 0 after the model is loaded; a missing package or key would fail there."""
+    import importlib.util
+
+    if "tensorboard" in report_to and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        raise UserError("report_to tensorboard but tensorboard is not installed: pip install tensorboard (or --report_to none)")
+    if "wandb" not in report_to:
+        return
+    if importlib.util.find_spec("wandb") is None:
+        raise UserError("report_to wandb but wandb is not installed: pip install wandb (or --report_to tensorboard)")
+    # wandb's own lookup: WANDB_API_KEY, then ~/.netrc (what `wandb login` writes); offline/disabled need none.
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        if netrc.netrc().authenticators(host):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    raise UserError(
+        "report_to wandb but no W&B API key is configured: set WANDB_API_KEY or run `wandb login` "
+        "(WANDB_MODE=offline logs locally without one)"
+    )
+
+
+def check_output_dir(r: Recipe, rt: Runtime, out: Path) -> str | None:
+    """Refuse to clobber a finished run; pick the complete checkpoint to resume from (same process count only)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir '{out}' is a file: choose a directory")
+    if (out / RUN_MARKER).exists() and not r.train.overwrite_output_dir and r.train.resume != "never":
+        raise UserError(
+            f"output_dir '{out}' already holds a finished run: choose another output_dir or pass --overwrite_output_dir"
+        )
+    if r.train.resume == "never":
+        return None
+    if r.train.resume != "auto":
+        ckpt = Path(r.train.resume)
+    elif out.is_dir():
+        ckpt = last_complete_checkpoint(out)
+    else:
+        ckpt = None
+    if ckpt is None:
+        return None
+    check_resumable(ckpt, rt.world_size)
+    get_logger().info("resuming from %s", ckpt)
+    return str(ckpt)
+
+
+def _existing_ancestor(path: Path) -> Path:
+    p = path.absolute()
+    while not os.path.exists(p):  # False for what cannot be stat-ed too: the mkdir below then names the reason
+        p = p.parent
+    return p
+
+
+def check_writable(out: Path, keep: bool) -> None:
+    """Create output_dir and write a probe file in it. As root, permission bits say nothing, so we try for real.
+    Directories this check creates are removed again on a dry run or when the check fails."""
+    base = _existing_ancestor(out)
+    if not base.is_dir():
+        raise UserError(f"output_dir '{out}' cannot be created: '{base}' is a file, not a directory")
+    created: list[Path] = []
+    ok = False
+    missing = []
+    p = out.absolute()
+    while p != base:
+        missing.append(p)
+        p = p.parent
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+            created.append(d)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".dist-dpo-write-test-")
+        try:
+            os.write(fd, b"ok")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+        ok = True
+    except OSError as e:
+        raise UserError(
+            f"output_dir '{out}' is not writable ({e.strerror or e}): choose a directory you can write to"
+        ) from None
+    finally:
+        if not (ok and keep):
+            for d in reversed(created):
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def checkpoint_disk_need(r: Recipe, trainable: int) -> int:
+    per_param = _CKPT_BYTES_LORA if r.lora.use_peft else _CKPT_BYTES_FULL
+    per_checkpoint = trainable * per_param + _CKPT_EXTRA
+    final_weights = trainable * 4 + _CKPT_EXTRA
+    return per_checkpoint * (r.train.save_total_limit + 1) + final_weights
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(_existing_ancestor(path)).free
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
