@@ -70,9 +70,11 @@ def generation_kwargs(a, tok) -> dict:
     return {**kw, "do_sample": True, "temperature": a.temperature, "top_p": a.top_p}
 
 
-def stream_reply(model, tok, messages: list[dict], gen: dict, out=sys.stdout) -> str:
+def stream_reply(model, tok, messages: list[dict], gen: dict) -> str:
     """Generate in a thread and print the text as TextIteratorStreamer yields it; return the whole answer."""
     from transformers import TextIteratorStreamer
+
+    out = sys.stdout
 
     inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
@@ -112,8 +114,7 @@ def fit_context(messages: list[dict], tok, model, max_new_tokens: int) -> list[d
     head = messages[:1] if messages and messages[0]["role"] == "system" else []
     body = messages[len(head):]
     while len(body) > 1:
-        ids = tok.apply_chat_template(head + body, add_generation_prompt=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) else ids
+        ids = tok.apply_chat_template(head + body, add_generation_prompt=True, return_dict=True)["input_ids"]
         if len(ids) + max_new_tokens <= limit:
             break
         body = body[2:] if len(body) > 2 else body[-1:]
@@ -121,7 +122,6 @@ def fit_context(messages: list[dict], tok, model, max_new_tokens: int) -> list[d
 
 
 def interactive(model, tok, system: str | None, gen: dict) -> None:
-    print(f"system prompt: {system or '(none)'}", file=sys.stderr)
     print(f"type '{CHANGE_SYSTEM}' to set a new system prompt, 'quit' or 'exit' to leave", file=sys.stderr)
     messages = conversation(system)
     while True:
@@ -163,7 +163,7 @@ def main(argv: list[str]) -> int:
         set_seed(a.seed)
     model, tok, what = load_for_inference(art, base=a.base, base_only=a.base_only or a.path is None,
                                           dtype_name=a.dtype, device=device, load_in_4bit=a.load_in_4bit)
-    print(f"chat: {what} on {device}", file=sys.stderr)
+    print(f"chat: {what} on {device}\nsystem prompt: {system or '(none)'}", file=sys.stderr)
     gen = generation_kwargs(a, tok)
     if prompts is None:
         interactive(model, tok, system, gen)

@@ -185,5 +185,31 @@ class AtomicCheckpoints:
                 self.state.best_model_checkpoint = str(run_dir / Path(best).name)
                 self.state.save_to_json(str(staged / "trainer_state.json"))
             publish(staged, final, {"global_step": self.state.global_step, **self.checkpoint_meta})
+            try:
+                staging_root.rmdir()  # only if empty: never hide what is left of another save
+            except OSError:
+                pass
             rotate(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        # transformers loads the optimizer state with map_location=args.device; accelerate names a multi-process CPU
+        # rank's device "cpu:0", which torch.load cannot map to ("don't know how to restore data location"), so a
+        # CPU run could not resume at all. Plain "cpu" is the same memory.
+        device = self.args.device
+        if device.type != "cpu" or device.index is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        import torch
+
+        load = torch.load
+
+        def load_on_cpu(*args, **kwargs):
+            if isinstance(kwargs.get("map_location"), torch.device) and kwargs["map_location"].type == "cpu":
+                kwargs["map_location"] = "cpu"
+            return load(*args, **kwargs)
+
+        torch.load = load_on_cpu
+        try:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        finally:
+            torch.load = load

@@ -15,6 +15,7 @@ from dist_dpo.errors import EXIT_USER_ERROR, UserError
 
 # command -> (module, function, one-line help). Each function takes argv (the words after the command).
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "doctor": ("dist_dpo.doctor", "main", "Is this machine ready? Driver, CUDA, versions, GPUs, NCCL, disk, recipe."),
     "train": ("dist_dpo.train", "run", "Train a LoRA/QLoRA DPO adapter (any launcher, any strategy)."),
     "build-model": ("dist_dpo.model_zoo", "main", "Write a random-weight model of a real shape (offline)."),
     "chat": ("dist_dpo.chat", "main", "Chat with a trained adapter, a merged model or the base (streamed)."),
@@ -61,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dist-dpo: error: unknown command '{command}'\n{_usage()}", file=sys.stderr)
         return EXIT_USER_ERROR
     module, func, _ = COMMANDS[command]
+    if os.environ.get("DIST_DPO_STACKS_AFTER_S"):  # debugging a hang: every rank prints where it waits
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["DIST_DPO_STACKS_AFTER_S"]), repeat=True)
     rank = _global_rank()
     # bitsandbytes warns on every CPU process that an optional hub kernel is missing; nothing for users to do.
     logging.getLogger("bitsandbytes.backends.cpu").setLevel(logging.ERROR)

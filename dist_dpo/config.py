@@ -339,6 +339,14 @@ def validate(r: Recipe) -> None:
         raise UserError(f"report_to: unknown tracker(s) {sorted(unknown)}; use tensorboard, wandb or none")
     if t.resume not in ("auto", "never") and not Path(t.resume).is_dir():
         raise UserError(f"resume '{t.resume}' is not a checkpoint directory; use auto, never or a checkpoint path")
+    # Names transformers only checks inside DPOConfig, with an 800-character list of choices: check them here.
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    for key, value, names in (("optim", t.optim, OptimizerNames), ("lr_scheduler_type", t.lr_scheduler_type, SchedulerType)):
+        known = [n.value for n in names]
+        if value not in known:
+            raise UserError(f"{key} '{value}' is not one transformers knows" + _suggest(value, known))
     if t.dpo_extra:
         from trl import DPOConfig
 

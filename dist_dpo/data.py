@@ -8,6 +8,7 @@ so we check every row up front.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +53,27 @@ def _load_file(path: Path):
         rows = _read_jsonl(path)
         if not rows:
             raise UserError(f"{path}: the file has no rows")
-        columns = {k for r in rows for k in r}
+        columns = sorted({k for r in rows for k in r})
         # Rows with missing keys become None so that validation can name the row instead of pyarrow failing.
-        return datasets.Dataset.from_list([{k: r.get(k) for k in columns} for r in rows])
+        records = [{k: r.get(k) for k in columns} for r in rows]
+        try:
+            return datasets.Dataset.from_list(records)
+        except (TypeError, ValueError) as e:  # pyarrow: one field with two types (a number among strings, ...)
+            validate_rows(_Records(records, columns), str(path))  # names the row and field when it is one of ours
+            raise UserError(f"{path}: a field mixes value types across rows ({str(e).splitlines()[0]}); "
+                            "give every row the same type per field") from None
     try:
         return datasets.load_dataset(_SUFFIX_LOADER[path.suffix], data_files=str(path), split="train")
     except Exception as e:  # pyarrow/pandas parse errors have many types
         raise UserError(f"{path}: cannot read as {path.suffix[1:]}: {str(e).splitlines()[0]}") from None
+
+
+class _Records(list):
+    """Raw rows with the two things `validate_rows` reads from a datasets.Dataset."""
+
+    def __init__(self, rows: list[dict], columns: list[str]):
+        super().__init__(rows)
+        self.column_names = columns
 
 
 def _split_files(directory: Path) -> dict[str, Path]:
@@ -167,7 +182,8 @@ def _drop_overlong(ds, tokenizer, max_length: int, where: str):
         p = row["prompt"]
         if _is_messages(p):
             ids = tokenizer.apply_chat_template(p, tokenize=True, add_generation_prompt=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) else ids
+            # transformers 5 returns a BatchEncoding (a Mapping, not a dict): len() of it would count its 2 keys
+            ids = ids["input_ids"] if isinstance(ids, Mapping) else ids
             return len(ids)
         return len(tokenizer(p)["input_ids"])
 

@@ -11,6 +11,7 @@ import os
 import torch
 
 from dist_dpo.config import Recipe
+from dist_dpo.errors import UserError
 from dist_dpo.modeling import resolve_dtype
 from dist_dpo.runtime import Runtime
 from dist_dpo.strategies import Strategy
@@ -68,4 +69,7 @@ def build_dpo_config(r: Recipe, rt: Runtime, strat: Strategy):
     if "wandb" in t.report_to:  # read by transformers' WandbCallback (rank 0): offline runs land in the run dir
         os.environ.setdefault("WANDB_DIR", os.path.abspath(os.path.expanduser(t.output_dir)))
         os.environ.setdefault("WANDB_PROJECT", "dist-dpo")
-    return DPOConfig(**kwargs)
+    try:
+        return DPOConfig(**kwargs)
+    except ValueError as e:  # transformers/trl check names (optim, scheduler) and combinations here, on every rank
+        raise UserError(f"invalid training arguments: {str(e).strip().splitlines()[0][:300]}") from None

@@ -89,24 +89,22 @@ def eval_args(recipe, rt, out: Path, batch_size: int):
     )
 
 
-def load_tuned(art, recipe, rt, base: str | None):
+def load_tuned(art, recipe, rt, base_path: str):
     """The base as the run trained it (4-bit where the run was QLoRA, on GPUs) with the adapter on top."""
     from peft import PeftModel
 
     from dist_dpo.logs import get_logger
     from dist_dpo.modeling import load_model
-    from dist_dpo.run_artifacts import check_adapter_fits, resolve_base
+    from dist_dpo.run_artifacts import check_adapter_fits
     from dist_dpo.strategies import strategy_for
 
     m = recipe.model
     if rt.device_type == "cpu" and (m.load_in_4bit or m.load_in_8bit):
         get_logger().warning("the run trained on a 4/8-bit base; on CPU the base is evaluated unquantized")
         m = dataclasses.replace(m, load_in_4bit=False, load_in_8bit=False)
-    path = resolve_base(art, base)
-    model = load_model(m, path, rt, strategy_for(rt.strategy), gradient_checkpointing=False)
+    model = load_model(m, base_path, rt, strategy_for(rt.strategy), gradient_checkpointing=False)
     check_adapter_fits(art.adapter_dir, model)
-    model = PeftModel.from_pretrained(model, str(art.adapter_dir))
-    return model.eval(), path
+    return PeftModel.from_pretrained(model, str(art.adapter_dir)).eval()
 
 
 def completion_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,8 +123,7 @@ def score(trainer) -> dict[str, torch.Tensor]:
     """Per-row logps of both models over this rank's shard, gathered (in dataset order) on every rank."""
     model = trainer.model
     cols: dict[str, list[torch.Tensor]] = {k: [] for k in ("tc", "tr", "bc", "br", "nc", "nr")}
-    for batch in trainer.get_eval_dataloader():
-        batch = trainer._prepare_inputs(batch)
+    for batch in trainer.get_eval_dataloader():  # accelerate's loader: this rank's rows, already on its device
         tuned, n = completion_logps(model, batch)
         with model.disable_adapter():  # the base = DPO's reference for a fresh adapter
             base, _ = completion_logps(model, batch)
@@ -198,12 +195,13 @@ def main(argv: list[str]) -> int:
     args = eval_args(recipe, rt, out, batch_size)  # before the model: it sets up the process group
 
     from dist_dpo.data import load_preference_data
-    from dist_dpo.run_artifacts import load_tokenizer_for
+    from dist_dpo.run_artifacts import load_tokenizer_for, resolve_base
 
-    model, base_path = load_tuned(art, recipe, rt, a.base)
+    base_path = resolve_base(art, a.base)
     tok = load_tokenizer_for(art, base_path)
     train_rows, test_rows = load_preference_data(recipe.data, tok, recipe.train.max_length, recipe.train.seed)
     rows = test_rows if a.split == "test" else train_rows
+    model = load_tuned(art, recipe, rt, base_path)  # after the data: a bad dataset fails in seconds
 
     from trl import DPOTrainer
 

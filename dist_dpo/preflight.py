@@ -48,9 +48,7 @@ class Plan:
 def run(r: Recipe, rt: Runtime) -> Plan:
     plan, error, bug = None, None, None
     try:
-        plan = _every_rank(r)
-        if rt.is_main:
-            _rank_zero(r, rt, plan)
+        plan = checks(r, rt)
     except UserError as e:
         error = str(e)
     except Exception as e:  # a bug on this rank must not leave the others waiting either
@@ -63,6 +61,14 @@ def run(r: Recipe, rt: Runtime) -> Plan:
         rank, host, err = failed[0]
         raise UserError(err if rank == rt.rank or rank == 0 else f"rank {rank} on {host}: {err}")
     plan.resume = reports[0][3]
+    return plan
+
+
+def checks(r: Recipe, rt: Runtime) -> Plan:
+    """This rank's share of the checks (all of them on rank 0), without the agreement: `doctor` uses it too."""
+    plan = _every_rank(r)
+    if rt.is_main:
+        _rank_zero(r, rt, plan)
     return plan
 
 

@@ -55,13 +55,13 @@ def find_state(run: Path) -> Path:
         raise UserError(f"'{run}' is not a directory: pass a train output_dir")
     if (run / STATE_FILE).is_file():
         return run / STATE_FILE
-    from dist_dpo.checkpoints import last_complete_checkpoint
-
-    ckpt = last_complete_checkpoint(run)
-    if ckpt is None:
+    # A running job: the newest checkpoint's log history. Reading curves needs no resumable (complete) checkpoint.
+    found = [(int(p.parent.name.split("-")[1]), p) for p in run.glob(f"checkpoint-*/{STATE_FILE}")
+             if p.parent.name.split("-")[1].isdigit()]
+    if not found:
         raise UserError(f"{run} has no training logs ({STATE_FILE}, none in checkpoint-N dirs either): point at a "
                         "train output_dir after its first save")
-    return ckpt / STATE_FILE
+    return max(found)[1]
 
 
 def load_history(run: Path) -> tuple[list[dict], Path]:

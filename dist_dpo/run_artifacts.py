@@ -152,7 +152,10 @@ def inference_dtype(name: str, device_type: str):
 
 
 def load_base(path: str, *, dtype, device: str, load_in_4bit: bool = False, trust_remote_code: bool = False):
+    import transformers
     from transformers import AutoModelForCausalLM
+
+    transformers.utils.logging.disable_progress_bar()  # a per-tensor bar on stderr, around our one-line errors
 
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
     if load_in_4bit:

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import platform
+import re
 import signal
 import sys
 from pathlib import Path
@@ -119,7 +120,8 @@ def train_or_explain(trainer, resume: str | None, rt: Runtime, out: Path):
     except Exception as e:
         if not (rt.distributed and _is_peer_loss(e)):
             raise
-        what = f"lost contact with the other ranks ({str(e).strip().splitlines()[0][:200]}): a process of the job died"
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip()).splitlines()[0][:160]  # drop gloo's "[file:line]"
+        what = f"lost contact with the other ranks ({reason}): a process of the job died or hung"
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while we exit just ends the process
     ckpts = complete_checkpoints(out)
@@ -139,7 +141,7 @@ def _is_peer_loss(e: BaseException) -> bool:
         return True
     text = str(e).lower()
     return any(s in text for s in ("connection closed by peer", "connection reset by peer", "broken pipe",
-                                   "timed out", "nccl", "gloo", "socket"))
+                                   "timed out", "timeout"))
 
 
 def model_device(model) -> str:
