@@ -11,6 +11,7 @@ builds every prompt; answers stream as they are generated. Transcripts go to std
 
 from __future__ import annotations
 
+import argparse
 import sys
 from threading import Thread
 
@@ -22,7 +23,7 @@ CHANGE_SYSTEM = "change_system"
 
 
 def build_parser() -> CommandParser:
-    p = CommandParser(prog="dist-dpo chat", description=__doc__.split("\n")[0].split(": ", 1)[1])
+    p = CommandParser(prog="dist-dpo chat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", nargs="?", help="Run dir (train output_dir), adapter dir or merged model dir.")
     p.add_argument("--base", help="Base model to put the adapter on (default: the one the run trained on).")
     p.add_argument("--base-only", "--base_only", dest="base_only", action="store_true",

@@ -15,6 +15,7 @@ plus N side-by-side greedy generations for the same prompts.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -29,7 +30,7 @@ DATA_PARALLEL = ("single", "ddp")  # eval replicates the model and shards rows; 
 
 
 def build_parser() -> CommandParser:
-    p = CommandParser(prog="dist-dpo eval", description="Base vs tuned on the test split of the run's data.")
+    p = CommandParser(prog="dist-dpo eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="Run dir (train output_dir) or adapter dir.")
     p.add_argument("--dataset", help="Preference data to use instead of the run's (same forms as dataset_name).")
     p.add_argument("--split", default="test", choices=("test", "train"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -15,12 +16,29 @@ from dist_dpo.strategies import Strategy
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+@contextlib.contextmanager
+def outside_zero3_init():
+    """Build a model as if ZeRO-3 were off. Once the DPOConfig registered a ZeRO-3 config, transformers builds every
+    model inside deepspeed.zero.Init, which broadcasts each parameter from rank 0: a model built on ONE rank only
+    (the meta skeleton of the preflight, the built-in model) then waits forever for peers that never join. Seen on
+    2 x H200, 2026-11-27: `make train-zero3` hung in preflight until killed."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref  # transformers has set/unset but no getter; restore exactly
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
 def resolve_model_path(name: str) -> str:
     """Local dir, the built-in tiny model, or a hub id (only when the hub is reachable / cached)."""
     if name == BUILTIN_MODEL:
         from dist_dpo.model_zoo import ensure_builtin_model
 
-        return str(ensure_builtin_model())
+        with outside_zero3_init():
+            return str(ensure_builtin_model())
     if name.startswith("builtin:"):
         raise UserError(f"unknown built-in model '{name}': the built-in model is '{BUILTIN_MODEL}'")
     p = Path(name).expanduser()

@@ -9,6 +9,7 @@ import platform
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 from dist_dpo.checkpoints import RUN_MARKER, AtomicCheckpoints, complete_checkpoints, discard_staging
@@ -19,9 +20,30 @@ from dist_dpo.runtime import Runtime, resolve_runtime
 from dist_dpo.strategies import strategy_for
 
 EXIT_JOB_LOST = 3  # the job lost a rank or was terminated: rerun the same command to resume
+RANK0_FIRST_S = 3.0  # on a user error, the other ranks wait this long so that rank 0 prints and exits first
 
 
 def run(argv: list[str]) -> int:
+    try:
+        return _train(argv)
+    except UserError:
+        _leave_together()
+        raise
+
+
+def _leave_together() -> None:
+    """Every rank hits a user error together (same input, or the preflight's shared verdict); rank 0 prints it.
+    torchrun SIGTERMs the other workers as soon as ONE exits: had rank 1 exited first, rank 0 could die before its
+    line is out. So the other ranks exit a moment later, and every rank on this path ignores that SIGTERM: rank 0's
+    line is printed and all ranks exit 2."""
+    from dist_dpo.cli import _global_rank  # the rank that speaks, known even before the runtime is resolved
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if _global_rank() != 0:
+        time.sleep(RANK0_FIRST_S)
+
+
+def _train(argv: list[str]) -> int:
     recipe = parse_recipe(argv)
     rt = resolve_runtime(recipe.train.deepspeed)
     log = setup_console(rt)

@@ -322,7 +322,7 @@ def test_two_processes_fail_together_with_one_line(case_id, inputs, earlier_run,
     assert proc.returncode != 0
     assert_one_clear_line(case, combined)
     # torchrun's own summary lists each failed worker: both ranks, both with our exit code 2.
-    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", combined)
+    codes = re.findall(r"exitcode\s+:\s*(-?\d+)", combined)
     assert sorted(codes) == ["2", "2"], combined[-3000:]
     assert not re.search(r'File ".*dist_dpo/', combined), "a traceback from our code:\n" + combined[-4000:]
     assert sorted(re.findall(r"rank\s*:\s*(\d+) \(local_rank", combined)) == ["0", "1"]  # really 2 processes

@@ -103,3 +103,11 @@ def test_eval_bad_inputs_are_one_line_exit_2(run, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert message in err[-1] and err[-1].startswith("dist-dpo: error:"), (args, err)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_qlora_run_is_evaluated_unquantized_on_cpu(run, tmp_path, capsys):
+    from test_merge import qlora_copy
+
+    assert cli("eval", qlora_copy(run, tmp_path), "--max_samples", 4, "--generations", 0, "--out", tmp_path) == 0
+    assert "evaluated unquantized" in capsys.readouterr().out
+    assert json.loads((tmp_path / "eval.json").read_text())["pairs"] == 4

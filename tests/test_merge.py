@@ -90,3 +90,23 @@ def test_merge_refuses_and_writes_nothing(run, merged, tmp_path, capsys):
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["a_file", "other-model", "taken"], left  # no o1..o4, no temp dirs
     json.loads((merged / "config.json").read_text())  # the earlier merge is untouched
+
+
+def qlora_copy(run, where):
+    """The shared run as if it had been trained on a 4-bit base (QLoRA): same adapter, recipe says load_in_4bit."""
+    import shutil
+
+    copy = where / "qlora_run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoint-*", "wandb", "runs", "plots"))
+    recipe = (copy / "resolved_config.yaml").read_text(encoding="utf-8")
+    (copy / "resolved_config.yaml").write_text(recipe.replace("load_in_4bit: false", "load_in_4bit: true"),
+                                               encoding="utf-8")
+    return copy
+
+
+def test_a_qlora_run_merges_into_the_unquantized_base(run, tmp_path):
+    assert cli("merge", qlora_copy(run, tmp_path), "--out", tmp_path / "m") == 0
+    card = (tmp_path / "m" / "README.md").read_text(encoding="utf-8")
+    assert "4-bit NF4 (QLoRA)" in card and "merged here into the unquantized base" in card
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert "quantization_config" not in config

@@ -89,3 +89,23 @@ def test_quant_storage_follows_strategy():
     q = quantization_config(m, strategy_for("ddp"), torch.bfloat16)
     assert q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant and q.bnb_4bit_compute_dtype == torch.bfloat16
     assert quantization_config(ModelArgs(), strategy_for("ddp"), torch.bfloat16) is None
+
+
+def test_rank_local_model_builds_stay_outside_zero3_init(tmp_path):
+    """Regression (2 x H200, 2026-11-27): with a ZeRO-3 config registered, transformers builds models inside
+    deepspeed.zero.Init (a broadcast per parameter), so rank 0's preflight skeleton waited forever for rank 1."""
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+
+    from dist_dpo.config import parse_recipe
+    from dist_dpo.model_zoo import ensure_builtin_model
+    from dist_dpo.modeling import outside_zero3_init
+    from dist_dpo.preflight import skeleton_counts
+
+    ds = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    assert is_deepspeed_zero3_enabled()
+    with outside_zero3_init():
+        assert not is_deepspeed_zero3_enabled()
+    assert is_deepspeed_zero3_enabled()  # restored
+    params, trainable = skeleton_counts(parse_recipe([]), str(ensure_builtin_model()))
+    assert params > trainable > 0
+    del ds
