@@ -1,9 +1,9 @@
 """`dist-dpo chat RUN_DIR`: the tutorial's chat loop on a trained adapter, a merged model or the base alone.
 
-    dist-dpo chat outputs/demo                      interactive; `change_system` swaps the system prompt, quit/exit leave
-    dist-dpo chat outputs/demo --prompt "你好"       one answer per --prompt (repeatable), then exit
-    echo "你好" | dist-dpo chat outputs/demo         stdin that is not a terminal: one prompt per line
-    dist-dpo chat outputs/demo --base-only          the same loop on the run's base model, to compare
+    dist-dpo chat outputs/demo                   interactive: `change_system` swaps the system prompt, quit/exit leave
+    dist-dpo chat outputs/demo --prompt "你好"    one answer per --prompt (repeatable), then exit
+    echo "你好" | dist-dpo chat outputs/demo      stdin that is not a terminal: one prompt per line
+    dist-dpo chat outputs/demo --base-only       the same loop on the run's base model, to compare
 
 The system prompt defaults to the run's `data.system_prompt` (resolved_config.yaml). The tokenizer's chat template
 builds every prompt; answers stream as they are generated. Transcripts go to stdout, status lines to stderr.
@@ -16,7 +16,7 @@ import sys
 from threading import Thread
 
 from dist_dpo.errors import UserError
-from dist_dpo.run_artifacts import CommandParser, base_alone, load_for_inference, locate, pick_device
+from dist_dpo.run_artifacts import CommandParser, base_alone, load_for_inference, locate
 
 QUIT = ("quit", "exit")
 CHANGE_SYSTEM = "change_system"
@@ -157,14 +157,13 @@ def main(argv: list[str]) -> int:
     prompts = scripted_prompts(a)  # bad input fails before minutes of model loading
     art = locate(a.path) if a.path else base_alone(a.base)
     system = a.system if a.system is not None else art.system_prompt
-    device = pick_device()
     if a.seed is not None:
         from transformers import set_seed
 
         set_seed(a.seed)
     model, tok, what = load_for_inference(art, base=a.base, base_only=a.base_only or a.path is None,
-                                          dtype_name=a.dtype, device=device, load_in_4bit=a.load_in_4bit)
-    print(f"chat: {what} on {device}\nsystem prompt: {system or '(none)'}", file=sys.stderr)
+                                          dtype_name=a.dtype, load_in_4bit=a.load_in_4bit)
+    print(f"chat: {what}\nsystem prompt: {system or '(none)'}", file=sys.stderr)
     gen = generation_kwargs(a, tok)
     if prompts is None:
         interactive(model, tok, system, gen)

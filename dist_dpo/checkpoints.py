@@ -120,14 +120,17 @@ def last_complete_checkpoint(output_dir: Path) -> Path | None:
     return None
 
 
-def check_resumable(ckpt: Path, world_size: int) -> None:
+def check_resumable(ckpt: Path, world_size: int | None) -> None:
     """A checkpoint from another process count is refused: its RNG files, data position (and ZeRO/FSDP optimizer
-    shards) are per rank, so the run would silently not be the one that was interrupted."""
+    shards) are per rank, so the run would silently not be the one that was interrupted. world_size None: a
+    one-process dry run before the launcher, which cannot know the job's size; only completeness is checked."""
     problem = why_incomplete(ckpt)
     if problem:
-        raise UserError(f"checkpoint '{ckpt}' is incomplete ({problem}); pass --resume auto to use the last complete one")
+        raise UserError(
+            f"checkpoint '{ckpt}' is incomplete ({problem}); pass --resume auto to use the last complete one"
+        )
     saved = read_marker(ckpt).get("world_size")
-    if saved != world_size:
+    if world_size is not None and saved != world_size:
         raise UserError(
             f"checkpoint '{ckpt}' was written by {saved} processes and this run has {world_size}: relaunch with "
             f"{saved} processes to resume exactly, or start over with --resume never (or a new output_dir)"

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "doctor": ("dist_dpo.doctor", "main", "Is this machine ready? Driver, CUDA, versions, GPUs, NCCL, disk, recipe."),
     "train": ("dist_dpo.train", "run", "Train a LoRA/QLoRA DPO adapter (any launcher, any strategy)."),
     "build-model": ("dist_dpo.model_zoo", "main", "Write a random-weight model of a real shape (offline)."),
+    "plan": ("dist_dpo.plan", "main", "Peak GPU memory per rank for a shape/strategy/batch, and what fits fastest."),
     "chat": ("dist_dpo.chat", "main", "Chat with a trained adapter, a merged model or the base (streamed)."),
     "merge": ("dist_dpo.merge", "main", "Merge the adapter into its base, save shards + model card, verify logits."),
     "eval": ("dist_dpo.evaluate", "main", "Base vs tuned on the test split: preference accuracy, margins, samples."),

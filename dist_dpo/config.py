@@ -98,7 +98,30 @@ class TrainArgs:
     beta: float = _f(0.1, "DPO temperature beta: how far the policy may move from the reference.", min=0.0)
     loss_type: str = _f("sigmoid", "DPO loss (sigmoid = the original DPO; ipo, hinge, robust ...).")
     max_length: int = _f(1024, "Truncate prompt+answer to this many tokens.", min=8)
-    gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory (slower).")
+    gradient_checkpointing: bool | str = _f(
+        "auto",
+        "Recompute activations in backward to save memory (a third more compute). auto: only as many layers as the "
+        "memory plan (dist-dpo plan) says this GPU needs for the longest batch of the data; true; false.",
+        bool_or_auto=True,
+    )
+    fast_path: bool = _f(
+        True,
+        "dist-dpo's speed path over trl (same loss): length-grouped batches, prompts computed once, metrics synced "
+        "once per log. false: plain trl DPOTrainer (for comparisons).",
+    )
+    group_by_length: bool = _f(True, "Batch pairs of similar length together so little compute goes to padding.")
+    prefix_sharing: bool | str = _f(
+        "auto",
+        "Run chosen and rejected in one row that computes their prompt once (exact: same log-probs). auto: per "
+        "batch, when cheaper than trl's two padded rows; needs attn_implementation sdpa or eager.",
+        bool_or_auto=True,
+    )
+    liger_kernels: bool | str = _f(
+        "auto",
+        "liger-kernel's fused RMSNorm / SwiGLU / RoPE (trl's use_liger_kernel): less activation memory, faster layers. "
+        "auto: on GPUs when the package is installed and fast_path is on.",
+        bool_or_auto=True,
+    )
     logging_steps: int = _f(10, "Log every N optimizer steps.", min=1)
     eval_steps: int = _f(10, "Evaluate every N optimizer steps (0: no evaluation during training).", min=0)
     save_steps: int = _f(50, "Checkpoint every N optimizer steps.", min=1)
@@ -169,6 +192,11 @@ def _convert(key: str, value: Any, where: str) -> Any:
     section, f, tp = KEYS[key]
     base, optional = _base_types(tp)
     bad = f"{where}: '{key}' "
+    if f.metadata.get("bool_or_auto"):  # true, false or auto (YAML may give a bool or a string)
+        word = str(value).strip().lower()
+        if word not in ("true", "false", "auto"):
+            raise UserError(bad + f"must be true, false or auto, got {value!r}")
+        return "auto" if word == "auto" else word == "true"
     if isinstance(value, str) and base is not str:
         if value.strip().lower() in ("none", "null", "~") and optional:
             return None
@@ -343,7 +371,8 @@ def validate(r: Recipe) -> None:
     from transformers.trainer_utils import SchedulerType
     from transformers.training_args import OptimizerNames
 
-    for key, value, names in (("optim", t.optim, OptimizerNames), ("lr_scheduler_type", t.lr_scheduler_type, SchedulerType)):
+    named = (("optim", t.optim, OptimizerNames), ("lr_scheduler_type", t.lr_scheduler_type, SchedulerType))
+    for key, value, names in named:
         known = [n.value for n in names]
         if value not in known:
             raise UserError(f"{key} '{value}' is not one transformers knows" + _suggest(value, known))

@@ -43,18 +43,21 @@ def main(argv: list[str]) -> int:
     args, recipe_argv = _parser().parse_known_args(argv)
     rows: list[Row] = []
     gpus = _gpu_count()
-    rows += driver_rows()
-    rows += torch_cuda_rows(gpus)
+    driver = _driver_cuda()
+    rows += driver_rows(driver)
+    rows += torch_cuda_rows(gpus, driver)
     rows += version_rows()
     rows += gpu_rows(gpus)
     rows += bitsandbytes_rows(gpus)
     rows += communication_rows(gpus)
+    if args.output_dir and (args.config or recipe_argv):
+        recipe_argv += ["--output_dir", args.output_dir]  # the recipe's output_dir: where train would write
     recipe = _recipe(args.config, recipe_argv) if (args.config or recipe_argv) else None
     rows += strategy_rows(recipe, args.strategy, gpus)
     if recipe is not None:
         rows += recipe_rows(recipe, args.strategy, gpus)
     else:
-        rows += disk_rows(Path(args.output_dir))
+        rows += disk_rows(Path(args.output_dir or "outputs"))
     print_table(rows)
     failed = [r for r in rows if r.status == FAIL]
     warned = [r for r in rows if r.status == WARN]
@@ -80,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="Recipe YAML: also run train's checks on it (other --key value override it).")
     p.add_argument("--strategy", help=f"The strategy you will launch: {names}. Its problems become blocking.")
-    p.add_argument("--output_dir", default="outputs", help="Where free disk is measured when no recipe is given.")
+    p.add_argument("--output_dir", help="Where train would write (overrides the recipe's; default outputs/).")
     return p
 
 
@@ -115,18 +118,18 @@ def _vtuple(v: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", v)[:2])
 
 
-def driver_rows() -> list[Row]:
-    driver, cuda = _driver_cuda()
+def driver_rows(driver_cuda: tuple[str | None, str | None]) -> list[Row]:
+    driver, cuda = driver_cuda
     if driver is None:
         return [Row("NVIDIA driver", INFO, "no nvidia-smi: no NVIDIA driver here (a CPU-only machine)")]
     return [Row("NVIDIA driver", OK, f"{driver}, supports CUDA up to {cuda or '?'}")]
 
 
-def torch_cuda_rows(gpus: int) -> list[Row]:
+def torch_cuda_rows(gpus: int, driver_and_cuda: tuple[str | None, str | None]) -> list[Row]:
     import torch
 
     rows = []
-    driver, driver_cuda = _driver_cuda()
+    driver, driver_cuda = driver_and_cuda
     build = torch.version.cuda
     if build is None:
         status = FAIL if driver else INFO
@@ -204,7 +207,8 @@ def version_rows() -> list[Row]:
         public = Version(have).public  # 2.13.0+cpu -> 2.13.0
         spec = ranges.get(name)
         if spec and public not in SpecifierSet(spec):
-            rows.append(Row(name, FAIL, f"{have} is outside the supported range {spec}: pip install -c constraints.txt -e ."))
+            rows.append(Row(name, FAIL, f"{have} is outside the supported range {spec}: "
+                            "pip install -c constraints.txt -e ."))
         elif pins.get(name) and public != pins[name]:
             rows.append(Row(name, WARN, f"{have}; tested with {pins[name]} (constraints.txt)"))
         else:
@@ -235,7 +239,8 @@ def bitsandbytes_rows(gpus: int) -> list[Row]:
         return [Row("bnb kernels", FAIL if gpus else WARN, f"does not import: {str(e).splitlines()[0]}")]
     if gpus == 0:
         return [Row("bnb kernels", INFO, f"{cextension.BNB_BACKEND} backend: 4/8-bit loading needs CUDA")]
-    if not getattr(cextension.lib, "compiled_with_cuda", False):
+    # Anything else is the CPU library or bitsandbytes' mock that raises on first use.
+    if not isinstance(cextension.lib, getattr(cextension, "CudaBNBNativeLibrary", ())):
         return [Row("bnb kernels", FAIL, "no CUDA kernels loaded (see `python -m bitsandbytes`): QLoRA will fail")]
     import torch
 
@@ -338,7 +343,8 @@ def recipe_rows(recipe, chosen: str | None, gpus: int) -> list[Row]:
     rows = [Row("recipe", OK, f"{recipe.source}: {len(plan.train_ds)} train / {len(plan.eval_ds)} test pairs, "
                 f"{plan.trainable:,} trainable of {plan.params:,} params")]
     rows.append(Row("disk", OK if plan.disk_free >= 2 * plan.disk_need else WARN,
-                    f"{human(plan.disk_free)} free at {recipe.train.output_dir}, checkpoints need ~{human(plan.disk_need)}"))
+                    f"{human(plan.disk_free)} free at {recipe.train.output_dir}, "
+                    f"checkpoints need ~{human(plan.disk_need)}"))
     if plan.resume:
         rows.append(Row("resume", INFO, f"train would resume from {plan.resume}"))
     return rows

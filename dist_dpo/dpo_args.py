@@ -40,7 +40,9 @@ def build_dpo_config(r: Recipe, rt: Runtime, strat: Strategy):
         beta=t.beta,
         loss_type=[t.loss_type],
         max_length=t.max_length,
-        gradient_checkpointing=t.gradient_checkpointing,
+        # auto: on until dist_dpo.fast.apply has planned it against the tokenized data (trl and peft set up the
+        # model for checkpointing at build time; apply turns it down or off)
+        gradient_checkpointing=t.gradient_checkpointing is not False,
         gradient_checkpointing_kwargs={"use_reentrant": strat.checkpointing_reentrant},
         ddp_find_unused_parameters=strat.ddp_find_unused_parameters,
         logging_steps=t.logging_steps,
@@ -64,7 +66,11 @@ def build_dpo_config(r: Recipe, rt: Runtime, strat: Strategy):
         log_level_replica="error",
         disable_tqdm=not rt.is_main,
         save_only_model=False,  # optimizer/scheduler/RNG in every checkpoint: resume must not lose state
+        # The Trainer checks every micro-step's loss for NaN/Inf on the host (a device sync) only to filter the
+        # logged average; the speed path logs a NaN as a NaN instead.
+        logging_nan_inf_filter=not t.fast_path,
     )
+    kwargs["use_liger_kernel"] = use_liger_kernels(t, on_gpu)
     kwargs.update(t.dpo_extra)
     if "wandb" in t.report_to:  # read by transformers' WandbCallback (rank 0): offline runs land in the run dir
         os.environ.setdefault("WANDB_DIR", os.path.abspath(os.path.expanduser(t.output_dir)))
@@ -73,3 +79,16 @@ def build_dpo_config(r: Recipe, rt: Runtime, strat: Strategy):
         return DPOConfig(**kwargs)
     except ValueError as e:  # transformers/trl check names (optim, scheduler) and combinations here, on every rank
         raise UserError(f"invalid training arguments: {str(e).strip().splitlines()[0][:300]}") from None
+
+
+def use_liger_kernels(t, on_gpu: bool) -> bool:
+    """liger's layer kernels (trl applies them at train(); its fused LM head stays trl's)."""
+    import importlib.util
+
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    if t.liger_kernels is True and not installed:
+        raise UserError("liger_kernels: true but liger-kernel is not installed: pip install liger-kernel, or set it "
+                        "to auto / false")
+    if t.liger_kernels is True:
+        return True
+    return t.liger_kernels == "auto" and t.fast_path and on_gpu and installed

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from dist_dpo.errors import UserError
-from dist_dpo.run_artifacts import RECIPE_FILE, CommandParser, locate, pick_device
+from dist_dpo.run_artifacts import RECIPE_FILE, CommandParser, locate
 
 # A few prompts in the languages of the bundled data; any text works, these also exercise the chat template.
 PROBE_PROMPTS = ("你好，帮我写一首诗", "What's the best way to improve my posture?", "学Excel的时候最容易犯什么错误？")
@@ -39,7 +39,13 @@ def build_parser() -> CommandParser:
     return p
 
 
-def check_out(out: Path) -> None:
+def check_args(a, out: Path) -> None:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        convert_file_size_to_int(a.max_shard_size)
+    except ValueError:
+        raise UserError(f"--max_shard_size '{a.max_shard_size}' is not a size: write e.g. 5GB or 500MB") from None
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' is a file: choose a new directory")
     if out.is_dir() and any(out.iterdir()):
@@ -130,7 +136,7 @@ def model_card(art, base_path: str, dtype: torch.dtype, checks: dict, shards: in
 def main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
     out = Path(a.out).expanduser().resolve()
-    check_out(out)
+    check_args(a, out)
     art = locate(a.path)
     if art.adapter_dir is None:
         raise UserError(f"{art.path} holds a full model, not a LoRA adapter: there is nothing to merge")
@@ -138,15 +144,18 @@ def main(argv: list[str]) -> int:
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dist_dpo.run_artifacts import (check_adapter_fits, inference_dtype, load_base, load_tokenizer_for,
+    from dist_dpo.run_artifacts import (check_adapter_fits, inference_device_dtype, load_base, load_tokenizer_for,
                                         resolve_base)
 
-    device = pick_device()
-    dtype = inference_dtype(a.dtype, device)
+    device, dtype = inference_device_dtype(a.dtype)  # bf16 on GPU, fp32 on CPU: never the 4-bit of a QLoRA run
     tolerance = a.tolerance if a.tolerance is not None else DEFAULT_TOLERANCE[dtype]
     base_path = resolve_base(art, a.base)
     trust = bool(art.recipe and art.recipe.model.trust_remote_code)
-    if getattr(AutoConfig.from_pretrained(base_path, trust_remote_code=trust), "quantization_config", None):
+    try:
+        config = AutoConfig.from_pretrained(base_path, trust_remote_code=trust)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the config of base '{base_path}': {str(e).splitlines()[0]}") from None
+    if getattr(config, "quantization_config", None):
         raise UserError(f"base '{base_path}' is stored quantized; merging needs the unquantized original: pass it "
                         "with --base")
     model = load_base(base_path, dtype=dtype, device=device, trust_remote_code=trust)  # never quantized
@@ -178,8 +187,8 @@ def main(argv: list[str]) -> int:
         print(f"merge check: reloaded from disk vs base + adapter, max |logit diff| {checks['reloaded'][0]:.3g} "
               f"(relative {checks['reloaded'][1]:.3g})", file=sys.stderr)
         if checks["reloaded"][1] > tolerance:
-            raise UserError(f"merge check FAILED after saving: the files in {tmp} reload with logits off by "
-                            f"{checks['reloaded'][0]:.3g}; nothing was kept")
+            raise UserError(f"merge check FAILED after saving: the saved files reload with logits off by "
+                            f"{checks['reloaded'][0]:.3g}; nothing was kept in {out}")
         shards = len(list(tmp.glob("*.safetensors")))
         if art.recipe is not None:
             shutil.copy2(art.path / RECIPE_FILE, tmp / RECIPE_FILE)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dist_dpo.checkpoints import RUN_MARKER, check_resumable, last_complete_checkpoint
+from dist_dpo.checkpoints import RUN_MARKER, check_resumable, last_complete_checkpoint, read_marker
 from dist_dpo.config import Recipe
 from dist_dpo.errors import UserError
 from dist_dpo.logs import get_logger
@@ -99,14 +99,15 @@ def _every_rank(r: Recipe) -> Plan:
 def _rank_zero(r: Recipe, rt: Runtime, plan: Plan) -> None:
     plan.params, plan.trainable = skeleton_counts(r, plan.model_path)
     check_trackers(r.train.report_to)
-    out = Path(r.train.output_dir).expanduser()
+    out = Path(r.train.output_dir)
     plan.resume = check_output_dir(r, rt, out)
-    check_writable(out, keep=not r.dry_run)
+    check_writable(out)
     plan.disk_need = checkpoint_disk_need(r, plan.trainable)
     plan.disk_free = free_bytes(out)
     if plan.disk_free < plan.disk_need:
         raise UserError(
-            f"output_dir '{out}' has {human(plan.disk_free)} free but the checkpoints need about {human(plan.disk_need)} "
+            f"output_dir '{out}' has {human(plan.disk_free)} free but the checkpoints need about "
+            f"{human(plan.disk_need)} "
             f"({r.train.save_total_limit} kept + 1 being written, {plan.trainable:,} trainable params): free space, "
             "lower save_total_limit or choose another output_dir"
         )
@@ -141,7 +142,8 @@ def check_trackers(report_to: list[str]) -> None:
     import importlib.util
 
     if "tensorboard" in report_to and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
-        raise UserError("report_to tensorboard but tensorboard is not installed: pip install tensorboard (or --report_to none)")
+        raise UserError("report_to tensorboard but tensorboard is not installed: pip install tensorboard "
+                        "(or --report_to none)")
     if "wandb" not in report_to:
         return
     if importlib.util.find_spec("wandb") is None:
@@ -182,8 +184,8 @@ def check_output_dir(r: Recipe, rt: Runtime, out: Path) -> str | None:
         ckpt = None
     if ckpt is None:
         return None
-    check_resumable(ckpt, rt.world_size)
-    get_logger().info("resuming from %s", ckpt)
+    check_resumable(ckpt, None if r.dry_run and not rt.distributed else rt.world_size)
+    get_logger().info("resuming from %s (written by %s processes)", ckpt, read_marker(ckpt).get("world_size"))
     return str(ckpt)
 
 
@@ -194,14 +196,14 @@ def _existing_ancestor(path: Path) -> Path:
     return p
 
 
-def check_writable(out: Path, keep: bool) -> None:
-    """Create output_dir and write a probe file in it. As root, permission bits say nothing, so we try for real.
-    Directories this check creates are removed again on a dry run or when the check fails."""
+def check_writable(out: Path) -> None:
+    """Create output_dir and write a probe file in it: as root, permission bits say nothing, so we try for real.
+    Directories this check creates are removed again: nothing is left behind if another rank's check fails (or on a
+    dry run); training creates output_dir itself once the whole job agreed to go."""
     base = _existing_ancestor(out)
     if not base.is_dir():
         raise UserError(f"output_dir '{out}' cannot be created: '{base}' is a file, not a directory")
     created: list[Path] = []
-    ok = False
     missing = []
     p = out.absolute()
     while p != base:
@@ -218,15 +220,16 @@ def check_writable(out: Path, keep: bool) -> None:
         finally:
             os.close(fd)
             os.unlink(probe)
-        ok = True
     except OSError as e:
         raise UserError(
             f"output_dir '{out}' is not writable ({e.strerror or e}): choose a directory you can write to"
         ) from None
     finally:
-        if not (ok and keep):
-            for d in reversed(created):
-                shutil.rmtree(d, ignore_errors=True)
+        for d in reversed(created):  # deepest first; rmdir: never more than the empty dirs made here
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
 
 def checkpoint_disk_need(r: Recipe, trainable: int) -> int:

@@ -31,7 +31,7 @@ PLOTS_DIR = "plots"
 # trl 1.16 log_history keys (train; eval ones carry an "eval_" prefix). learning_rate and grad_norm are train-only.
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
            "logps/rejected", "grad_norm", "learning_rate")
-SPIKE_FACTOR = 3.0  # a grad_norm above 3x the run's median is a spike
+SPIKE_FACTOR = 3.0  # a grad_norm above 3x the median of its neighbours is a spike
 FLAT_MARGIN = 0.05  # rewards/margins that grow less than this (reward units) are flat
 
 
@@ -138,6 +138,17 @@ def plot(history: list[dict], out_dir: Path, weight: float) -> list[Path]:
     return [overview, *files]
 
 
+def grad_spikes(grad: Series, window: int = 5) -> list[int]:
+    """Steps whose grad_norm exceeds SPIKE_FACTOR x the median of the `window` points on each side: local, because
+    gradients shrink as the loss saturates and early, normal values would look like spikes against a global median."""
+    spikes = []
+    for i, value in enumerate(grad.values):
+        around = grad.values[max(0, i - window):i] + grad.values[i + 1:i + 1 + window]
+        if around and value > SPIKE_FACTOR * statistics.median(around):
+            spikes.append(grad.steps[i])
+    return spikes
+
+
 def read_curves(history: list[dict]) -> tuple[list[str], list[str]]:
     """(what looks right, what looks wrong), each a markdown bullet, by the reading rules in the module doc."""
     ok, bad = [], []
@@ -191,13 +202,13 @@ def read_curves(history: list[dict]) -> tuple[list[str], list[str]]:
         ok.append(f"eval log-probs (same pairs each time): chosen {logps[0].values[0]:.1f} -> "
                   f"{logps[0].values[-1]:.1f}, rejected {logps[1].values[0]:.1f} -> {logps[1].values[-1]:.1f}")
     if grad:
-        median = statistics.median(grad.values)
-        spikes = [s for s, v in zip(grad.steps, grad.values) if v > SPIKE_FACTOR * median]
+        spikes = grad_spikes(grad)
         if spikes:
-            bad.append(f"**grad_norm spikes** above {SPIKE_FACTOR:g}x its median ({median:.3g}) at step(s) "
+            bad.append(f"**grad_norm spikes** above {SPIKE_FACTOR:g}x the median of their neighbours at step(s) "
                        f"{', '.join(map(str, spikes[:10]))}: lower the learning rate or max_grad_norm")
         else:
-            ok.append(f"grad_norm steady (median {median:.3g}, max {max(grad.values):.3g})")
+            ok.append(f"grad_norm without spikes (median {statistics.median(grad.values):.3g}, "
+                      f"max {max(grad.values):.3g})")
     return ok, bad
 
 

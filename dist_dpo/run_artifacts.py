@@ -56,18 +56,16 @@ def load_recipe(path: Path) -> Recipe:
     return parse_recipe(["--config", str(path), "--resume", "never"])
 
 
-def locate(path: str | None) -> RunArtifacts:
+def locate(path: str) -> RunArtifacts:
     """Classify `path` (run dir, adapter dir or model dir); a UserError says what is missing and what to pass."""
-    if path is None:
-        raise UserError("no run given: pass a run dir (the train output_dir), an adapter dir or a model dir")
     p = Path(path).expanduser()
     if not p.exists():
-        raise UserError(f"'{path}' does not exist: pass a run dir (the train output_dir), an adapter dir or a model dir")
+        raise UserError(f"'{path}' does not exist: pass a run dir (train output_dir), an adapter dir or a model dir")
     if not p.is_dir():
         raise UserError(f"'{path}' is a file: pass the directory that holds it")
     recipe = load_recipe(p / RECIPE_FILE) if (p / RECIPE_FILE).is_file() else None
     if (p / ADAPTER_CONFIG).is_file():
-        if not (p / ADAPTER_WEIGHTS).is_file() and not (p / "adapter_model.bin").is_file():
+        if not (p / ADAPTER_WEIGHTS).is_file():
             raise UserError(f"{p} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}: the adapter save is incomplete")
         try:
             base = json.loads((p / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
@@ -141,14 +139,13 @@ def check_adapter_fits(adapter_dir: Path, model) -> None:
                     )
 
 
-def inference_dtype(name: str, device_type: str):
-    import torch
+def inference_device_dtype(dtype_name: str = "auto"):
+    """(device, dtype) for one process: the project's dtype policy (modeling.resolve_dtype) on this machine."""
+    from dist_dpo.modeling import resolve_dtype
+    from dist_dpo.runtime import resolve_runtime
 
-    if name != "auto":
-        return getattr(torch, name)
-    if device_type == "cpu":
-        return torch.float32  # CPU bf16 matmuls are slow
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    rt = resolve_runtime()
+    return rt.device_type, resolve_dtype(ModelArgs(dtype=dtype_name), rt)
 
 
 def load_base(path: str, *, dtype, device: str, load_in_4bit: bool = False, trust_remote_code: bool = False):
@@ -156,16 +153,14 @@ def load_base(path: str, *, dtype, device: str, load_in_4bit: bool = False, trus
     from transformers import AutoModelForCausalLM
 
     transformers.utils.logging.disable_progress_bar()  # a per-tensor bar on stderr, around our one-line errors
-
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
     if load_in_4bit:
         if device == "cpu":
             raise UserError("--load_in_4bit needs a CUDA GPU (bitsandbytes); drop it on CPU")
-        from transformers import BitsAndBytesConfig
+        from dist_dpo.modeling import quantization_config
+        from dist_dpo.strategies import strategy_for
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
-        )
+        kwargs["quantization_config"] = quantization_config(ModelArgs(load_in_4bit=True), strategy_for("single"), dtype)
         kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -187,14 +182,14 @@ def load_tokenizer_for(art: RunArtifacts, model_path: str):
 
 
 def load_for_inference(art: RunArtifacts, *, base: str | None = None, base_only: bool = False, dtype_name="auto",
-                       device: str = "cpu", load_in_4bit: bool = False):
+                       load_in_4bit: bool = False):
     """(model, tokenizer, description). An adapter is put on its base with peft; `base_only` leaves it off."""
     trust = bool(art.recipe and art.recipe.model.trust_remote_code)
-    dtype = inference_dtype(dtype_name, device.split(":")[0])
+    device, dtype = inference_device_dtype(dtype_name)
     if art.model_dir is not None and not base_only:
         model = load_base(str(art.model_dir), dtype=dtype, device=device, load_in_4bit=load_in_4bit,
                           trust_remote_code=trust)
-        return model, load_tokenizer_for(art, str(art.model_dir)), f"model {art.model_dir}"
+        return model, load_tokenizer_for(art, str(art.model_dir)), f"model {art.model_dir} on {device}"
     if art.adapter_dir is not None:
         path = resolve_base(art, base)
     elif base or art.trained_base:
@@ -206,15 +201,9 @@ def load_for_inference(art: RunArtifacts, *, base: str | None = None, base_only:
     model = load_base(path, dtype=dtype, device=device, load_in_4bit=load_in_4bit, trust_remote_code=trust)
     tok = load_tokenizer_for(art, path)
     if base_only or art.adapter_dir is None:
-        return model, tok, f"base {path} (no adapter)"
+        return model, tok, f"base {path} (no adapter) on {device}"
     check_adapter_fits(art.adapter_dir, model)
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(model, str(art.adapter_dir))
-    return model.eval(), tok, f"base {path} + adapter {art.adapter_dir}"
-
-
-def pick_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return model.eval(), tok, f"base {path} + adapter {art.adapter_dir} on {device}"

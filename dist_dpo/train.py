@@ -20,7 +20,7 @@ from dist_dpo.runtime import Runtime, resolve_runtime
 from dist_dpo.strategies import strategy_for
 
 EXIT_JOB_LOST = 3  # the job lost a rank or was terminated: rerun the same command to resume
-RANK0_FIRST_S = 3.0  # on a user error, the other ranks wait this long so that rank 0 prints and exits first
+RANK0_FIRST_S = 5.0  # on a user error, the longest the other ranks wait for rank 0 to print and exit first
 
 
 def run(argv: list[str]) -> int:
@@ -32,15 +32,22 @@ def run(argv: list[str]) -> int:
 
 
 def _leave_together() -> None:
-    """Every rank hits a user error together (same input, or the preflight's shared verdict); rank 0 prints it.
-    torchrun SIGTERMs the other workers as soon as ONE exits: had rank 1 exited first, rank 0 could die before its
-    line is out. So the other ranks exit a moment later, and every rank on this path ignores that SIGTERM: rank 0's
-    line is printed and all ranks exit 2."""
+    """Every rank hits a user error together (same input, or the preflight's shared verdict) and rank 0 prints it.
+    torchrun SIGTERMs the other workers as soon as ONE exits, so from here on SIGTERM is ignored: nobody is killed
+    before rank 0's line is out, and every rank exits 2. After the preflight's all_gather the ranks are in step; an
+    error found before the process group exists is not, so there the other ranks wait until the launcher's SIGTERM
+    says a worker (rank 0, normally) has exited, or RANK0_FIRST_S at most."""
     from dist_dpo.cli import _global_rank  # the rank that speaks, known even before the runtime is resolved
 
+    dist = sys.modules.get("torch.distributed")  # not imported yet: certainly no process group
+    in_step = dist is not None and dist.is_available() and dist.is_initialized()
+    if _global_rank() != 0 and not in_step:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+        try:
+            time.sleep(RANK0_FIRST_S)
+        except _Terminated:
+            pass
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if _global_rank() != 0:
-        time.sleep(RANK0_FIRST_S)
 
 
 def _train(argv: list[str]) -> int:

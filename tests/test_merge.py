@@ -80,6 +80,7 @@ def test_merge_refuses_and_writes_nothing(run, merged, tmp_path, capsys):
         ((run, "--out", tmp_path / "o3", "--base", other), "was trained on"),
         ((run, "--out", tmp_path / "o4", "--tolerance", "0"), "merge check FAILED"),
         ((run,), "the following arguments are required: --out"),
+        ((run, "--out", tmp_path / "o5", "--max_shard_size", "lots"), "is not a size"),
     ]
     for args, message in cases:
         assert cli("merge", *args) == 2, args

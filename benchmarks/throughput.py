@@ -1,0 +1,459 @@
+"""Throughput and memory, side by side in one call: the tutorial's trl recipe, the fastest plain-trl flags, dist-dpo.
+
+    python3 benchmarks/throughput.py --out $OUT          (one machine, 1-2 GPUs, ~7 minutes; table printed last)
+    python3 benchmarks/throughput.py --smoke --out /tmp/t (CPU, the built-in tiny model, ~40 s: tests/test_speed.py)
+    python3 benchmarks/throughput.py --list               (the rows; --only / --add select)
+
+Every row trains ONE epoch over the same pairs of a synthetic set (benchmarks/preference_sets.py) on a random-weight
+model of a real shape (Qwen2.5-1.5B, built on the GPU here). Plain-trl rows run benchmarks/plain_trl.py (trl + peft
+only); dist-dpo rows run the real `dist-dpo train` entrypoint. Each row is its own process, so its peak memory is its
+own. Two lanes (GPU 0, GPU 1) run the 1-GPU rows at once; the rows a ratio compares share a lane, i.e. a card.
+
+Reported per row (benchmarks/README.md explains): non-pad tokens/s and pairs/s over the epoch end to end (trainer
+construction - tokenization, any reference precompute - through the last step), the same tokens/s in steady state
+(from step 3), MFU = 6 N x tokens/s / (GPUs x 790 TFLOP/s) with N = model_zoo.param_count, and the peak
+torch.cuda.max_memory_allocated() of the busiest rank. Results: <out>/throughput.json (rows, ratios, card,
+versions, commit, command), written after every row so a cut-off call still leaves what finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import datetime
+import importlib.metadata as md
+import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PEAK_FLOPS = 790e12  # dense bf16 per H100/H200, the issue's convention
+GIB = 2**30
+
+
+@dataclass
+class Row:
+    runner: str  # trl | dist-dpo
+    recipe: str  # tutorial | best | best-precompute (trl); default | plain (dist-dpo)
+    dataset: str  # var | fixed512 | fixed2048
+    quant: str = "lora"  # lora | qlora
+    gpus: int = 1
+    batch: int = 16  # per-device pairs (dist-dpo rows; trl rows take their recipe's)
+    accum: int = 1
+    lane: int = 0
+    extra: list[str] = field(default_factory=list)  # more `dist-dpo train` options (trl rows: batch=N accum=N)
+    config: str = "ddp"  # accelerate_configs/<config>.yaml for multi-GPU rows
+    status: str = "pending"
+    result: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        who = "tutorial" if self.recipe == "tutorial" else f"trl-{self.recipe}" if self.runner == "trl" else \
+            "dist-dpo" if self.recipe == "default" else f"dist-dpo-{self.recipe}"
+        return f"{who}/{self.dataset}/{self.quant}/{self.gpus}gpu"
+
+
+def default_rows() -> list[Row]:
+    """The most informative set that fits one 9-minute call (measured on CPU, predicted for H100/H200: NOTES.md)."""
+    return [
+        # lane 0: the ratio case (1.5B / variable-length / LoRA / 1 GPU), then QLoRA
+        Row("dist-dpo", "default", "var"), Row("trl", "best", "var"), Row("trl", "tutorial", "var"),
+        Row("trl", "best-precompute", "var"),
+        Row("dist-dpo", "default", "var", "qlora"), Row("trl", "tutorial", "var", "qlora"),
+        # lane 1: fixed-length sets
+        Row("dist-dpo", "default", "fixed512", lane=1), Row("trl", "best", "fixed512", lane=1),
+        Row("trl", "tutorial", "fixed512", lane=1),
+        Row("dist-dpo", "default", "fixed2048", batch=8, accum=2, lane=1),
+        # then both GPUs: DDP scaling of the ratio case
+        Row("dist-dpo", "default", "var", gpus=2),
+    ]
+
+
+def optional_rows() -> list[Row]:
+    """Selected with --add NAME-substring: more of the matrix when a call has time for it."""
+    return [
+        Row("trl", "best", "fixed2048", lane=1, extra=["batch=4", "accum=4"]),
+        Row("dist-dpo", "plain", "var", batch=4, accum=4, extra=["--fast_path", "false", "--gradient_checkpointing",
+                                                                 "true"]),
+        Row("dist-dpo", "noshare", "var", extra=["--prefix_sharing", "false"]),
+        Row("dist-dpo", "share", "fixed512", lane=1, extra=["--prefix_sharing", "true"]),
+        Row("dist-dpo", "default", "var", "qlora", gpus=2),
+        Row("trl", "best", "var", gpus=2),
+        Row("dist-dpo", "zero2", "var", gpus=2, config="zero2"),
+        Row("dist-dpo", "tutorial-batch", "var", batch=4, accum=4),
+    ]
+
+
+# ---------------------------------------------------------------- child: one row, instrumented
+
+
+class _TokenCounter:
+    """Wraps trl's collator: counts the non-pad tokens of trl's layout that each step trains on."""
+
+    def __init__(self, base):
+        self.base, self.tokens = base, 0
+
+    def __call__(self, examples):
+        batch = self.base(examples)
+        self.tokens += int(batch["attention_mask"].sum())
+        return batch
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+
+def _instrument(spec: dict) -> None:
+    """Time every DPOTrainer the same way, whoever builds it: from construction (tokenization, any reference
+    precompute) to the end of the last step; peak memory from construction on (the weights are already there)."""
+    import torch
+    import trl
+    from transformers import TrainerCallback
+
+    original = trl.DPOTrainer.__init__
+    marks: dict = {}
+
+    class Timer(TrainerCallback):
+        def __init__(self, trainer, counter):
+            self.trainer, self.counter, self.steps = trainer, counter, []
+
+        def on_train_begin(self, args, state, control, **kw):
+            marks["train"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.steps.append((time.perf_counter() - marks["init"], self.counter.tokens))
+
+        def on_train_end(self, args, state, control, **kw):
+            cuda = torch.cuda.is_available()
+            if cuda:
+                torch.cuda.synchronize()
+            end = time.perf_counter()
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            collator = self.trainer.data_collator
+            out = {
+                "rank": rank, "init_s": marks["train"] - marks["init"], "train_s": end - marks["train"],
+                "wall_s": end - marks["init"], "steps": self.steps, "tokens": self.counter.tokens,
+                "pairs": len(self.trainer.train_dataset) if rank == 0 else 0,
+                "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB if cuda else 0.0,
+                "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else 0.0,
+                "speed_path": getattr(self.trainer, "_dd_speed_report", None),
+                "gradient_checkpointing": bool(self.trainer.args.gradient_checkpointing),
+                "layout": {"tokens_run": getattr(collator, "tokens_run", None),
+                           "tokens_real": getattr(collator, "tokens_real", None),
+                           "batches": getattr(collator, "batches", None)},
+            }
+            Path(f"{spec['result']}.rank{rank}").write_text(json.dumps(out))
+
+    def timed_init(self, *args, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        marks["init"] = time.perf_counter()
+        original(self, *args, **kwargs)
+        counter = _TokenCounter(self.data_collator)
+        self.data_collator = counter
+        self.add_callback(Timer(self, counter))
+
+    trl.DPOTrainer.__init__ = timed_init
+
+
+def run_child(spec: dict) -> int:
+    _instrument(spec)
+    if spec["runner"] == "trl":
+        import plain_trl
+
+        overrides = {}
+        for kv in spec["extra"]:  # batch=4 accum=4
+            k, v = kv.split("=")
+            overrides[{"batch": "per_device_train_batch_size", "accum": "gradient_accumulation_steps"}[k]] = int(v)
+        plain_trl.run(spec["model"], spec["data"], spec["system_prompt"], spec["recipe"], spec["quant"] == "qlora",
+                      spec["max_length"], spec["output_dir"], overrides)
+        return 0
+    from dist_dpo.cli import main
+
+    argv = ["train", "--model_name_or_path", spec["model"], "--dataset_name", spec["data"],
+            "--system_prompt", spec["system_prompt"], "--max_length", str(spec["max_length"]),
+            "--per_device_train_batch_size", str(spec["batch"]), "--gradient_accumulation_steps", str(spec["accum"]),
+            "--learning_rate", "1e-5", "--beta", "0.1", "--lora_r", "8", "--lora_alpha", "32", "--lora_dropout", "0.1",
+            "--lora_target_modules", "q_proj,v_proj", "--num_train_epochs", "1", "--eval_steps", "0",
+            "--save_steps", "1000000", "--logging_steps", "10", "--report_to", "none", "--resume", "never",
+            "--output_dir", spec["output_dir"], "--seed", "42"]
+    if spec["quant"] == "qlora":
+        argv += ["--load_in_4bit", "--optim", "paged_adamw_8bit"]
+    argv += spec["extra"]
+    return main(argv)
+
+
+# ---------------------------------------------------------------- parent: schedule, collect, report
+
+
+def environment(args) -> dict:
+    names = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "liger-kernel"]
+    versions = {}
+    for n in names:
+        try:
+            versions[n] = md.version(n)
+        except md.PackageNotFoundError:
+            versions[n] = None
+    cards = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True).stdout.strip().splitlines() if _has_nvidia_smi() else []
+    commit = args.commit or os.environ.get("GIT_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or None
+    return {"cards": cards or ["cpu"], "versions": versions, "commit": commit,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+
+
+def _has_nvidia_smi() -> bool:
+    from shutil import which
+
+    return which("nvidia-smi") is not None
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.out = Path(args.out)
+        self.work = Path(args.work)
+        self.start = time.time()
+        self.deadline = self.start + args.budget_s
+        self.lock = threading.Lock()
+        self.rows: list[Row] = []
+        self.port = iter(range(29700, 29999, 3))
+
+    def setup(self) -> None:
+        import torch
+
+        sys.path.insert(0, str(ROOT))
+        import preference_sets
+        from dist_dpo import model_zoo
+
+        self.gpus = torch.cuda.device_count()
+        self.data = {}
+        for name in sorted({r.dataset for r in self.rows}):
+            pairs = self.args.pairs.get(name) if self.args.pairs else None
+            cap = None
+            if self.args.smoke:  # CPU: a few short pairs (the tiny model runs ~1.5k tokens/s on 2 cores)
+                pairs, cap = pairs or 24, 24
+            self.data[name] = preference_sets.write_set(name, self.work / "data", pairs, cap=cap)
+        self.max_length = {n: preference_sets.SETS[n][1] for n in self.data}
+        self.system_prompt = preference_sets.system_prompt()
+        if self.args.smoke:
+            self.shape, self.model = "tiny-qwen2", str(model_zoo.ensure_builtin_model(self.work / "cache"))
+        else:
+            self.shape = self.args.shape
+            t = time.time()
+            self.model = str(model_zoo.build_random_model(self.shape, self.work / f"model-{self.shape}", seed=0,
+                                                          dtype="bfloat16", device="cuda"))
+            print(f"[{self.elapsed():5.0f}s] built {self.shape} in {time.time() - t:.0f} s", flush=True)
+        self.params = model_zoo.param_count(self.shape)
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+    def spec(self, row: Row) -> dict:
+        rd = self.work / "runs" / row.name.replace("/", "_")
+        rd.mkdir(parents=True, exist_ok=True)
+        for f in rd.glob("result.json.rank*"):
+            f.unlink()
+        return {"runner": row.runner, "recipe": row.recipe,
+                "quant": row.quant, "model": self.model, "data": str(self.data[row.dataset]),
+                "system_prompt": self.system_prompt, "max_length": self.max_length[row.dataset],
+                "batch": row.batch, "accum": row.accum, "extra": row.extra, "output_dir": str(rd / "out"),
+                "result": str(rd / "result.json"), "log": str(rd / "log.txt")}
+
+    def launch(self, row: Row, gpu_ids: list[int]) -> None:
+        spec = self.spec(row)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]), PYTHONUNBUFFERED="1",
+                   TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                   DIST_DPO_CACHE=str(self.work / "cache"))
+        if self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))
+        else:
+            env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // row.gpus)))
+        me = [str(HERE / "throughput.py"), "--child", json.dumps(spec)]
+        if row.gpus > 1:
+            config = f"accelerate_configs/{row.config if self.gpus else 'cpu'}.yaml"
+            cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", config,
+                   "--num_processes", str(row.gpus), "--main_process_port", str(next(self.port)), *me]
+        else:
+            cmd = [sys.executable, *me]
+        timeout = max(5.0, self.deadline - time.time())
+        row.status = "running"
+        t = time.time()
+        with open(spec["log"], "w") as log:
+            try:
+                rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    timeout=timeout).returncode
+            except subprocess.TimeoutExpired:
+                rc = 124
+        row.result = self.collect(row, spec, rc, time.time() - t)
+        with self.lock:
+            self.write()
+        r = row.result
+        print(f"[{self.elapsed():5.0f}s] {row.name}: {row.status}"
+              + (f" {r['tokens_per_s']:.0f} tok/s, {r['peak_mem_gib']:.2f} GiB" if row.status == "ok" else
+                 f" ({r.get('reason', '')})"), flush=True)
+
+    def collect(self, row: Row, spec: dict, rc: int, process_s: float) -> dict:
+        ranks = [json.loads(p.read_text()) for p in sorted(Path(spec["result"]).parent.glob("result.json.rank*"))]
+        if rc != 0 or not ranks:
+            row.status = "timeout" if rc == 124 else "failed"
+            tail = Path(spec["log"]).read_text(errors="replace").splitlines()[-12:] if Path(spec["log"]).is_file() \
+                else []
+            return {"rc": rc, "reason": next((ln.strip()[:200] for ln in reversed(tail) if "Error" in ln or
+                                              "error" in ln), "see log"), "log_tail": tail}
+        row.status = "ok"
+        r0 = next(r for r in ranks if r["rank"] == 0)
+        tokens = sum(r["tokens"] for r in ranks)
+        wall = r0["wall_s"]
+        steady = _steady([r["steps"] for r in ranks])
+        flops = 6 * self.params
+        return {
+            "tokens": tokens, "pairs": r0["pairs"], "epoch_wall_s": round(wall, 2), "init_s": round(r0["init_s"], 2),
+            "train_s": round(r0["train_s"], 2), "process_s": round(process_s, 1),
+            "tokens_per_s": tokens / wall, "pairs_per_s": r0["pairs"] / wall,
+            "mfu": flops * tokens / wall / (PEAK_FLOPS * row.gpus),
+            "steady_tokens_per_s": steady, "steady_mfu": flops * steady / (PEAK_FLOPS * row.gpus) if steady else None,
+            "peak_mem_gib": max(r["peak_alloc_gib"] for r in ranks),
+            "peak_reserved_gib": max(r["peak_reserved_gib"] for r in ranks),
+            "gradient_checkpointing": r0["gradient_checkpointing"], "speed_path": r0["speed_path"],
+            "layout": r0["layout"], "steps": len(r0["steps"]),
+        }
+
+    def write(self) -> None:
+        rows = []
+        for r in self.rows:
+            res = {k: v for k, v in r.result.items() if k != "log_tail"}
+            rows.append({"name": r.name, "model": self.shape, "seq_len": self.max_length.get(r.dataset),
+                         "dataset": r.dataset, "quant": r.quant, "gpus": r.gpus, "runner": r.runner,
+                         "recipe": r.recipe, "batch": r.batch if r.runner == "dist-dpo" else None,
+                         "accum": r.accum if r.runner == "dist-dpo" else None, "status": r.status,
+                         "tokens_per_s": res.pop("tokens_per_s", None), "pairs_per_s": res.pop("pairs_per_s", None),
+                         "epoch_wall_s": res.pop("epoch_wall_s", None), "mfu": res.pop("mfu", None),
+                         "peak_mem_gib": res.pop("peak_mem_gib", None), **res})
+        doc = {"what": "DPO throughput and memory: tutorial trl recipe vs best plain-trl flags vs dist-dpo "
+                       "(benchmarks/throughput.py)",
+               "command": "python3 benchmarks/throughput.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+               **self.env, "shape": self.shape, "params": self.params, "peak_flops_per_gpu": PEAK_FLOPS,
+               "mfu_formula": "6 * params * non-pad tokens/s / (gpus * 790e12)",
+               "wall_s": round(self.elapsed(), 1), "rows": rows, "ratios": ratios(rows)}
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.out / "throughput.json.tmp"
+        tmp.write_text(json.dumps(doc, indent=1, default=str))
+        tmp.rename(self.out / "throughput.json")
+
+    def run(self) -> int:
+        self.env = environment(self.args)
+        self.setup()
+        lanes = max(1, min(self.gpus, 2)) if self.gpus else 1
+        single = [r for r in self.rows if r.gpus == 1]
+        multi = [r for r in self.rows if r.gpus > 1]
+        if self.gpus and self.gpus < 2:
+            for r in multi:
+                r.status, r.result = "skipped", {"reason": "needs 2 GPUs"}
+            multi = []
+        by_lane = [[r for r in single if r.lane % lanes == i] for i in range(lanes)]
+        with cf.ThreadPoolExecutor(lanes) as pool:
+            list(pool.map(lambda i: [self.launch(r, [i]) for r in by_lane[i]], range(lanes)))
+        for r in multi:
+            self.launch(r, list(range(r.gpus)))
+        self.write()
+        print_table(json.loads((self.out / "throughput.json").read_text()))
+        return 0 if all(r.status == "ok" for r in self.rows) else 1
+
+
+def _steady(per_rank_steps: list[list]) -> float | None:
+    """Tokens/s from the end of step 2 to the end (all ranks' tokens, rank 0's clock)."""
+    steps = per_rank_steps[0]
+    if len(steps) < 4:
+        return None
+    t0, t1 = steps[1][0], steps[-1][0]
+    tokens = sum(s[-1][1] - s[1][1] for s in per_rank_steps if len(s) == len(steps))
+    return tokens / (t1 - t0) if t1 > t0 else None
+
+
+def ratios(rows: list[dict]) -> dict:
+    ok = {r["name"]: r for r in rows if r["status"] == "ok"}
+
+    def tps(name):
+        return ok[name]["tokens_per_s"] if name in ok else None
+
+    def ratio(a, b):
+        return round(a / b, 3) if a and b else None
+
+    out = {}
+    for ds in ("var", "fixed512", "fixed2048"):
+        ours = tps(f"dist-dpo/{ds}/lora/1gpu")
+        best = max([v for v in (tps(f"trl-best/{ds}/lora/1gpu"), tps(f"trl-best-precompute/{ds}/lora/1gpu")) if v],
+                   default=None)
+        case = {"vs_tutorial": ratio(ours, tps(f"tutorial/{ds}/lora/1gpu")), "vs_best_trl": ratio(ours, best)}
+        if any(case.values()):
+            out[f"{ds}/lora/1gpu"] = case
+    if "var/lora/1gpu" in out:  # the issue's headline case: 1.5B / variable-length / LoRA / 1 GPU
+        out.update(out["var/lora/1gpu"])
+    q = ratio(tps("dist-dpo/var/qlora/1gpu"), tps("tutorial/var/qlora/1gpu"))
+    if q:
+        out["qlora_vs_tutorial_qlora"] = q
+    two, one = tps("dist-dpo/var/lora/2gpu"), tps("dist-dpo/var/lora/1gpu")
+    if two and one:
+        out["ddp_scaling_2gpu"] = round(two / (2 * one), 3)
+    return out
+
+
+def print_table(doc: dict) -> None:
+    print(f"\n{doc['shape']} ({doc['params'] / 1e9:.2f}B) on {', '.join(doc['cards'])} | commit {doc['commit']}")
+    print(f"{'row':36} {'status':7} {'tok/s':>8} {'steady':>8} {'pairs/s':>8} {'epoch s':>8} {'MFU':>6} "
+          f"{'peak GiB':>8} {'ckpt':>4}")
+    def fmt(v, f):
+        return (f % v) if isinstance(v, (int, float)) else "-"
+
+    for r in doc["rows"]:
+        print(f"{r['name']:36} {r['status']:7} {fmt(r['tokens_per_s'], '%8.0f')} "
+              f"{fmt(r.get('steady_tokens_per_s'), '%8.0f')} {fmt(r['pairs_per_s'], '%8.2f')} "
+              f"{fmt(r['epoch_wall_s'], '%8.1f')} {fmt(r['mfu'] * 100 if r['mfu'] is not None else None, '%5.1f%%')} {fmt(r['peak_mem_gib'], '%8.2f')} "
+              f"{('yes' if r.get('gradient_checkpointing') else 'no') if r['status'] == 'ok' else '-':>4}"
+              + (f"  {r.get('reason', '')[:80]}" if r["status"] not in ("ok", "pending") else ""))
+    print("ratios (tokens/s, same card):", json.dumps(doc["ratios"]))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="benchmarks/results", help="where throughput.json goes")
+    p.add_argument("--work", default="/tmp/dist_dpo_throughput", help="scratch: model, data, runs, logs")
+    p.add_argument("--shape", default="qwen2.5-1.5b", help="model_zoo shape (dist-dpo build-model --list)")
+    p.add_argument("--smoke", action="store_true", help="CPU: built-in tiny model, small sets, 3 rows")
+    p.add_argument("--only", default="", help="comma-separated substrings: run only matching rows")
+    p.add_argument("--add", default="", help="comma-separated substrings of optional rows to add (--list)")
+    p.add_argument("--pairs", default="", help="pairs per set, e.g. var=512,fixed512=256")
+    p.add_argument("--budget-s", type=float, default=500, help="stop starting rows after this many seconds")
+    p.add_argument("--commit", default=None, help="git commit to record (default: $GIT_COMMIT or git rev-parse)")
+    p.add_argument("--list", action="store_true")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        return run_child(json.loads(a.child))
+    a.pairs = {k: int(v) for k, v in (kv.split("=") for kv in a.pairs.split(",") if kv)}
+    rows = default_rows()
+    if a.smoke:
+        rows = [Row("dist-dpo", "default", "var", batch=8), Row("trl", "best", "var"), Row("trl", "tutorial", "var")]
+    if a.add:
+        rows += [r for r in optional_rows() if any(k in r.name for k in a.add.split(","))]
+    if a.only:
+        rows = [r for r in rows if any(k in r.name for k in a.only.split(","))]
+    if a.list:
+        for r in default_rows() + optional_rows():
+            print(f"{r.name:40} lane {r.lane} {' '.join(r.extra)}")
+        return 0
+    bench = Bench(a)
+    bench.rows = rows
+    return bench.run()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

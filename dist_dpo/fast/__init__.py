@@ -1,0 +1,99 @@
+"""dist-dpo's speed path over trl's DPOTrainer: `apply(trainer, recipe, rt)` right after the trainer is built.
+
+Each piece computes the same loss as trl on the same pairs (tests/test_speed.py checks loss and gradients against
+trl's `_compute_loss` on one batch); what changes is how much work a step does:
+  batching.py       pairs grouped by length (less padding); one row per pair sharing the prompt when cheaper
+  head.py           trl's fused log-prob head, fed those rows, computing logging-only outputs only when asked
+  loss.py           sigmoid DPO without per-micro-step host syncs; logging extras on logging steps only
+  checkpointing.py  `gradient_checkpointing: auto`: the least recompute the memory plan says fits
+Recipe keys: fast_path, group_by_length, prefix_sharing, gradient_checkpointing (config.py documents them).
+"""
+
+from __future__ import annotations
+
+import types
+
+from dist_dpo.fast import batching, checkpointing, head, loss
+from dist_dpo.logs import get_logger
+
+
+def apply(trainer, recipe, rt) -> dict:
+    """Switch `trainer` (a trl DPOTrainer, not yet training) to dist-dpo's speed path as the recipe says.
+    Returns what was decided, also logged once by rank 0."""
+    t = recipe.train
+    from dist_dpo.strategies import strategy_for
+
+    lengths = batching.pair_lengths(trainer.train_dataset, trainer.args.max_length)
+    every, why = checkpointing.decide(trainer, recipe, rt, lengths)
+    checkpointing.apply(trainer, every, strategy_for(rt.strategy).checkpointing_reentrant)
+    report = {"checkpointing": why}
+    trainer._dd_speed_report = report  # read by benchmarks/throughput.py
+    if not t.fast_path:
+        report["fast_path"] = "off (plain trl)"
+        _log(rt, report)
+        return report
+
+    sharing = {True: "true", False: "false"}.get(t.prefix_sharing, "auto")
+    if t.group_by_length:
+        p, c, r = lengths
+        keys = [a + b + d for a, b, d in zip(p, c, r)] if sharing != "false" else \
+            [a + max(b, d) for a, b, d in zip(p, c, r)]
+        batch = trainer.args.train_batch_size * trainer.args.gradient_accumulation_steps
+        seed = trainer.args.data_seed if trainer.args.data_seed is not None else trainer.args.seed
+        original = trainer._get_train_sampler
+
+        def grouped_sampler(self, train_dataset=None):
+            ds = train_dataset if train_dataset is not None else self.train_dataset
+            if ds is None or len(ds) != len(keys):
+                return original(train_dataset)
+            return batching.length_grouped_sampler(keys, batch, seed)
+
+        trainer._get_train_sampler = types.MethodType(grouped_sampler, trainer)
+        report["batches"] = "grouped by length"
+
+    base = _head_model(trainer)
+    reason = head.unsupported_reason(base)
+    if reason:
+        report["head"] = f"trl's ({reason})"
+        _log(rt, report)
+        return report
+    state = head.HeadState(head.EXTRAS + (("log_sum_sq_probs",) if trainer.use_weighting else ()))
+    head.install(base, state)
+    if trainer.ref_model is not None:
+        head.install(trainer.ref_model, state)
+
+    sharing = sharing if head.shared_layout_ok(base) else "false"
+    trainer.data_collator = batching.SharedPromptCollator(
+        trainer.data_collator, mode=sharing, cost=batching.LayoutCost.for_config(base.config.get_text_config()))
+    report["prompt"] = {"auto": "shared by chosen and rejected when cheaper", "true": "shared by chosen and rejected",
+                        "false": "computed twice (trl's rows)"}[sharing]
+
+    lean = loss.lean_unsupported_reason(trainer)
+    if lean is None:
+        trainer._dd_pending = []
+        trainer._dd_trl_compute_loss = trainer.compute_loss
+        trainer.compute_loss = types.MethodType(loss.compute_loss, trainer)
+        trl_log = trainer.log
+
+        def log(self, logs, start_time=None):
+            if self.model.training:  # train logs are reached by every rank (the Trainer gathers the loss first)
+                loss.flush_metrics(self)
+            return trl_log(logs, start_time)
+
+        trainer.log = types.MethodType(log, trainer)
+        report["metrics"] = "on device, gathered once per log; entropy/logits/top-1 on logging steps only"
+    else:
+        report["metrics"] = f"trl's per micro-step ({lean})"
+    _log(rt, report)
+    return report
+
+
+def _head_model(trainer):
+    """The bare CausalLM trl patched its fused head onto (under PEFT, the base model)."""
+    m = trainer.model
+    return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+
+def _log(rt, report: dict) -> None:
+    if rt.is_main:
+        get_logger().info("speed path: %s", " | ".join(f"{k}: {v}" for k, v in report.items()))

@@ -1,0 +1,231 @@
+"""dist-dpo's speed path (dist_dpo/fast) computes trl's DPO loss: same batch through plain trl and through the fast
+path, same loss, same gradients, same logged metrics. Plus the pieces around it (length grouping under DDP sharding,
+per-layer checkpointing, the auto decision) and the CPU smoke run of benchmarks/throughput.py."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+KEYS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    import datasets
+    import preference_sets
+
+    rows = preference_sets.variable_rows(12, seed=3, cap=60)
+    return datasets.Dataset.from_list([preference_sets.conversational(r) for r in rows])
+
+
+def build(pairs, fast=False, prefix_sharing="auto", loss_type="sigmoid", max_length=256, lora_b_seed=1):
+    """A trl DPOTrainer on the tiny model with LoRA B set non-zero (policy != reference), optionally sped up."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from dist_dpo.model_zoo import ensure_builtin_model
+
+    path = ensure_builtin_model()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    args = DPOConfig(output_dir="/tmp/dist_dpo_test_speed", per_device_train_batch_size=6, max_length=max_length,
+                     report_to=[], use_cpu=True, logging_steps=1, gradient_checkpointing=False, loss_type=[loss_type],
+                     seed=0)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=AutoTokenizer.from_pretrained(path),
+                         peft_config=LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                                target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(lora_b_seed)
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    if fast:
+        from dist_dpo import fast as speed
+        from dist_dpo.config import Recipe
+        from dist_dpo.runtime import resolve_runtime
+
+        recipe = Recipe()
+        recipe.train.prefix_sharing = prefix_sharing
+        recipe.train.gradient_checkpointing = False
+        speed.apply(trainer, recipe, resolve_runtime(device_type="cpu"))
+    return trainer
+
+
+def step(trainer, rows):
+    """One training micro-step's loss and LoRA gradients on `rows` (a logging step)."""
+    batch = trainer.data_collator([{k: r[k] for k in KEYS} for r in rows])
+    trainer.model.train()
+    trainer.model.zero_grad()
+    trainer.state.global_step, trainer.state.logging_steps = 0, 1  # train() sets logging_steps from the args
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, batch
+
+
+def assert_same(reference, candidate, rtol=1e-4):
+    (loss_a, grads_a, _), (loss_b, grads_b, _) = reference, candidate
+    assert loss_b.item() == pytest.approx(loss_a.item(), abs=1e-5)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        scale = grads_a[name].abs().max().item() + 1e-12
+        assert (grads_a[name] - grads_b[name]).abs().max().item() / scale < rtol, name
+
+
+@pytest.mark.parametrize("prefix_sharing,max_length", [(True, 256), (False, 256), (True, 72)])
+def test_fast_path_gives_trls_loss_and_gradients(pairs, prefix_sharing, max_length):
+    plain = build(pairs, max_length=max_length)
+    rows = [plain.train_dataset[i] for i in range(min(6, len(plain.train_dataset)))]
+    assert len(rows) >= 4
+    if max_length < 256:  # truncation really happens: some answer is cut
+        assert any(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) > max_length for r in rows)
+    reference = step(plain, rows)
+    fast = build(pairs, fast=True, prefix_sharing=prefix_sharing, max_length=max_length)
+    candidate = step(fast, rows)
+    assert ("dd_input_ids" in candidate[2]) == prefix_sharing  # the layout under test really ran
+    if prefix_sharing:  # fewer decoder tokens than trl's two rows per pair
+        assert candidate[2]["dd_input_ids"].numel() < candidate[2]["input_ids"].numel()
+    assert_same(reference, candidate)
+
+
+def test_fast_path_logs_trls_metrics(pairs):
+    plain = build(pairs)
+    rows = [plain.train_dataset[i] for i in range(6)]
+    step(plain, rows)
+    expected = {k: v[-1] for k, v in plain._metrics["train"].items()}
+    fast = build(pairs, fast=True, prefix_sharing=True)
+    step(fast, rows)
+    from dist_dpo.fast.loss import flush_metrics
+
+    assert not fast._metrics["train"]  # nothing synced during the step
+    flush_metrics(fast)
+    got = {k: v[-1] for k, v in fast._metrics["train"].items()}
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert got[k] == pytest.approx(expected[k], rel=1e-4, abs=1e-5), k
+
+
+def test_non_logging_steps_skip_the_vocabulary_extras(pairs):
+    fast = build(pairs, fast=True)
+    rows = [fast.train_dataset[i] for i in range(6)]
+    fast.args.logging_steps = 10
+    fast.state.logging_steps = 10
+    batch = fast.data_collator([{k: r[k] for k in KEYS} for r in rows])
+    fast.model.train()
+    fast.state.global_step = 3  # step 4 is not logged
+    fast.compute_loss(fast.model, batch).backward()
+    from dist_dpo.fast.loss import flush_metrics
+
+    flush_metrics(fast)
+    assert "entropy" not in fast._metrics["train"] and "rewards/margins" in fast._metrics["train"]
+
+
+def test_other_loss_types_keep_trls_loss_code(pairs):
+    plain = build(pairs, loss_type="ipo")
+    rows = [plain.train_dataset[i] for i in range(6)]
+    reference = step(plain, rows)
+    fast = build(pairs, fast=True, prefix_sharing=True, loss_type="ipo")
+    assert "metrics" in fast._dd_speed_report and "trl's" in fast._dd_speed_report["metrics"]
+    assert_same(reference, step(fast, rows))
+
+
+def test_length_grouping_keeps_ranks_disjoint():
+    """Every rank builds the sampler (same seed); accelerate hands each rank every other micro-batch."""
+    import random
+
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    from dist_dpo.fast.batching import length_grouped_sampler
+
+    rng = random.Random(0)
+    lengths = [int(rng.lognormvariate(5, 0.8)) + 20 for _ in range(400)]
+    per_rank = []
+    for rank in (0, 1):
+        batches = BatchSampler(length_grouped_sampler(lengths, batch_size=8 * 2, seed=42), batch_size=8,
+                               drop_last=False)
+        per_rank.append(list(BatchSamplerShard(batches, num_processes=2, process_index=rank)))
+    seen = [i for batches in per_rank for b in batches for i in b]
+    assert sorted(seen) == list(range(400))  # disjoint and complete
+    padded = sum(len(b) * max(lengths[i] for i in b) for batches in per_rank for b in batches)
+    shuffled = list(range(400))
+    random.Random(1).shuffle(shuffled)
+    padded_random = sum(8 * max(lengths[i] for i in shuffled[k:k + 8]) for k in range(0, 400, 8))
+    assert padded < 0.7 * padded_random, (padded, padded_random)
+
+
+def test_every_nth_layer_checkpointing_survives_trls_toggle(pairs):
+    from trl.models.utils import disable_gradient_checkpointing
+
+    from dist_dpo.fast import checkpointing
+
+    trainer = build(pairs)
+    checkpointing.apply(trainer, every=2, reentrant=False)
+    layers = lambda: [m.gradient_checkpointing for m in trainer.model.modules()  # noqa: E731
+                      if type(m).__name__.endswith("DecoderLayer")]
+    assert layers() == [True, False, True, False]
+    with disable_gradient_checkpointing(trainer.model, {"use_reentrant": False}):  # what trl's eval forward does
+        assert not any(layers())
+    assert layers() == [True, False, True, False]
+    checkpointing.apply(trainer, every=0, reentrant=False)
+    assert not any(layers()) and trainer.args.gradient_checkpointing is False
+
+
+def test_auto_checkpointing_follows_the_memory_plan(pairs, monkeypatch):
+    from dist_dpo import plan
+    from dist_dpo.config import Recipe
+    from dist_dpo.fast import batching, checkpointing
+    from dist_dpo.runtime import Runtime
+
+    trainer = build(pairs)
+    rt = Runtime(rank=0, local_rank=0, world_size=1, local_world_size=1, node_rank=0, num_nodes=1, strategy="single",
+                 launcher="python", deepspeed_config=None, offload=False, device_type="cuda", hostname="h")
+    lengths = batching.pair_lengths(trainer.train_dataset, 256)
+    recipe = Recipe()
+    monkeypatch.setattr(plan, "gpu_memory_gib", lambda device=0: 80.0)
+    assert checkpointing.decide(trainer, recipe, rt, lengths)[0] == 0  # the tiny model fits: no recompute
+    monkeypatch.setattr(plan, "gpu_memory_gib", lambda device=0: 0.5)
+    every, why = checkpointing.decide(trainer, recipe, rt, lengths)
+    assert every == 1 and "even full checkpointing" in why
+    recipe.train.gradient_checkpointing = True
+    assert checkpointing.decide(trainer, recipe, rt, lengths)[0] == 1
+
+
+def test_recipe_accepts_auto_true_false():
+    from dist_dpo.config import parse_recipe
+    from dist_dpo.errors import UserError
+
+    assert parse_recipe([]).train.gradient_checkpointing == "auto"
+    assert parse_recipe(["--gradient_checkpointing", "false"]).train.gradient_checkpointing is False
+    assert parse_recipe(["--gradient_checkpointing"]).train.gradient_checkpointing is True
+    assert parse_recipe(["--prefix_sharing", "true"]).train.prefix_sharing is True
+    with pytest.raises(UserError, match="true, false or auto"):
+        parse_recipe(["--prefix_sharing", "sometimes"])
+
+
+def test_throughput_smoke_on_cpu(tmp_path):
+    """The benchmark's whole path (data, plain-trl and dist-dpo children, JSON, table) at toy scale."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--smoke", "--only", "dist-dpo,tutorial",
+                           "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "out" / "throughput.json").read_text())
+    rows = {r["name"]: r for r in doc["rows"]}
+    assert set(rows) == {"dist-dpo/var/lora/1gpu", "tutorial/var/lora/1gpu"}
+    for r in rows.values():
+        for key in ("model", "seq_len", "quant", "gpus", "tokens_per_s", "pairs_per_s", "epoch_wall_s", "mfu",
+                    "peak_mem_gib"):
+            assert r[key] is not None, key
+    assert rows["dist-dpo/var/lora/1gpu"]["tokens"] == rows["tutorial/var/lora/1gpu"]["tokens"]  # same work
+    assert doc["ratios"]["vs_tutorial"] > 0 and doc["versions"]["trl"] and doc["cards"] == ["cpu"]
+    if "fast.apply" in (ROOT / "dist_dpo" / "train.py").read_text():
+        assert rows["dist-dpo/var/lora/1gpu"]["speed_path"]
+    assert "ratios" in proc.stdout.splitlines()[-1]  # the table is printed last
