@@ -96,7 +96,12 @@ class TrainArgs:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.", min=0.0)
     optim: str = _f("adamw_torch", "Optimizer (adamw_torch, paged_adamw_8bit, adamw_torch_fused ...).")
     beta: float = _f(0.1, "DPO temperature beta: how far the policy may move from the reference.", min=0.0)
-    loss_type: str = _f("sigmoid", "DPO loss (sigmoid = the original DPO; ipo, hinge, robust ...).")
+    loss_type: str = _f(
+        "sigmoid", "DPO loss: sigmoid is the original DPO.",
+        # the branches of trl 1.16's DPOTrainer._compute_loss; checked here so a typo fails before the model loads
+        choices=("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
+                 "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft"),
+    )
     max_length: int = _f(1024, "Truncate prompt+answer to this many tokens.", min=8)
     gradient_checkpointing: bool | str = _f(
         "auto",
