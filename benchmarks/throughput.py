@@ -29,12 +29,13 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PEAK_FLOPS = 790e12  # dense bf16 per H100/H200, the issue's convention
+MULTI_GPU_RESERVE_S = 60  # a 2-GPU dist-dpo row: launcher + 2 processes + a short epoch
 GIB = 2**30
 
 
@@ -63,15 +64,15 @@ class Row:
 def default_rows() -> list[Row]:
     """The most informative set that fits one 9-minute call (measured on CPU, predicted for H100/H200: NOTES.md)."""
     return [
-        # lane 0: the ratio case (1.5B / variable-length / LoRA / 1 GPU), then QLoRA
+        # lane 0 (GPU 0): the headline ratio case, 1.5B / variable-length / LoRA / 1 GPU, then 2048 tokens (MFU)
         Row("dist-dpo", "default", "var"), Row("trl", "best", "var"), Row("trl", "tutorial", "var"),
         Row("trl", "best-precompute", "var"),
-        Row("dist-dpo", "default", "var", "qlora"), Row("trl", "tutorial", "var", "qlora"),
-        # lane 1: fixed-length sets
+        Row("dist-dpo", "default", "fixed2048", batch=8, accum=2),
+        # lane 1 (GPU 1): fixed 512-token pairs, then QLoRA
         Row("dist-dpo", "default", "fixed512", lane=1), Row("trl", "best", "fixed512", lane=1),
         Row("trl", "tutorial", "fixed512", lane=1),
-        Row("dist-dpo", "default", "fixed2048", batch=8, accum=2, lane=1),
-        # then both GPUs: DDP scaling of the ratio case
+        Row("dist-dpo", "default", "var", "qlora", lane=1), Row("trl", "tutorial", "var", "qlora", lane=1),
+        # then both GPUs: DDP scaling of the headline case
         Row("dist-dpo", "default", "var", gpus=2),
     ]
 
@@ -79,7 +80,7 @@ def default_rows() -> list[Row]:
 def optional_rows() -> list[Row]:
     """Selected with --add NAME-substring: more of the matrix when a call has time for it."""
     return [
-        Row("trl", "best", "fixed2048", lane=1, extra=["batch=4", "accum=4"]),
+        Row("trl", "best", "fixed2048", extra=["batch=4", "accum=4"]),
         Row("dist-dpo", "plain", "var", batch=4, accum=4, extra=["--fast_path", "false", "--gradient_checkpointing",
                                                                  "true"]),
         Row("dist-dpo", "noshare", "var", extra=["--prefix_sharing", "false"]),
@@ -125,6 +126,8 @@ def _instrument(spec: dict) -> None:
 
         def on_train_begin(self, args, state, control, **kw):
             marks["train"] = time.perf_counter()
+            marks["ckpt_layers"] = sum(1 for m in self.trainer.model.modules() if type(m).__name__.endswith(
+                "DecoderLayer") and getattr(m, "gradient_checkpointing", False) is True)
 
         def on_step_end(self, args, state, control, **kw):
             self.steps.append((time.perf_counter() - marks["init"], self.counter.tokens))
@@ -144,6 +147,7 @@ def _instrument(spec: dict) -> None:
                 "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else 0.0,
                 "speed_path": getattr(self.trainer, "_dd_speed_report", None),
                 "gradient_checkpointing": bool(self.trainer.args.gradient_checkpointing),
+                "ckpt_layers": marks.get("ckpt_layers"), "liger": bool(self.trainer.args.use_liger_kernel),
                 "layout": {"tokens_run": getattr(collator, "tokens_run", None),
                            "tokens_real": getattr(collator, "tokens_real", None),
                            "batches": getattr(collator, "batches", None)},
@@ -203,8 +207,13 @@ def environment(args) -> dict:
             versions[n] = None
     cards = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
                            capture_output=True, text=True).stdout.strip().splitlines() if _has_nvidia_smi() else []
-    commit = args.commit or os.environ.get("GIT_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or None
+    commit = args.commit or os.environ.get("GIT_COMMIT")
+    if not commit:
+        try:  # the device machines get a copy of the tree, maybe without .git
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                    text=True).stdout.strip() or None
+        except OSError:
+            commit = None
     return {"cards": cards or ["cpu"], "versions": versions, "commit": commit,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
 
@@ -225,6 +234,7 @@ class Bench:
         self.lock = threading.Lock()
         self.rows: list[Row] = []
         self.port = iter(range(29700, 29999, 3))
+        self._lengths: dict = {}
 
     def setup(self) -> None:
         import torch
@@ -248,8 +258,11 @@ class Bench:
         else:
             self.shape = self.args.shape
             t = time.time()
-            self.model = str(model_zoo.build_random_model(self.shape, self.work / f"model-{self.shape}", seed=0,
-                                                          dtype="bfloat16", device="cuda"))
+            self.model = str(self.work / f"model-{self.shape}")
+            # In a child process: this one never opens a CUDA context, so the lanes' GPUs stay whole
+            subprocess.run([sys.executable, "-m", "dist_dpo", "build-model", "--shape", self.shape, "--out",
+                            self.model, "--device", "cuda", "--dtype", "bfloat16", "--seed", "0"], cwd=ROOT,
+                           env=dict(os.environ, CUDA_VISIBLE_DEVICES="0", PYTHONPATH=str(ROOT)), check=True)
             print(f"[{self.elapsed():5.0f}s] built {self.shape} in {time.time() - t:.0f} s", flush=True)
         self.params = model_zoo.param_count(self.shape)
 
@@ -267,7 +280,13 @@ class Bench:
                 "batch": row.batch, "accum": row.accum, "extra": row.extra, "output_dir": str(rd / "out"),
                 "result": str(rd / "result.json"), "log": str(rd / "log.txt")}
 
-    def launch(self, row: Row, gpu_ids: list[int]) -> None:
+    def launch(self, row: Row, gpu_ids: list[int], reserve_s: float = 0.0) -> None:
+        if self.deadline - reserve_s - time.time() < 20:  # not worth starting: leave the time to what follows
+            row.status, row.result = "skipped", {"reason": f"time budget (--budget-s {self.args.budget_s:g})"}
+            with self.lock:
+                self.write()
+            print(f"[{self.elapsed():5.0f}s] {row.name}: skipped (time budget)", flush=True)
+            return
         spec = self.spec(row)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]), PYTHONUNBUFFERED="1",
                    TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
@@ -322,14 +341,52 @@ class Bench:
             "steady_tokens_per_s": steady, "steady_mfu": flops * steady / (PEAK_FLOPS * row.gpus) if steady else None,
             "peak_mem_gib": max(r["peak_alloc_gib"] for r in ranks),
             "peak_reserved_gib": max(r["peak_reserved_gib"] for r in ranks),
-            "gradient_checkpointing": r0["gradient_checkpointing"], "speed_path": r0["speed_path"],
-            "layout": r0["layout"], "steps": len(r0["steps"]),
+            "gradient_checkpointing": r0["gradient_checkpointing"], "ckpt_layers": r0["ckpt_layers"],
+            "liger": r0["liger"], "speed_path": r0["speed_path"], "layout": r0["layout"], "steps": len(r0["steps"]),
+            "planned_peak_gib": self.planned_peak(row, r0),
         }
+
+    def planned_peak(self, row: Row, r0: dict) -> float | None:
+        """dist-dpo plan's prediction for this row, to check the plan against the measured peak (target 15 %)."""
+        from dist_dpo import plan
+
+        try:
+            p, c, r = zip(*self.lengths(row.dataset))
+            _, shape = plan.load_shape(self.shape)
+            batch = {"tutorial": 4}.get(row.recipe, 16) if row.runner == "trl" else row.batch
+            for kv in row.extra:
+                if kv.startswith("batch="):
+                    batch = int(kv.split("=")[1])
+            layers = r0["ckpt_layers"] or 0
+            every = 0 if not layers else max(1, round(shape.layers / layers))
+            shared = bool((r0["layout"].get("batches") or {}).get("shared"))
+            widths = [a + b + d for a, b, d in zip(p, c, r)] if shared else [a + max(b, d) for a, b, d in zip(p, c, r)]
+            width = max(widths)
+            job = plan.Job(shape, "ddp" if row.gpus > 1 else "single", "4bit" if row.quant == "qlora" else "none",
+                           gpus=row.gpus, pairs=batch, seq_len=-(-width // 16) * 16 if shared else width,
+                           rows_per_pair=1 if shared else 2, completion_frac=(sum(c) + sum(r)) / (
+                               sum(widths) * (1 if shared else 2)), checkpoint_every=every,
+                           prepare_kbit=row.quant == "qlora" and row.runner == "dist-dpo",
+                           paged_optimizer=row.quant == "qlora", liger=r0["liger"],
+                           masked_attention=shared or len(set(widths)) > 1, shared_mask=shared)
+            return round(plan.estimate(job)["peak"], 3)
+        except Exception as e:  # a prediction must never cost a measured row
+            print(f"plan for {row.name} failed: {e!r}", flush=True)
+            return None
+
+    def lengths(self, dataset: str) -> list[tuple[int, int, int]]:
+        if dataset not in self._lengths:
+            import preference_sets
+
+            cap = self.max_length[dataset]
+            rows = [preference_sets.token_lengths(x) for x in preference_sets.read_rows(self.data[dataset])]
+            self._lengths[dataset] = [(p, min(c, cap - p), min(r, cap - p)) for p, c, r in rows]
+        return self._lengths[dataset]
 
     def write(self) -> None:
         rows = []
         for r in self.rows:
-            res = {k: v for k, v in r.result.items() if k != "log_tail"}
+            res = dict(r.result)
             rows.append({"name": r.name, "model": self.shape, "seq_len": self.max_length.get(r.dataset),
                          "dataset": r.dataset, "quant": r.quant, "gpus": r.gpus, "runner": r.runner,
                          "recipe": r.recipe, "batch": r.batch if r.runner == "dist-dpo" else None,
@@ -342,11 +399,22 @@ class Bench:
                "command": "python3 benchmarks/throughput.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
                **self.env, "shape": self.shape, "params": self.params, "peak_flops_per_gpu": PEAK_FLOPS,
                "mfu_formula": "6 * params * non-pad tokens/s / (gpus * 790e12)",
-               "wall_s": round(self.elapsed(), 1), "rows": rows, "ratios": ratios(rows)}
+               "wall_s": round(self.elapsed(), 1), "rows": rows, "ratios": ratios(rows),
+               "plan_vs_measured_peak": plan_check(rows)}
         self.out.mkdir(parents=True, exist_ok=True)
         tmp = self.out / "throughput.json.tmp"
         tmp.write_text(json.dumps(doc, indent=1, default=str))
         tmp.rename(self.out / "throughput.json")
+
+    def write_logs(self, lines: int = 60) -> None:
+        """The end of every row's log in one file next to the JSON (a device call returns a few files only)."""
+        parts = []
+        for r in self.rows:
+            log = self.work / "runs" / r.name.replace("/", "_") / "log.txt"
+            if log.is_file():
+                tail = log.read_text(errors="replace").splitlines()[-lines:]
+                parts.append(f"===== {r.name} ({r.status})\n" + "\n".join(tail))
+        (self.out / "throughput_logs.txt").write_text("\n\n".join(parts) + "\n")
 
     def run(self) -> int:
         self.env = environment(self.args)
@@ -360,10 +428,12 @@ class Bench:
             multi = []
         by_lane = [[r for r in single if r.lane % lanes == i] for i in range(lanes)]
         with cf.ThreadPoolExecutor(lanes) as pool:
-            list(pool.map(lambda i: [self.launch(r, [i]) for r in by_lane[i]], range(lanes)))
+            reserve = MULTI_GPU_RESERVE_S * len(multi)  # the 2-GPU rows come last and need this much
+            list(pool.map(lambda i: [self.launch(r, [i], reserve) for r in by_lane[i]], range(lanes)))
         for r in multi:
             self.launch(r, list(range(r.gpus)))
         self.write()
+        self.write_logs()
         print_table(json.loads((self.out / "throughput.json").read_text()))
         return 0 if all(r.status == "ok" for r in self.rows) else 1
 
@@ -381,8 +451,8 @@ def _steady(per_rank_steps: list[list]) -> float | None:
 def ratios(rows: list[dict]) -> dict:
     ok = {r["name"]: r for r in rows if r["status"] == "ok"}
 
-    def tps(name):
-        return ok[name]["tokens_per_s"] if name in ok else None
+    def tps(name, key="tokens_per_s"):
+        return ok[name][key] if name in ok else None
 
     def ratio(a, b):
         return round(a / b, 3) if a and b else None
@@ -400,16 +470,23 @@ def ratios(rows: list[dict]) -> dict:
     q = ratio(tps("dist-dpo/var/qlora/1gpu"), tps("tutorial/var/qlora/1gpu"))
     if q:
         out["qlora_vs_tutorial_qlora"] = q
-    two, one = tps("dist-dpo/var/lora/2gpu"), tps("dist-dpo/var/lora/1gpu")
-    if two and one:
-        out["ddp_scaling_2gpu"] = round(two / (2 * one), 3)
+    for key, label in (("tokens_per_s", "ddp_scaling_2gpu"), ("steady_tokens_per_s", "ddp_scaling_2gpu_steady")):
+        two, one = tps("dist-dpo/var/lora/2gpu", key), tps("dist-dpo/var/lora/1gpu", key)
+        if two and one:
+            out[label] = round(two / (2 * one), 3)
     return out
+
+
+def plan_check(rows: list[dict]) -> list[dict]:
+    return [{"name": r["name"], "measured_gib": round(r["peak_mem_gib"], 3), "planned_gib": r["planned_peak_gib"],
+             "error": round(r["planned_peak_gib"] / r["peak_mem_gib"] - 1, 3)}
+            for r in rows if r["status"] == "ok" and r.get("planned_peak_gib") and r.get("peak_mem_gib")]
 
 
 def print_table(doc: dict) -> None:
     print(f"\n{doc['shape']} ({doc['params'] / 1e9:.2f}B) on {', '.join(doc['cards'])} | commit {doc['commit']}")
     print(f"{'row':36} {'status':7} {'tok/s':>8} {'steady':>8} {'pairs/s':>8} {'epoch s':>8} {'MFU':>6} "
-          f"{'peak GiB':>8} {'ckpt':>4}")
+          f"{'peak GiB':>8} {'plan':>6} {'ckpt':>4}")  # ckpt: decoder layers checkpointed
     def fmt(v, f):
         return (f % v) if isinstance(v, (int, float)) else "-"
 
@@ -417,7 +494,8 @@ def print_table(doc: dict) -> None:
         print(f"{r['name']:36} {r['status']:7} {fmt(r['tokens_per_s'], '%8.0f')} "
               f"{fmt(r.get('steady_tokens_per_s'), '%8.0f')} {fmt(r['pairs_per_s'], '%8.2f')} "
               f"{fmt(r['epoch_wall_s'], '%8.1f')} {fmt(r['mfu'] * 100 if r['mfu'] is not None else None, '%5.1f%%')} {fmt(r['peak_mem_gib'], '%8.2f')} "
-              f"{('yes' if r.get('gradient_checkpointing') else 'no') if r['status'] == 'ok' else '-':>4}"
+              f"{fmt(r.get('planned_peak_gib'), '%6.2f')} "
+              f"{r.get('ckpt_layers') if r['status'] == 'ok' else '-':>4}"
               + (f"  {r.get('reason', '')[:80]}" if r["status"] not in ("ok", "pending") else ""))
     print("ratios (tokens/s, same card):", json.dumps(doc["ratios"]))
 
@@ -431,7 +509,8 @@ def main() -> int:
     p.add_argument("--only", default="", help="comma-separated substrings: run only matching rows")
     p.add_argument("--add", default="", help="comma-separated substrings of optional rows to add (--list)")
     p.add_argument("--pairs", default="", help="pairs per set, e.g. var=512,fixed512=256")
-    p.add_argument("--budget-s", type=float, default=500, help="stop starting rows after this many seconds")
+    p.add_argument("--budget-s", type=float, default=450,
+                   help="seconds for the whole run (rows are cut at the end; rows that cannot start are skipped)")
     p.add_argument("--commit", default=None, help="git commit to record (default: $GIT_COMMIT or git rev-parse)")
     p.add_argument("--list", action="store_true")
     p.add_argument("--child", help=argparse.SUPPRESS)

@@ -200,7 +200,7 @@ def _convert(key: str, value: Any, where: str) -> Any:
     if f.metadata.get("bool_or_auto"):  # true, false or auto (YAML may give a bool or a string)
         word = str(value).strip().lower()
         if word not in ("true", "false", "auto"):
-            raise UserError(bad + f"must be true, false or auto, got {value!r}")
+            raise UserError(bad + f"must be true or false (or auto), got {value!r}")
         return "auto" if word == "auto" else word == "true"
     if isinstance(value, str) and base is not str:
         if value.strip().lower() in ("none", "null", "~") and optional:

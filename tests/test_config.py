@@ -47,7 +47,7 @@ def test_flat_yaml_is_accepted(tmp_path):
         ("train:\n  learning_rate: -1\n", [], "'learning_rate' must be >= 0.0"),
         ("lora:\n  lora_r: 0\n", [], "'lora_r' must be >= 1"),
         ("model:\n  dtype: fp8\n", [], "'dtype' must be one of auto, bfloat16, float16, float32"),
-        ("train:\n  gradient_checkpointing: maybe\n", [], "must be true or false"),
+        ("model:\n  trust_remote_code: maybe\n", [], "must be true or false"),
         ("[1, 2]\n", [], "must be a mapping of sections"),
         ("train: [\n", [], "is not valid YAML"),
         ("", ["--max_stepz", "3"], "unknown option '--max_stepz'; did you mean 'max_steps'"),

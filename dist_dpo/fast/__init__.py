@@ -6,7 +6,8 @@ trl's `_compute_loss` on one batch); what changes is how much work a step does:
   head.py           trl's fused log-prob head, fed those rows, computing logging-only outputs only when asked
   loss.py           sigmoid DPO without per-micro-step host syncs; logging extras on logging steps only
   checkpointing.py  `gradient_checkpointing: auto`: the least recompute the memory plan says fits
-Recipe keys: fast_path, group_by_length, prefix_sharing, gradient_checkpointing (config.py documents them).
+Recipe keys: fast_path, group_by_length, prefix_sharing, gradient_checkpointing (config.py documents them);
+liger_kernels is a DPOConfig flag (dpo_args.py).
 """
 
 from __future__ import annotations
@@ -20,9 +21,15 @@ from dist_dpo.logs import get_logger
 def apply(trainer, recipe, rt) -> dict:
     """Switch `trainer` (a trl DPOTrainer, not yet training) to dist-dpo's speed path as the recipe says.
     Returns what was decided, also logged once by rank 0."""
-    t = recipe.train
+    import datasets
+
     from dist_dpo.strategies import strategy_for
 
+    t = recipe.train
+    if not isinstance(trainer.train_dataset, datasets.Dataset):  # streaming: no lengths to plan or group by
+        report = {"speed path": "off (streaming dataset)"}
+        _log(rt, report)
+        return report
     lengths = batching.pair_lengths(trainer.train_dataset, trainer.args.max_length)
     every, why = checkpointing.decide(trainer, recipe, rt, lengths)
     checkpointing.apply(trainer, every, strategy_for(rt.strategy).checkpointing_reentrant)
@@ -59,8 +66,8 @@ def apply(trainer, recipe, rt) -> dict:
         return report
     state = head.HeadState(head.EXTRAS + (("log_sum_sq_probs",) if trainer.use_weighting else ()))
     head.install(base, state)
-    if trainer.ref_model is not None:
-        head.install(trainer.ref_model, state)
+    if trainer.ref_model is not None:  # full fine-tuning; already wrapped for inference (a DeepSpeed engine: .module)
+        head.install(getattr(trainer.ref_model, "module", trainer.ref_model), state)
 
     sharing = sharing if head.shared_layout_ok(base) else "false"
     trainer.data_collator = batching.SharedPromptCollator(

@@ -24,13 +24,19 @@ MASKED_ATTENTION_PENALTY = 2.0
 
 def pair_lengths(dataset, max_length: int | None) -> tuple[list[int], list[int], list[int]]:
     """(prompt, chosen, rejected) token counts per row after trl's keep_start truncation."""
+    import pyarrow.compute as pc
+
     cap = max_length or 10**9
     p, c, r = [], [], []
-    for prompt, chosen, rejected in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]):
-        n = min(len(prompt), cap)
-        p.append(n)
-        c.append(min(len(chosen), cap - n))
-        r.append(min(len(rejected), cap - n))
+    columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
+    # Arrow lengths, batch by batch: a Python list per row would cost gigabytes on a large set
+    for batch in dataset.select_columns(columns).with_format("arrow").iter(batch_size=50_000):
+        prompt, chosen, rejected = (pc.list_value_length(batch[k]).to_pylist() for k in columns)
+        for n_p, n_c, n_r in zip(prompt, chosen, rejected):
+            n_p = min(n_p, cap)
+            p.append(n_p)
+            c.append(min(n_c, cap - n_p))
+            r.append(min(n_r, cap - n_p))
     return p, c, r
 
 
@@ -79,39 +85,41 @@ class SharedPromptCollator:
         batch = self.base(examples)
         real = int(batch["attention_mask"].sum())
         self.tokens_real += real
-        shared = self._shared_rows(examples) if self.mode != "false" else None
-        if shared is not None and self.mode == "auto":
-            rows, width = batch["input_ids"].shape
-            padded = real < rows * width
-            if self.cost.shared_layout(shared["dd_input_ids"].size(0), shared["dd_input_ids"].size(1)) >= \
-                    self.cost.pairs_layout(rows, width, padded):
-                shared = None
-        if shared is None:
+        if not self._share(examples, batch, real):
             self.tokens_run += batch["input_ids"].numel()
             self.batches["pairs"] += 1
             return batch
+        shared = self._shared_rows(examples, width_out=batch["input_ids"].size(1) - 1)
         self.tokens_run += shared["dd_input_ids"].numel()
         self.batches["shared"] += 1
         batch.update(shared)
         return batch
 
-    def _shared_rows(self, examples: list[dict]) -> dict | None:
-        if self.base.truncation_mode != "keep_start":  # keep_end cuts chosen and rejected prompts differently
-            return None
+    def _truncated(self, e: dict) -> tuple[list, list, list]:
         cap = self.base.max_length or 10**9
-        width_out = max(min(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])), cap)
-                        for e in examples) - 1  # trl's padded width, shifted
-        if self.base.pad_to_multiple_of:
-            return None  # trl's width would differ from the one computed above; keep its layout
+        p = e["prompt_ids"][:cap]
+        return p, e["chosen_ids"][: cap - len(p)], e["rejected_ids"][: cap - len(p)]
+
+    def _share(self, examples: list[dict], batch: dict, real: int) -> bool:
+        if self.mode == "false" or self.base.truncation_mode != "keep_start" or self.base.pad_to_multiple_of:
+            return False  # keep_end cuts chosen's and rejected's prompts differently; padding rules are trl's
+        lengths = [tuple(map(len, self._truncated(e))) for e in examples]
+        if any(p == 0 for p, _, _ in lengths):  # trl scores no first answer token without a prompt
+            return False
+        if self.mode == "true":
+            return True
+        rows, width = batch["input_ids"].shape
+        shared_width = -(-max(sum(x) for x in lengths) // PAD_MULTIPLE) * PAD_MULTIPLE
+        return self.cost.shared_layout(len(examples), shared_width) < self.cost.pairs_layout(rows, width,
+                                                                                              real < rows * width)
+
+    def _shared_rows(self, examples: list[dict], width_out: int) -> dict:
+        """`width_out`: trl's padded width minus one, the width of its per-token log-prob layout."""
         pairs = len(examples)
         seqs, positions, segments, pred, targets, place = [], [], [], [], [], []
         for i, e in enumerate(examples):
-            p = e["prompt_ids"][:cap]
-            c = e["chosen_ids"][: cap - len(p)]
-            r = e["rejected_ids"][: cap - len(p)]
+            p, c, r = self._truncated(e)
             n_p, n_c, n_r = len(p), len(c), len(r)
-            if n_p == 0:  # trl cannot score an answer's first token without a prompt; keep its layout
-                return None
             seqs.append(p + c + r)
             positions.append(list(range(n_p + n_c)) + list(range(n_p, n_p + n_r)))
             segments.append([0] * n_p + [1] * n_c + [2] * n_r)

@@ -82,9 +82,15 @@ def _dpo_forward(model, labels, layout: dict, extras: tuple[str, ...], kwargs: d
         place = scored.reshape(-1).nonzero().squeeze(-1)
     values = _log_probs(model, hidden, targets, ("log_probs", *extras))
     out = {}
+    place = place.to(values[0].device)
     for name, v in zip(("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"), values):
-        if v is not None:  # scatter back into trl's [rows, width - 1]; index_copy keeps the gradient path
-            out[name] = v.new_zeros(rows * (width - 1)).index_copy(0, place.to(v.device), v).view(rows, width - 1)
+        if v is None:
+            continue
+        flags = v.dtype == torch.bool
+        v = v.to(torch.uint8) if flags else v
+        # back into trl's [rows, width - 1] layout; the out-of-place index_copy keeps the gradient path
+        v = v.new_zeros(rows * (width - 1)).index_copy(0, place, v).view(rows, width - 1)
+        out[name] = v.bool() if flags else v
     out["label_mask"] = labels[:, 1:] != -100
     return FusedCausalLMOutput(**out)
 
