@@ -250,12 +250,11 @@ class Row:
 
 
 def plan_rows(job: Job, strategies: list[str], gpu_mem_gib: float, checkpointing: str = "auto") -> list[Row]:
-    from dist_dpo.strategies import strategy_for
 
     rows = []
     for name in strategies:
-        base = replace(job, strategy=name, prepare_kbit=job.quant == "4bit" and strategy_for(
-            "zero3" if name == "zero3_offload" else name).prepare_kbit)
+        # modeling.py runs prepare_model_for_kbit_training (fp32 upcast) only for fp16-compute cards; plans are bf16
+        base = replace(job, strategy=name, prepare_kbit=False)
         if checkpointing == "auto":
             chosen = least_checkpointing(base, gpu_mem_gib) or replace(base, checkpoint_every=1)
         else:

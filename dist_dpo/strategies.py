@@ -22,8 +22,9 @@ class Strategy:
     # Gradient checkpointing reentrancy. Non-reentrant works with DDP and is the PyTorch recommendation; PEFT+ZeRO-3
     # needs reentrant (trl#2514; trl forces it and warns, so we set it up front).
     checkpointing_reentrant: bool
-    # peft.prepare_model_for_kbit_training upcasts every non-quantized parameter to fp32. Under FSDP/ZeRO-3 that
-    # mixes dtypes inside flat parameters (crash or 2x memory), so it is skipped there.
+    # Whether peft.prepare_model_for_kbit_training MAY run (modeling.py runs it only for fp16 compute). It upcasts
+    # every non-quantized parameter to fp32; under FSDP/ZeRO-3 that mixes dtypes inside flat parameters (crash or
+    # 2x memory), so never there.
     prepare_kbit: bool
     # DDP only: all LoRA params get gradients, so the unused-parameter search is pure overhead (and fails with
     # reentrant checkpointing).
@@ -48,7 +49,7 @@ STRATEGY_TABLE: dict[str, Strategy] = {
         quant_device_map="local_rank",  # GPU 0 of this process (or cpu)
         bnb_4bit_quant_storage="uint8",  # bitsandbytes default; nothing is sharded
         checkpointing_reentrant=False,  # recommended by PyTorch; no wrapper constraints
-        prepare_kbit=True,  # fp32 norms/head for stable QLoRA (the QLoRA paper's recipe)
+        prepare_kbit=True,  # fp32 norms/head keep fp16 QLoRA stable (the QLoRA paper's recipe)
         ddp_find_unused_parameters=None,  # not DDP
         adapter_save="rank0",
         runs_on_cpu=True,

@@ -73,9 +73,11 @@ def test_least_checkpointing_that_fits():
 
 def test_recommends_the_fastest_strategy_that_fits():
     job = plan.Job(plan.load_shape("qwen2.5-7b")[1], quant="4bit", gpus=2, pairs=4, seq_len=1024)
-    rows = plan.plan_rows(job, list(plan.STRATEGIES), gpu_mem_gib=12)
+    best = plan.recommend(plan.plan_rows(job, list(plan.STRATEGIES), gpu_mem_gib=12))
+    assert best is not None and best.job.strategy == "ddp"  # 7B QLoRA, bf16 embeddings: a 4-bit replica fits 12 GB
+    rows = plan.plan_rows(job, list(plan.STRATEGIES), gpu_mem_gib=9)
     best = plan.recommend(rows)
-    assert best is not None and best.fits and best.job.strategy in ("fsdp", "zero3")  # 7B QLoRA on 12 GB cards
+    assert best is not None and best.fits and best.job.strategy in ("fsdp", "zero3")  # 9 GB: shard or nothing
     assert not any(r.fits for r in rows if r.job.strategy == "ddp")  # a whole replica does not fit
     roomy = plan.recommend(plan.plan_rows(replace(job, quant="none"), list(plan.STRATEGIES), gpu_mem_gib=80))
     assert roomy.job.strategy == "ddp"
