@@ -8,4 +8,5 @@ export CUDA_VISIBLE_DEVICES="" # the same CPU run on a GPU machine too (for GPUs
 # shellcheck source-path=SCRIPTDIR source=env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
+preflight --config recipes/demo.yaml "$@"
 run "${ACCELERATE[@]}" launch --config_file accelerate_configs/cpu.yaml -m dist_dpo train --config recipes/demo.yaml "$@"

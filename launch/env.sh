@@ -72,6 +72,15 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
 export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"
 
 # Print the command, then become it (signals such as Ctrl-C reach the launcher directly).
+# One process checks the recipe, data, tokenizer and model config before the launcher starts N of them: a mistake
+# is then one line and exit 2, instead of that line followed by the launcher's own failure report (torchrun adds a
+# traceback and exit 1). What only the real job can see (its strategy, world size) is checked again inside it.
+# PREFLIGHT=0 skips this (it costs one Python start-up, ~10 s).
+preflight() {
+  [[ "${PREFLIGHT:-1}" == 0 || -n "${DRY_RUN:-}" ]] && return 0
+  "$PYTHON" -m dist_dpo train --dry_run "$@" || exit $?
+}
+
 run() {
   echo "+ $*" >&2
   [[ -z "${DRY_RUN:-}" ]] || exit 0
