@@ -27,6 +27,8 @@ import json
 import os
 import platform
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -37,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STEPS = 8
 PER_DEVICE = 8
 GLOBAL_BATCH = 16
+CELL_TIMEOUT_S = 240  # a cell takes 40-75 s on H200s; past this it hangs (DIST_DPO_STACKS_AFTER_S shows where)
 
 
 @dataclass
@@ -91,6 +94,7 @@ def launch(cell: Cell, model: Path, work: Path, gpu_ids: list[int], port: int) -
     log = work / "logs" / f"{cell.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHON=sys.executable, NGPUS=str(cell.gpus), MASTER_PORT=str(port),
+               DIST_DPO_STACKS_AFTER_S=str(CELL_TIMEOUT_S - 30), PREFLIGHT="0",
                CUDA_VISIBLE_DEVICES=",".join(map(str, gpu_ids)), PYTHONUNBUFFERED="1")
     args = train_args(cell, model, out)
     recipe = "recipes/demo.yaml"
@@ -114,7 +118,8 @@ def launch(cell: Cell, model: Path, work: Path, gpu_ids: list[int], port: int) -
     start = time.time()
     if len(cmds) == 1:
         with open(log, "w") as f:
-            rc = subprocess.run(cmds[0], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=420).returncode
+            rc = _wait_or_kill(subprocess.Popen(cmds[0], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                                start_new_session=True))
         logs = [log]
     else:
         procs, logs = [], []
@@ -124,16 +129,22 @@ def launch(cell: Cell, model: Path, work: Path, gpu_ids: list[int], port: int) -
             node_log = log.with_suffix(f".node{node}.log")
             logs.append(node_log)
             procs.append(subprocess.Popen(cmd, cwd=ROOT, env=node_env, stdout=open(node_log, "w"),
-                                          stderr=subprocess.STDOUT))
+                                          stderr=subprocess.STDOUT, start_new_session=True))
         rc = 0
         for p in procs:
-            try:
-                rc = rc or p.wait(timeout=420)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                rc = 124
+            rc = _wait_or_kill(p) or rc
     return {"rc": rc, "wall_s": round(time.time() - start, 1), "out": str(out), "logs": [str(p) for p in logs],
             "command": " ".join(shlex.quote(c) for c in cmds[0])}
+
+
+def _wait_or_kill(proc: subprocess.Popen) -> int:
+    """A hung cell is killed with its whole process tree (launcher, agents, ranks): the GPUs must be free again."""
+    try:
+        return proc.wait(timeout=CELL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return 124
 
 
 def read_run(cell: Cell) -> None:
@@ -235,6 +246,8 @@ def run_matrix(args) -> dict:
     ngpu = torch.cuda.device_count()
     assert ngpu >= 2, "the matrix needs at least 2 GPUs"
     work = Path(args.work).resolve()
+    for stale in ("runs", "logs", "checks"):  # a warm machine keeps /tmp: old runs would be refused as finished
+        shutil.rmtree(work / stale, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     model = work / "model"
     t0 = time.time()
