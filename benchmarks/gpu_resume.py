@@ -1,0 +1,132 @@
+"""Kill-and-resume on GPUs (issue 5): DDP and ZeRO-3, both with QLoRA, through launch/accelerate.sh.
+
+    python3 benchmarks/gpu_resume.py --out benchmarks/results      (>= 2 GPUs; 4 run both strategies at once)
+
+Per strategy: (1) 8 steps straight; (2) the same run, rank 1 SIGKILLed right after checkpoint-4 is published:
+every process of the job must be gone within 60 s; (3) the same command again in that dir: it must resume from
+checkpoint-4 and log steps 5-8 with the straight run's losses. GPU kernels are not bitwise deterministic, so the
+comparison reports the max difference next to the tolerance of the matrix (3 x layout noise, floor 2e-3); the
+bitwise check is the CPU test (tests/test_faults.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_matrix import ROOT, environment  # noqa: E402  (one place for card/versions/commit)
+
+TOLERANCE = 2e-3
+ARGS = ["--max_steps", "8", "--save_steps", "4", "--logging_steps", "1", "--eval_steps", "0", "--load_in_4bit",
+        "--lora_dropout", "0.1", "--dpo_extra", "{disable_dropout: false}", "--lr_scheduler_type", "linear",
+        "--warmup_ratio", "0.25", "--learning_rate", "2e-4", "--max_length", "512", "--report_to", "none",
+        "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1", "--collective_timeout_s", "60"]
+
+
+def cmd(strategy: str, model: Path, out: Path) -> list[str]:
+    return ["bash", "launch/accelerate.sh", strategy, "recipes/demo.yaml", "--model_name_or_path", str(model),
+            "--output_dir", str(out), *ARGS]
+
+
+def losses(out: Path) -> dict[int, float]:
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+def alive(pid: int) -> bool:
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+def one_strategy(strategy: str, model: Path, work: Path, gpus: str, port: int) -> dict:
+    env = dict(os.environ, NGPUS="2", CUDA_VISIBLE_DEVICES=gpus, MASTER_PORT=str(port), PYTHON=sys.executable,
+               PREFLIGHT="0", DIST_DPO_STACKS_AFTER_S="200")
+    res: dict = {"strategy": strategy, "quant": "qlora", "gpus": gpus}
+    straight, killed = work / f"{strategy}-straight", work / f"{strategy}-killed"
+    with open(work / f"{strategy}-straight.log", "w") as f:
+        rc = subprocess.run(cmd(strategy, model, straight), cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                            timeout=300).returncode
+    if rc != 0:
+        return {**res, "status": "failed", "reason": f"straight run exit {rc}"}
+    log = open(work / f"{strategy}-killed.log", "w")
+    job = subprocess.Popen(cmd(strategy, model, killed), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                           start_new_session=True)
+    marker = killed / "checkpoint-4" / "dist_dpo_checkpoint.json"
+    deadline = time.monotonic() + 300
+    while not marker.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not marker.exists():
+        os.killpg(job.pid, signal.SIGKILL)
+        return {**res, "status": "failed", "reason": "checkpoint-4 never appeared"}
+    pids = [int(re.search(rf"rank {r} of 2 .*\| pid (\d+)", (killed / "logs" / f"rank{r}.log").read_text())[1])
+            for r in (0, 1)]
+    os.kill(pids[1], signal.SIGKILL)
+    start = time.monotonic()
+    try:
+        job.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+    while any(alive(p) for p in pids) and time.monotonic() - start < 90:
+        time.sleep(0.1)
+    res["exit_after_kill_s"] = round(time.monotonic() - start, 1)
+    res["job_exit_code"] = job.returncode
+    text = (work / f"{strategy}-killed.log").read_text(errors="replace")
+    res["rank0_line"] = next((ln for ln in text.splitlines() if "dist-dpo: rank 0:" in ln), None)
+    with open(work / f"{strategy}-resumed.log", "w") as f:
+        rc = subprocess.run(cmd(strategy, model, killed), cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                            timeout=300).returncode
+    if rc != 0:
+        return {**res, "status": "failed", "reason": f"resumed run exit {rc}"}
+    a, b = losses(straight), losses(killed)
+    res["straight_losses"], res["resumed_losses"] = a, b
+    res["max_loss_diff_steps_5_8"] = max(abs(a[s] - b[s]) for s in range(5, 9))
+    said = re.search(r"resuming from (\S+)", (work / f"{strategy}-resumed.log").read_text(errors="replace"))
+    res["resumed_from"] = Path(said[1]).name if said else None
+    ok = (res["exit_after_kill_s"] <= 60 and res["resumed_from"] == "checkpoint-4"
+          and res["max_loss_diff_steps_5_8"] <= TOLERANCE)
+    return {**res, "status": "ok" if ok else "failed", "tolerance": TOLERANCE}
+
+
+def main() -> int:
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--work", default="/tmp/dist_dpo_resume")
+    p.add_argument("--shape", default="qwen2.5-0.5b")
+    a = p.parse_args()
+    work = Path(a.work)
+    subprocess.run(["rm", "-rf", str(work)], check=True)
+    work.mkdir(parents=True)
+    model = work / "model"
+    subprocess.run([sys.executable, "-m", "dist_dpo", "build-model", "--shape", a.shape, "--out", str(model),
+                    "--device", "cuda", "--dtype", "bfloat16"], cwd=ROOT, check=True)
+    lanes = ["0,1", "2,3"] if torch.cuda.device_count() >= 4 else ["0,1", "0,1"]
+    with cf.ThreadPoolExecutor(2 if lanes[0] != lanes[1] else 1) as pool:
+        rows = list(pool.map(lambda i: one_strategy(["ddp", "zero3"][i], model, work, lanes[i], 29800 + 17 * i),
+                             range(2)))
+    doc = {"what": "kill -9 one rank after checkpoint-4, then resume (benchmarks/gpu_resume.py)",
+           "command": "python3 benchmarks/gpu_resume.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
+           "environment": environment(), "shape": a.shape, "rows": rows}
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    (Path(a.out) / "gpu_resume.json").write_text(json.dumps(doc, indent=1, default=str))
+    for r in rows:
+        print(f"{r['strategy']:6} {r['status']:7} exit after kill {r.get('exit_after_kill_s')} s | "
+              f"max |loss diff| steps 5-8 {r.get('max_loss_diff_steps_5_8')} | {r.get('reason', '')}")
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
