@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import datetime
 import hashlib
 import json
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -35,7 +33,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_env import ROOT, environment  # noqa: E402
 STEPS = 8
 PER_DEVICE = 8
 GLOBAL_BATCH = 16
@@ -283,20 +282,6 @@ def run_matrix(args) -> dict:
         list(pool.map(lambda ic: check_adapter(ic[1], model, work, ic[0] % ngpu), enumerate(all_cells.values())))
     tol = agreement(all_cells)
     return {"cells": all_cells, "tolerance": tol, "wall_s": round(time.time() - t0, 1), "model": str(model)}
-
-
-def environment() -> dict:
-    import importlib.metadata as md
-
-    import torch
-
-    names = ["torch", "transformers", "accelerate", "peft", "trl", "datasets", "deepspeed", "bitsandbytes"]
-    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                         capture_output=True, text=True).stdout.strip().splitlines()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {"cards": smi, "gpu_count": torch.cuda.device_count(), "cuda": torch.version.cuda,
-            "versions": {n: md.version(n) for n in names}, "git_commit": commit or os.environ.get("GIT_COMMIT"),
-            "host": platform.node(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
 
 
 def main() -> int:

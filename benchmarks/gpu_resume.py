@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_matrix import ROOT, environment  # noqa: E402  (one place for card/versions/commit)
+from bench_env import ROOT, environment  # noqa: E402
 
 TOLERANCE = 2e-3
 ARGS = ["--max_steps", "8", "--save_steps", "4", "--logging_steps", "1", "--eval_steps", "0", "--load_in_4bit",

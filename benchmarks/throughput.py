@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import datetime
-import importlib.metadata as md
 import json
 import os
 import shlex
@@ -33,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from bench_env import ROOT, environment  # noqa: E402
 PEAK_FLOPS = 790e12  # dense bf16 per H100/H200, the convention
 MULTI_GPU_RESERVE_S = 60  # a 2-GPU dist-dpo row: launcher + 2 processes + a short epoch
 GIB = 2**30
@@ -195,33 +194,6 @@ def run_child(spec: dict) -> int:
 
 
 # ---------------------------------------------------------------- parent: schedule, collect, report
-
-
-def environment(args) -> dict:
-    names = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "liger-kernel"]
-    versions = {}
-    for n in names:
-        try:
-            versions[n] = md.version(n)
-        except md.PackageNotFoundError:
-            versions[n] = None
-    cards = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                           capture_output=True, text=True).stdout.strip().splitlines() if _has_nvidia_smi() else []
-    commit = args.commit or os.environ.get("GIT_COMMIT")
-    if not commit:
-        try:  # the device machines get a copy of the tree, maybe without .git
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                    text=True).stdout.strip() or None
-        except OSError:
-            commit = None
-    return {"cards": cards or ["cpu"], "versions": versions, "commit": commit,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
-
-
-def _has_nvidia_smi() -> bool:
-    from shutil import which
-
-    return which("nvidia-smi") is not None
 
 
 class Bench:
@@ -417,7 +389,8 @@ class Bench:
         (self.out / "throughput_logs.txt").write_text("\n\n".join(parts) + "\n")
 
     def run(self) -> int:
-        self.env = environment(self.args)
+        env = environment(self.args.commit)
+        self.env = {**env, "commit": env["git_commit"]}  # the table prints doc['commit']
         self.setup()
         lanes = max(1, min(self.gpus, 2)) if self.gpus else 1
         single = [r for r in self.rows if r.gpus == 1]

@@ -63,11 +63,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dist-dpo: error: unknown command '{command}'\n{_usage()}", file=sys.stderr)
         return EXIT_USER_ERROR
     module, func, _ = COMMANDS[command]
-    if os.environ.get("DIST_DPO_STACKS_AFTER_S"):  # debugging a hang: every rank prints where it waits
+    rank = _global_rank()
+    stacks_after = os.environ.get("DIST_DPO_STACKS_AFTER_S")
+    if stacks_after:  # debugging a hang: every rank prints where it waits
         import faulthandler
 
-        faulthandler.dump_traceback_later(float(os.environ["DIST_DPO_STACKS_AFTER_S"]), repeat=True)
-    rank = _global_rank()
+        try:
+            seconds = float(stacks_after)
+            if seconds <= 0:
+                raise ValueError
+        except ValueError:
+            if rank == 0:
+                print(f"dist-dpo: error: DIST_DPO_STACKS_AFTER_S={stacks_after!r} must be a number of seconds > 0",
+                      file=sys.stderr)
+            return EXIT_USER_ERROR
+        faulthandler.dump_traceback_later(seconds, repeat=True)
     # bitsandbytes warns on every CPU process that an optional hub kernel is missing; nothing for users to do.
     logging.getLogger("bitsandbytes.backends.cpu").setLevel(logging.ERROR)
     try:

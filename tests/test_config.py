@@ -87,3 +87,21 @@ def test_resolved_config_round_trips(tmp_path):
     assert set(data) == set(SECTIONS)
     again = parse_recipe(["--config", str(out)])
     assert again.to_dict() == r.to_dict()
+
+
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False)])
+def test_bad_stack_dump_interval_is_one_line_from_rank0(rank, printed):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DIST_DPO_STACKS_AFTER_S": "soon", "RANK": rank}
+    proc = subprocess.run([sys.executable, "-m", "dist_dpo", "train", "--help"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines == (["dist-dpo: error: DIST_DPO_STACKS_AFTER_S='soon' must be a number of seconds > 0"] if printed
+                     else [])
