@@ -29,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ from bench_env import ROOT, environment  # noqa: E402
 STEPS = 8
 PER_DEVICE = 8
 GLOBAL_BATCH = 16
-CELL_TIMEOUT_S = 240  # a cell takes 40-75 s on H200s; past this it hangs (DIST_DPO_STACKS_AFTER_S shows where)
+CELL_TIMEOUT_S = 180  # a cell takes 40-75 s on H200s; past this it hangs (DIST_DPO_STACKS_AFTER_S shows where)
 
 
 @dataclass
@@ -65,8 +66,9 @@ def cells() -> list[Cell]:
         for s in ("zero2", "zero3"):
             out.append(Cell(f"deepspeed-{s}-{q}", "deepspeed", s, q, reference=f"ref-{q}"))
         out.append(Cell(f"torchrun-ddp-{q}", "torchrun", "ddp", q, reference=f"ref-{q}"))
-        out.append(Cell(f"2nodes-accelerate-ddp-{q}", "multinode-accelerate", "ddp", q, reference=f"make-ddp-{q}"))
-        out.append(Cell(f"2nodes-torchrun-ddp-{q}", "multinode-torchrun", "ddp", q, reference=f"make-ddp-{q}"))
+    # Two nodes matter for the 4-bit model's placement (each rank on its LOCAL device): QLoRA only.
+    out.append(Cell("2nodes-accelerate-ddp-qlora", "multinode-accelerate", "ddp", "qlora", reference="make-ddp-qlora"))
+    out.append(Cell("2nodes-torchrun-ddp-qlora", "multinode-torchrun", "ddp", "qlora", reference="make-ddp-qlora"))
     return out
 
 
@@ -199,10 +201,10 @@ def _first_error(logs: list[str]) -> str:
     return "see log"
 
 
-def check_adapter(cell: Cell, model: Path, work: Path, gpu: int) -> None:
+def check_adapter(cell: Cell, model: Path, work: Path, gpu: int) -> dict | None:
     r = cell.result
     if r.get("status") != "ok":
-        return
+        return None
     out_json = work / "checks" / f"{cell.name}.json"
     out_json.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "benchmarks/check_adapter.py", "--run", r["out"], "--base", str(model),
@@ -214,7 +216,7 @@ def check_adapter(cell: Cell, model: Path, work: Path, gpu: int) -> None:
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
     with open(work / "logs" / f"check-{cell.name}.log", "w") as f:
         rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=300).returncode
-    r["adapter_check"] = json.loads(out_json.read_text()) if out_json.is_file() else {"ok": False, "rc": rc}
+    return json.loads(out_json.read_text()) if out_json.is_file() else {"ok": False, "rc": rc}
 
 
 def agreement(all_cells: dict[str, Cell]) -> dict:
@@ -256,6 +258,25 @@ def run_matrix(args) -> dict:
                  if (args.quant == "all" or c.quant == args.quant)
                  and (not args.only or c.name.startswith("ref-") or any(k in c.name for k in args.only.split(",")))}
     port = iter(range(29600, 29999, 7))
+    # A finished cell's adapter is checked on its lane's first GPU while the next cell trains there (the check is a
+    # short forward; the cells' seconds per step may carry a little of it).
+    checks = cf.ThreadPoolExecutor(ngpu)
+    pending_checks = []
+
+    def finished(cell: Cell, lane: list[int]) -> None:
+        def check():
+            result = check_adapter(cell, model, work, lane[0])
+            with lock:
+                if result is not None:
+                    cell.result["adapter_check"] = result
+            save(all_cells)
+        pending_checks.append(checks.submit(check))
+
+    def save(cells_now) -> None:
+        with lock:
+            write_doc(args, cells_now, agreement(cells_now), round(time.time() - t0, 1))
+
+    lock = threading.Lock()
 
     def batch(group: list[Cell], width: int) -> None:
         lanes = [list(range(i * width, (i + 1) * width)) for i in range(ngpu // width)]
@@ -270,16 +291,19 @@ def run_matrix(args) -> dict:
                 done, _ = cf.wait(futures, return_when=cf.FIRST_COMPLETED)
                 for f in done:
                     cell, lane = futures.pop(f)
-                    cell.result = f.result()
-                    read_run(cell)
+                    with lock:
+                        cell.result = f.result()
+                        read_run(cell)
+                    finished(cell, lane)
                     free.append(lane)
                     print(f"[{time.time() - t0:6.0f}s] {cell.name}: {cell.result['status']} "
                           f"({cell.result['wall_s']} s)", flush=True)
 
     batch([c for c in all_cells.values() if c.gpus == 1], 1)
     batch([c for c in all_cells.values() if c.gpus == 2], 2)
-    with cf.ThreadPoolExecutor(ngpu) as pool:
-        list(pool.map(lambda ic: check_adapter(ic[1], model, work, ic[0] % ngpu), enumerate(all_cells.values())))
+    for f in pending_checks:
+        f.result()
+    checks.shutdown()
     tol = agreement(all_cells)
     return {"cells": all_cells, "tolerance": tol, "wall_s": round(time.time() - t0, 1), "model": str(model)}
 
@@ -296,8 +320,16 @@ def main() -> int:
     if args.merge:
         return merge(args.merge, Path(args.out))
     res = run_matrix(args)
+    cells_out = write_doc(args, res["cells"], res["tolerance"], res["wall_s"], final=True)
+    return print_table(cells_out)
+
+
+def write_doc(args, all_cells: dict, tolerance: dict, wall_s: float, final: bool = False) -> list[dict]:
+    """The results file, rewritten after every cell and check: a call cut off at its time limit keeps what finished."""
     cells_out = []
-    for c in res["cells"].values():
+    for c in all_cells.values():
+        if not c.result:
+            continue
         r = c.result
         check = r.get("adapter_check", {})
         row = {
@@ -318,15 +350,17 @@ def main() -> int:
         "environment": environment(),
         "setup": {"shape": args.shape, "steps": STEPS, "global_batch": GLOBAL_BATCH, "max_length": 512,
                   "lr": 2e-4, "lora": "r8 alpha32 q,k,v,o dropout 0", "gradient_checkpointing": True},
-        "tolerance": res["tolerance"],
-        "wall_s": res["wall_s"],
+        "tolerance": tolerance,
+        "wall_s": wall_s,
+        "complete": final,
         "cells": cells_out,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "gpu_matrix.json" if args.quant == "all" else f"gpu_matrix_{args.quant}.json"
-    (out / name).write_text(json.dumps(doc, indent=1, default=str))
-    return print_table(cells_out)
+    (out / (name + ".tmp")).write_text(json.dumps(doc, indent=1, default=str))
+    (out / (name + ".tmp")).rename(out / name)
+    return cells_out
 
 
 def merge(parts: list[str], out: Path) -> int:

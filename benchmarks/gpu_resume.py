@@ -106,6 +106,8 @@ def main() -> int:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--work", default="/tmp/dist_dpo_resume")
     p.add_argument("--shape", default="qwen2.5-0.5b")
+    p.add_argument("--lanes", default="", help="GPU pairs, e.g. '0,1 2,3' (both strategies at once) or '2,3' (one "
+                                               "after the other); default: two pairs when there are 4 GPUs")
     a = p.parse_args()
     work = Path(a.work)
     subprocess.run(["rm", "-rf", str(work)], check=True)
@@ -113,7 +115,8 @@ def main() -> int:
     model = work / "model"
     subprocess.run([sys.executable, "-m", "dist_dpo", "build-model", "--shape", a.shape, "--out", str(model),
                     "--device", "cuda", "--dtype", "bfloat16"], cwd=ROOT, check=True)
-    lanes = ["0,1", "2,3"] if torch.cuda.device_count() >= 4 else ["0,1", "0,1"]
+    lanes = a.lanes.split() or (["0,1", "2,3"] if torch.cuda.device_count() >= 4 else ["0,1"])
+    lanes = (lanes * 2)[:2]
     with cf.ThreadPoolExecutor(2 if lanes[0] != lanes[1] else 1) as pool:
         rows = list(pool.map(lambda i: one_strategy(["ddp", "zero3"][i], model, work, lanes[i], 29800 + 17 * i),
                              range(2)))

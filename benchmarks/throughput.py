@@ -50,6 +50,7 @@ class Row:
     lane: int = 0
     extra: list[str] = field(default_factory=list)  # more `dist-dpo train` options (trl rows: batch=N accum=N)
     config: str = "ddp"  # accelerate_configs/<config>.yaml for multi-GPU rows
+    shape: str = ""  # model_zoo shape; "" = --shape (the 1.5B of every ratio)
     status: str = "pending"
     result: dict = field(default_factory=dict)
 
@@ -57,36 +58,44 @@ class Row:
     def name(self) -> str:
         who = "tutorial" if self.recipe == "tutorial" else f"trl-{self.recipe}" if self.runner == "trl" else \
             "dist-dpo" if self.recipe == "default" else f"dist-dpo-{self.recipe}"
-        return f"{who}/{self.dataset}/{self.quant}/{self.gpus}gpu"
+        return f"{who}/{self.dataset}/{self.quant}/{self.gpus}gpu" + (f"@{self.shape}" if self.shape else "")
+
+
+SEVEN_B = "qwen2.5-7b"
 
 
 def default_rows() -> list[Row]:
-    """The most informative set that fits one 9-minute call (measured on CPU, predicted for H100/H200: NOTES.md)."""
+    """The issue's table in one call (predicted for H100/H200: NOTES.md). 1-GPU rows run on lanes (one GPU each, up
+    to 4, `lane % GPUs`): the rows of one ratio share a lane, i.e. a card. Then the multi-GPU rows, one per free pair."""
     return [
-        # lane 0 (GPU 0): the headline ratio case, 1.5B / variable-length / LoRA / 1 GPU, then 2048 tokens (MFU)
+        # lane 0: the headline ratio case, 1.5B / variable-length / LoRA / 1 GPU
         Row("dist-dpo", "default", "var"), Row("trl", "best", "var"), Row("trl", "tutorial", "var"),
         Row("trl", "best-precompute", "var"),
-        Row("dist-dpo", "default", "fixed2048", batch=8, accum=2),
-        # lane 1 (GPU 1): fixed 512-token pairs, then QLoRA
+        # lane 1: fixed 512-token pairs
         Row("dist-dpo", "default", "fixed512", lane=1), Row("trl", "best", "fixed512", lane=1),
         Row("trl", "tutorial", "fixed512", lane=1),
-        Row("dist-dpo", "default", "var", "qlora", lane=1), Row("trl", "tutorial", "var", "qlora", lane=1),
-        # then both GPUs: DDP scaling of the headline case
+        # lane 2: QLoRA, then 2048 tokens (MFU)
+        Row("dist-dpo", "default", "var", "qlora", lane=2), Row("trl", "tutorial", "var", "qlora", lane=2),
+        Row("dist-dpo", "default", "fixed2048", batch=8, accum=2, lane=2),
+        # lane 3: what each piece of the speed path buys on the headline case, and trl at 2048 tokens
+        Row("dist-dpo", "plain", "var", batch=4, accum=4, lane=3,
+            extra=["--fast_path", "false", "--gradient_checkpointing", "true"]),
+        Row("dist-dpo", "noshare", "var", lane=3, extra=["--prefix_sharing", "false"]),
+        Row("trl", "best", "fixed2048", lane=3, extra=["batch=4", "accum=4"]),
+        # multi-GPU: DDP and ZeRO-2 scaling of the headline case; 7B QLoRA at 1024 tokens within a 12 GiB card
         Row("dist-dpo", "default", "var", gpus=2),
+        Row("dist-dpo", "zero2", "var", gpus=2, config="zero2"),
+        Row("dist-dpo", "12gib", "fixed1024", "qlora", gpus=2, batch=4, accum=4, shape=SEVEN_B,
+            extra=["--gpu_memory_gib", "12"]),
     ]
 
 
 def optional_rows() -> list[Row]:
     """Selected with --add NAME-substring: more of the matrix when a call has time for it."""
     return [
-        Row("trl", "best", "fixed2048", extra=["batch=4", "accum=4"]),
-        Row("dist-dpo", "plain", "var", batch=4, accum=4, extra=["--fast_path", "false", "--gradient_checkpointing",
-                                                                 "true"]),
-        Row("dist-dpo", "noshare", "var", extra=["--prefix_sharing", "false"]),
         Row("dist-dpo", "share", "fixed512", lane=1, extra=["--prefix_sharing", "true"]),
         Row("dist-dpo", "default", "var", "qlora", gpus=2),
         Row("trl", "best", "var", gpus=2),
-        Row("dist-dpo", "zero2", "var", gpus=2, config="zero2"),
         Row("dist-dpo", "tutorial-batch", "var", batch=4, accum=4),
     ]
 
@@ -144,6 +153,10 @@ def _instrument(spec: dict) -> None:
                 "pairs": len(self.trainer.train_dataset) if rank == 0 else 0,
                 "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB if cuda else 0.0,
                 "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else 0.0,
+                # what the card needs: the allocator's peak plus everything outside it (CUDA context, cuBLAS, NCCL)
+                "peak_device_gib": (torch.cuda.max_memory_reserved() + torch.cuda.mem_get_info()[1]
+                                    - torch.cuda.mem_get_info()[0] - torch.cuda.memory_reserved()) / GIB
+                if cuda else 0.0,
                 "speed_path": getattr(self.trainer, "_dd_speed_report", None),
                 "gradient_checkpointing": bool(self.trainer.args.gradient_checkpointing),
                 "ckpt_layers": marks.get("ckpt_layers"), "liger": bool(self.trainer.args.use_liger_kernel),
@@ -225,18 +238,43 @@ class Bench:
             self.data[name] = preference_sets.write_set(name, self.work / "data", pairs, cap=cap)
         self.max_length = {n: preference_sets.SETS[n][1] for n in self.data}
         self.system_prompt = preference_sets.system_prompt()
+        self.models: dict[str, str] = {}
+        self.params: dict[str, int] = {}
+        self.builds: dict[str, subprocess.Popen] = {}
         if self.args.smoke:
-            self.shape, self.model = "tiny-qwen2", str(model_zoo.ensure_builtin_model(self.work / "cache"))
-        else:
-            self.shape = self.args.shape
+            self.shape = "tiny-qwen2"
+            self.models[self.shape] = str(model_zoo.ensure_builtin_model(self.work / "cache"))
+            self.params[self.shape] = model_zoo.param_count(self.shape)
+            return
+        self.shape = self.args.shape
+        for shape in sorted({self.shape_of(r) for r in self.rows}, key=lambda s: s != self.shape):
+            self.models[shape] = str(self.work / f"model-{shape}")
+            self.params[shape] = model_zoo.param_count(shape)
+            # In a child process: this one never opens a CUDA context, so the lanes' GPUs stay whole. Other shapes
+            # (the 7B of a multi-GPU row) build in the background on the last GPU while the 1-GPU rows run:
+            # building is mostly writing the weights to disk.
+            gpu = "0" if shape == self.shape else str(max(0, self.gpus - 1))
+            proc = subprocess.Popen([sys.executable, "-m", "dist_dpo", "build-model", "--shape", shape, "--out",
+                                     self.models[shape], "--device", "cuda", "--dtype", "bfloat16", "--seed", "0"],
+                                    cwd=ROOT, env=dict(os.environ, CUDA_VISIBLE_DEVICES=gpu, PYTHONPATH=str(ROOT)),
+                                    stdout=subprocess.DEVNULL if shape != self.shape else None)
+            self.builds[shape] = proc
+            if shape == self.shape:
+                self.wait_built(shape)
+
+    def shape_of(self, row: Row) -> str:
+        return row.shape or self.shape
+
+    def wait_built(self, shape: str) -> bool:
+        proc = self.builds.pop(shape, None)
+        if proc is not None:
             t = time.time()
-            self.model = str(self.work / f"model-{self.shape}")
-            # In a child process: this one never opens a CUDA context, so the lanes' GPUs stay whole
-            subprocess.run([sys.executable, "-m", "dist_dpo", "build-model", "--shape", self.shape, "--out",
-                            self.model, "--device", "cuda", "--dtype", "bfloat16", "--seed", "0"], cwd=ROOT,
-                           env=dict(os.environ, CUDA_VISIBLE_DEVICES="0", PYTHONPATH=str(ROOT)), check=True)
-            print(f"[{self.elapsed():5.0f}s] built {self.shape} in {time.time() - t:.0f} s", flush=True)
-        self.params = model_zoo.param_count(self.shape)
+            if proc.wait() != 0:
+                print(f"[{self.elapsed():5.0f}s] building {shape} failed (exit {proc.returncode})", flush=True)
+                self.models.pop(shape, None)
+                return False
+            print(f"[{self.elapsed():5.0f}s] {shape} built (waited {time.time() - t:.0f} s)", flush=True)
+        return shape in self.models
 
     def elapsed(self) -> float:
         return time.time() - self.start
@@ -247,12 +285,17 @@ class Bench:
         for f in rd.glob("result.json.rank*"):
             f.unlink()
         return {"runner": row.runner, "recipe": row.recipe,
-                "quant": row.quant, "model": self.model, "data": str(self.data[row.dataset]),
+                "quant": row.quant, "model": self.models[self.shape_of(row)], "data": str(self.data[row.dataset]),
                 "system_prompt": self.system_prompt, "max_length": self.max_length[row.dataset],
                 "batch": row.batch, "accum": row.accum, "extra": row.extra, "output_dir": str(rd / "out"),
                 "result": str(rd / "result.json"), "log": str(rd / "log.txt")}
 
     def launch(self, row: Row, gpu_ids: list[int], reserve_s: float = 0.0) -> None:
+        if not self.wait_built(self.shape_of(row)):
+            row.status, row.result = "failed", {"reason": f"building the {self.shape_of(row)} model failed"}
+            with self.lock:
+                self.write()
+            return
         if self.deadline - reserve_s - time.time() < 20:  # not worth starting: leave the time to what follows
             row.status, row.result = "skipped", {"reason": f"time budget (--budget-s {self.args.budget_s:g})"}
             with self.lock:
@@ -304,7 +347,7 @@ class Bench:
         tokens = sum(r["tokens"] for r in ranks)
         wall = r0["wall_s"]
         steady = _steady([r["steps"] for r in ranks])
-        flops = 6 * self.params
+        flops = 6 * self.params[self.shape_of(row)]
         return {
             "tokens": tokens, "pairs": r0["pairs"], "epoch_wall_s": round(wall, 2), "init_s": round(r0["init_s"], 2),
             "train_s": round(r0["train_s"], 2), "process_s": round(process_s, 1),
@@ -313,6 +356,7 @@ class Bench:
             "steady_tokens_per_s": steady, "steady_mfu": flops * steady / (PEAK_FLOPS * row.gpus) if steady else None,
             "peak_mem_gib": max(r["peak_alloc_gib"] for r in ranks),
             "peak_reserved_gib": max(r["peak_reserved_gib"] for r in ranks),
+            "peak_device_gib": max(r.get("peak_device_gib", 0.0) for r in ranks),
             "gradient_checkpointing": r0["gradient_checkpointing"], "ckpt_layers": r0["ckpt_layers"],
             "liger": r0["liger"], "speed_path": r0["speed_path"], "layout": r0["layout"], "steps": len(r0["steps"]),
             "planned_peak_gib": self.planned_peak(row, r0),
@@ -324,7 +368,7 @@ class Bench:
 
         try:
             p, c, r = zip(*self.lengths(row.dataset))
-            _, shape = plan.load_shape(self.shape)
+            _, shape = plan.load_shape(self.shape_of(row))
             batch = {"tutorial": 4}.get(row.recipe, 16) if row.runner == "trl" else row.batch
             for kv in row.extra:
                 if kv.startswith("batch="):
@@ -359,7 +403,7 @@ class Bench:
         rows = []
         for r in self.rows:
             res = dict(r.result)
-            rows.append({"name": r.name, "model": self.shape, "seq_len": self.max_length.get(r.dataset),
+            rows.append({"name": r.name, "model": self.shape_of(r), "seq_len": self.max_length.get(r.dataset),
                          "dataset": r.dataset, "quant": r.quant, "gpus": r.gpus, "runner": r.runner,
                          "recipe": r.recipe, "batch": r.batch if r.runner == "dist-dpo" else None,
                          "accum": r.accum if r.runner == "dist-dpo" else None, "status": r.status,
@@ -369,10 +413,12 @@ class Bench:
         doc = {"what": "DPO throughput and memory: tutorial trl recipe vs best plain-trl flags vs dist-dpo "
                        "(benchmarks/throughput.py)",
                "command": "python3 benchmarks/throughput.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-               **self.env, "shape": self.shape, "params": self.params, "peak_flops_per_gpu": PEAK_FLOPS,
+               **self.env, "shape": self.shape, "params": self.params[self.shape], "params_per_shape": self.params,
+               "peak_flops_per_gpu": PEAK_FLOPS,
                "mfu_formula": "6 * params * non-pad tokens/s / (gpus * 790e12)",
                "wall_s": round(self.elapsed(), 1), "rows": rows, "ratios": ratios(rows),
                "plan_vs_measured_peak": plan_check(rows)}
+        doc["targets"] = targets(doc)
         self.out.mkdir(parents=True, exist_ok=True)
         tmp = self.out / "throughput.json.tmp"
         tmp.write_text(json.dumps(doc, indent=1, default=str))
@@ -392,19 +438,31 @@ class Bench:
         env = environment(self.args.commit)
         self.env = {**env, "commit": env["git_commit"]}  # the table prints doc['commit']
         self.setup()
-        lanes = max(1, min(self.gpus, 2)) if self.gpus else 1
         single = [r for r in self.rows if r.gpus == 1]
+        lanes = max(1, min(self.gpus, 1 + max((r.lane for r in single), default=0))) if self.gpus else 1
         multi = [r for r in self.rows if r.gpus > 1]
         if self.gpus and self.gpus < 2:
             for r in multi:
                 r.status, r.result = "skipped", {"reason": "needs 2 GPUs"}
             multi = []
         by_lane = [[r for r in single if r.lane % lanes == i] for i in range(lanes)]
+        groups = [list(range(i * 2, i * 2 + 2)) for i in range(max(1, self.gpus // 2))] if self.gpus else [[0, 1]]
         with cf.ThreadPoolExecutor(lanes) as pool:
-            reserve = MULTI_GPU_RESERVE_S * len(multi)  # the 2-GPU rows come last and need this much
+            # the multi-GPU rows come last, len(groups) at a time, and need this much
+            reserve = MULTI_GPU_RESERVE_S * -(-len(multi) // len(groups))
             list(pool.map(lambda i: [self.launch(r, [i], reserve) for r in by_lane[i]], range(lanes)))
-        for r in multi:
-            self.launch(r, list(range(r.gpus)))
+        queue = list(multi)
+        with cf.ThreadPoolExecutor(len(groups)) as pool:  # each pair of GPUs takes the next multi-GPU row
+
+            def worker(gpu_ids):
+                while True:
+                    with self.lock:
+                        if not queue:
+                            return
+                        row = queue.pop(0)
+                    self.launch(row, gpu_ids)
+
+            list(pool.map(worker, groups))
         self.write()
         self.write_logs()
         print_table(json.loads((self.out / "throughput.json").read_text()))
@@ -443,10 +501,38 @@ def ratios(rows: list[dict]) -> dict:
     q = ratio(tps("dist-dpo/var/qlora/1gpu"), tps("tutorial/var/qlora/1gpu"))
     if q:
         out["qlora_vs_tutorial_qlora"] = q
-    for key, label in (("tokens_per_s", "ddp_scaling_2gpu"), ("steady_tokens_per_s", "ddp_scaling_2gpu_steady")):
-        two, one = tps("dist-dpo/var/lora/2gpu", key), tps("dist-dpo/var/lora/1gpu", key)
-        if two and one:
-            out[label] = round(two / (2 * one), 3)
+    for row, label in (("dist-dpo/var/lora/2gpu", "ddp_scaling_2gpu"), ("dist-dpo-zero2/var/lora/2gpu",
+                                                                         "zero2_scaling_2gpu")):
+        for key, suffix in (("tokens_per_s", ""), ("steady_tokens_per_s", "_steady")):
+            two, one = tps(row, key), tps("dist-dpo/var/lora/1gpu", key)
+            if two and one:
+                out[label + suffix] = round(two / (2 * one), 3)
+    return out
+
+
+TARGETS = (  # the issue's targets: (name, measured value from the doc, target, higher is better)
+    ("vs_best_trl var", lambda d: d["ratios"].get("vs_best_trl"), 1.5, True),
+    ("vs_best_trl fixed512", lambda d: d["ratios"].get("fixed512/lora/1gpu", {}).get("vs_best_trl"), 1.2, True),
+    ("vs_tutorial var", lambda d: d["ratios"].get("vs_tutorial"), 4.0, True),
+    ("qlora_vs_tutorial_qlora", lambda d: d["ratios"].get("qlora_vs_tutorial_qlora"), 2.0, True),
+    ("steady MFU fixed2048", lambda d: _row(d, "dist-dpo/fixed2048/lora/1gpu", "steady_mfu"), 0.60, True),
+    ("ddp_scaling_2gpu", lambda d: d["ratios"].get("ddp_scaling_2gpu"), 0.90, True),
+    ("zero2_scaling_2gpu", lambda d: d["ratios"].get("zero2_scaling_2gpu"), 0.90, True),
+    ("7B QLoRA 1024 peak GiB/GPU", lambda d: _row(d, f"dist-dpo-12gib/fixed1024/qlora/2gpu@{SEVEN_B}",
+                                                  "peak_device_gib"), 12.0, False),
+)
+
+
+def _row(doc: dict, name: str, key: str):
+    return next((r.get(key) for r in doc["rows"] if r["name"] == name and r["status"] == "ok"), None)
+
+
+def targets(doc: dict) -> list[dict]:
+    out = []
+    for name, get, target, higher in TARGETS:
+        v = get(doc)
+        out.append({"target": name, "measured": None if v is None else round(v, 3), "goal": target,
+                    "met": None if v is None else (v >= target if higher else v <= target)})
     return out
 
 
@@ -471,6 +557,8 @@ def print_table(doc: dict) -> None:
               f"{r.get('ckpt_layers') if r['status'] == 'ok' else '-':>4}"
               + (f"  {r.get('reason', '')[:80]}" if r["status"] not in ("ok", "pending") else ""))
     print("ratios (tokens/s, same card):", json.dumps(doc["ratios"]))
+    for t in doc.get("targets", []):
+        print(f"target {t['target']:28} measured {t['measured']!s:>8} goal {t['goal']:>6} met {t['met']}")
 
 
 def main() -> int:

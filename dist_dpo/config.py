@@ -109,6 +109,13 @@ class TrainArgs:
         "memory plan (dist-dpo plan) says this GPU needs for the longest batch of the data; true; false.",
         bool_or_auto=True,
     )
+    gpu_memory_gib: float | None = _f(
+        None,
+        "Treat each GPU as having this many GiB: the memory plan (gradient_checkpointing: auto) plans for it and "
+        "this process's CUDA allocations are capped there, so a run proven on a big card fits the small one (e.g. "
+        "12). Unset: the GPU's own memory.",
+        min=1.0,
+    )
     fast_path: bool = _f(
         True,
         "dist-dpo's speed path over trl (same loss): length-grouped batches, prompts computed once, metrics synced "

@@ -330,6 +330,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if best is not None else 1
 
 
+def cap_gpu_memory(gib: float | None, device: int) -> None:
+    """`gpu_memory_gib`: this process may allocate at most `gib` on its GPU (an OOM beyond), as on a smaller card."""
+    import torch
+
+    if gib and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(device).total_memory / GIB
+        # the allocator's share: the card minus what lives outside it (context, cuBLAS, NCCL), as the plan counts
+        torch.cuda.set_per_process_memory_fraction(min(1.0, max(gib - CUDA_CONTEXT_GIB, 0.5) / total), device)
+
+
 def gpu_memory_gib(device: int = 0) -> float | None:
     import torch
 

@@ -66,6 +66,10 @@ def _train(argv: list[str]) -> int:
     plan = preflight.run(recipe, rt)  # data, model, output dir, disk: one verdict for every rank, before heavy work
     if recipe.dry_run:
         return dry_run_report(recipe, rt, plan)
+    if rt.device_type == "cuda":
+        from dist_dpo.plan import cap_gpu_memory
+
+        cap_gpu_memory(recipe.train.gpu_memory_gib, rt.local_rank)  # before any weight lands on the GPU
     model = load_model(recipe.model, plan.model_path, rt, strat, recipe.train.gradient_checkpointing)
     peft_config = lora_config(recipe.lora, model)
     tokenizer, train_ds, eval_ds = plan.tokenizer, plan.train_ds, plan.eval_ds

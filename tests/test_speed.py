@@ -207,6 +207,11 @@ def test_auto_checkpointing_follows_the_memory_plan(pairs, monkeypatch):
     monkeypatch.setattr(plan, "gpu_memory_gib", lambda device=0: 0.5)
     every, why = checkpointing.decide(trainer, recipe, rt, lengths)
     assert every == 1 and "even full checkpointing" in why
+    monkeypatch.setattr(plan, "gpu_memory_gib", lambda device=0: 80.0)
+    recipe.train.gpu_memory_gib = 0.5  # an 80 GiB card told to act as a small one plans for the small one
+    every, why = checkpointing.decide(trainer, recipe, rt, lengths)
+    assert every == 1 and "of 0 GiB" in why
+    recipe.train.gpu_memory_gib = None
     recipe.train.gradient_checkpointing = True
     assert checkpointing.decide(trainer, recipe, rt, lengths)[0] == 1
 
@@ -241,4 +246,7 @@ def test_throughput_smoke_on_cpu(tmp_path):
     assert doc["ratios"]["vs_tutorial"] > 0 and doc["versions"]["trl"] and doc["cards"] == ["cpu"]
     if "fast.apply" in (ROOT / "dist_dpo" / "train.py").read_text():
         assert rows["dist-dpo/var/lora/1gpu"]["speed_path"]
-    assert "ratios" in proc.stdout.splitlines()[-1]  # the table is printed last
+    tail = proc.stdout.splitlines()[-(len(doc["targets"]) + 1):]  # the table is printed last, then the targets
+    assert "ratios" in tail[0] and all(line.startswith("target ") for line in tail[1:])
+    vs_tutorial = next(t for t in doc["targets"] if t["target"] == "vs_tutorial var")
+    assert vs_tutorial["measured"] == round(doc["ratios"]["vs_tutorial"], 3) and vs_tutorial["goal"] == 4.0

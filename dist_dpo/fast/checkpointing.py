@@ -45,6 +45,8 @@ def decide(trainer, recipe, rt, lengths) -> tuple[int, str]:
     if setting is False:
         return 0, "off (recipe: false)"
     gpu_gib = plan.gpu_memory_gib(rt.local_rank) if rt.device_type == "cuda" else None
+    if gpu_gib is not None and recipe.train.gpu_memory_gib:
+        gpu_gib = min(gpu_gib, recipe.train.gpu_memory_gib)
     if gpu_gib is None:
         return 0, "auto: no GPU memory to save on CPU"
     job = job_for(trainer, recipe, rt, lengths)

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Every GPU proof of the open issues as ONE background job on a 4-GPU machine. A device call lasts 10 minutes at
+# most and the machine goes back 30 s after a call; this job outlives the call that starts it, and the calls that
+# follow wait on it and bring its results back.
+#
+#   source .whl/install.sh; export PYTHONPATH=$PWD:$PYTHONPATH GIT_COMMIT=<sha>
+#   bash benchmarks/gpu_session.sh start          # phases below, in the background (setsid)
+#   bash benchmarks/gpu_session.sh wait 570       # waits for the end (at most 570 s), packs results into $OUT
+#
+# Phases (each alone on the GPUs it times):
+#   1. benchmarks/throughput.py                 (issue 6)  1-GPU rows on 4 lanes, then 2-GPU rows on 2 pairs
+#   2. benchmarks/seed_qlora_gpu.sh on GPUs 0,1 (issue 2)  make train-ddp / train-zero3, seed_qlora, 1.5B shape
+#      benchmarks/gpu_resume.py on GPUs 2,3     (issue 5)  kill -9 a rank, resume: DDP and ZeRO-3 with QLoRA
+#   3. benchmarks/gpu_matrix.py                 (issue 3)  every strategy x LoRA/QLoRA, 2 GPUs per cell, 2 lanes
+set -uo pipefail
+S=${SESSION_DIR:-/tmp/dd_session}
+cmd=${1:?usage: $0 start|run|wait SECONDS}
+
+case "$cmd" in
+start)
+  rm -rf "$S"; mkdir -p "$S/results"
+  setsid nohup bash "$0" run > "$S/driver.log" 2>&1 < /dev/null &
+  echo "session started: $S (pid $!)"
+  ;;
+run)
+  note() { echo "[$(date +%T)] $*" >> "$S/progress.log"; }
+  commit=${GIT_COMMIT:-unknown}
+  note "throughput start"
+  python3 benchmarks/throughput.py --out "$S/results" --budget-s "${THROUGHPUT_BUDGET_S:-540}" --commit "$commit" \
+    > "$S/throughput.log" 2>&1
+  note "throughput exit $?"
+  (CUDA_VISIBLE_DEVICES=0,1 STEP_TIMEOUT=300 bash benchmarks/seed_qlora_gpu.sh "$S/results/seed" 10 \
+     > "$S/seed.log" 2>&1; note "seed_qlora exit $?") &
+  (python3 benchmarks/gpu_resume.py --out "$S/results" --lanes 2,3 > "$S/resume.log" 2>&1; note "resume exit $?") &
+  wait
+  pkill -9 -f "dist_dpo train" 2>/dev/null  # a hung run's ranks must not share the matrix's GPUs
+  note "matrix start"
+  python3 benchmarks/gpu_matrix.py --out "$S/results" --work /tmp/dd_matrix > "$S/matrix.log" 2>&1
+  note "matrix exit $?"
+  touch "$S/done"
+  ;;
+wait)
+  limit=${2:-570}
+  start=$(date +%s)
+  while [ ! -e "$S/done" ] && [ $(( $(date +%s) - start )) -lt "$limit" ]; do sleep 5; done
+  echo "== progress"; cat "$S/progress.log" 2>/dev/null
+  for f in throughput seed resume matrix; do
+    [ -f "$S/$f.log" ] && { echo "== $f.log (end)"; tail -n 25 "$S/$f.log"; }
+  done
+  if [ -n "${OUT:-}" ]; then
+    mkdir -p /tmp/dd_pack
+    cp -r /tmp/dd_matrix/logs /tmp/dd_matrix/checks /tmp/dd_pack/ 2>/dev/null
+    tar czf "$OUT/session.tgz" -C "$S" . -C /tmp/dd_pack . 2>/dev/null
+    cp "$S"/results/*.json "$OUT/" 2>/dev/null
+    ls -la "$OUT"
+  fi
+  [ -e "$S/done" ] && echo "SESSION DONE" || echo "SESSION RUNNING"
+  ;;
+esac
