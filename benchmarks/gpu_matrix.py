@@ -279,7 +279,10 @@ def run_matrix(args) -> dict:
     lock = threading.Lock()
 
     def batch(group: list[Cell], width: int) -> None:
-        lanes = [list(range(i * width, (i + 1) * width)) for i in range(ngpu // width)]
+        # --share N: N cells at a time on each group of GPUs (a 0.5B cell uses a few GiB of an 80 GiB card; most of
+        # its minute is process start-up). Losses and peak memory are per process and unchanged; s/step is not a
+        # speed measurement then (benchmarks/throughput.py is).
+        lanes = [list(range(i * width, (i + 1) * width)) for i in range(ngpu // width)] * args.share
         with cf.ThreadPoolExecutor(len(lanes)) as pool:
             pending = list(group)
             futures = {}
@@ -315,6 +318,7 @@ def main() -> int:
     p.add_argument("--shape", default="qwen2.5-0.5b", help="model shape (dist-dpo build-model --list)")
     p.add_argument("--only", default="", help="comma-separated substrings of cell names to run")
     p.add_argument("--quant", default="all", choices=("all", "lora", "qlora"), help="run only this half")
+    p.add_argument("--share", type=int, default=1, help="cells running at once on each group of GPUs")
     p.add_argument("--merge", nargs="+", help="merge partial result files (one per --quant run) into --out")
     args = p.parse_args()
     if args.merge:
@@ -348,6 +352,7 @@ def write_doc(args, all_cells: dict, tolerance: dict, wall_s: float, final: bool
         "what": "dist-dpo strategy x quantization matrix (benchmarks/gpu_matrix.py)",
         "command": "python3 benchmarks/gpu_matrix.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "environment": environment(),
+        "cells_at_once_per_gpu_group": args.share,
         "setup": {"shape": args.shape, "steps": STEPS, "global_batch": GLOBAL_BATCH, "max_length": 512,
                   "lr": 2e-4, "lora": "r8 alpha32 q,k,v,o dropout 0", "gradient_checkpointing": True},
         "tolerance": tolerance,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU proof of the open issues as ONE background job on a 4-GPU machine. A device call lasts 10 minutes at
+# Every GPU proof of the open issues as ONE background job on a 2- or 4-GPU machine. A device call lasts 10 minutes at
 # most and the machine goes back 30 s after a call; this job outlives the call that starts it, and the calls that
 # follow wait on it and bring its results back.
 #
@@ -7,11 +7,12 @@
 #   bash benchmarks/gpu_session.sh start          # phases below, in the background (setsid)
 #   bash benchmarks/gpu_session.sh wait 570       # waits for the end (at most 570 s), packs results into $OUT
 #
-# Phases (each alone on the GPUs it times):
-#   1. benchmarks/throughput.py                 (issue 6)  1-GPU rows on 4 lanes, then 2-GPU rows on 2 pairs
-#   2. benchmarks/seed_qlora_gpu.sh on GPUs 0,1 (issue 2)  make train-ddp / train-zero3, seed_qlora, 1.5B shape
-#      benchmarks/gpu_resume.py on GPUs 2,3     (issue 5)  kill -9 a rank, resume: DDP and ZeRO-3 with QLoRA
-#   3. benchmarks/gpu_matrix.py                 (issue 3)  every strategy x LoRA/QLoRA, 2 GPUs per cell, 2 lanes
+# Phases:
+#   1. at once, sharing the GPUs (proofs, not timings):
+#      benchmarks/gpu_matrix.py --share 2       (issue 3)  every strategy x LoRA/QLoRA, 2 GPUs per cell
+#      benchmarks/seed_qlora_gpu.sh on GPUs 0,1 (issue 2)  make train-ddp / train-zero3, seed_qlora, 1.5B shape
+#      benchmarks/gpu_resume.py                 (issue 5)  kill -9 a rank, resume: DDP and ZeRO-3 with QLoRA
+#   2. alone: benchmarks/throughput.py          (issue 6)  1-GPU rows on one lane per GPU, then the 2-GPU rows
 set -uo pipefail
 S=${SESSION_DIR:-/tmp/dd_session}
 cmd=${1:?usage: $0 start|run|wait SECONDS}
@@ -25,18 +26,23 @@ start)
 run)
   note() { echo "[$(date +%T)] $*" >> "$S/progress.log"; }
   commit=${GIT_COMMIT:-unknown}
-  note "throughput start"
-  python3 benchmarks/throughput.py --out "$S/results" --budget-s "${THROUGHPUT_BUDGET_S:-540}" --commit "$commit" \
-    > "$S/throughput.log" 2>&1
-  note "throughput exit $?"
+  gpus=$(nvidia-smi -L | wc -l)
+  # Proofs first, sharing the GPUs (each job's losses and peak memory are its own; none of them is a timing):
+  note "matrix + seed_qlora + resume start ($gpus GPUs)"
+  (python3 benchmarks/gpu_matrix.py --out "$S/results" --work /tmp/dd_matrix --share "${MATRIX_SHARE:-2}" \
+     > "$S/matrix.log" 2>&1; note "matrix exit $?") &
   (CUDA_VISIBLE_DEVICES=0,1 STEP_TIMEOUT=300 bash benchmarks/seed_qlora_gpu.sh "$S/results/seed" 10 \
      > "$S/seed.log" 2>&1; note "seed_qlora exit $?") &
-  (python3 benchmarks/gpu_resume.py --out "$S/results" --lanes 2,3 > "$S/resume.log" 2>&1; note "resume exit $?") &
+  lanes=$([ "$gpus" -ge 4 ] && echo "0,1 2,3" || echo "0,1")
+  (python3 benchmarks/gpu_resume.py --out "$S/results" --lanes "$lanes" > "$S/resume.log" 2>&1
+   note "resume exit $?") &
   wait
-  pkill -9 -f "dist_dpo train" 2>/dev/null  # a hung run's ranks must not share the matrix's GPUs
-  note "matrix start"
-  python3 benchmarks/gpu_matrix.py --out "$S/results" --work /tmp/dd_matrix > "$S/matrix.log" 2>&1
-  note "matrix exit $?"
+  pkill -9 -f "dist_dpo train" 2>/dev/null  # a hung run's ranks must not share the timed GPUs
+  # Then the timings, alone on the machine:
+  note "throughput start"
+  python3 benchmarks/throughput.py --out "$S/results" --budget-s "${THROUGHPUT_BUDGET_S:-660}" --commit "$commit" \
+    > "$S/throughput.log" 2>&1
+  note "throughput exit $?"
   touch "$S/done"
   ;;
 wait)
