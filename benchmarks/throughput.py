@@ -254,7 +254,8 @@ class Bench:
             gpu = "0" if shape == self.shape else str(max(0, self.gpus - 1))
             proc = subprocess.Popen([sys.executable, "-m", "dist_dpo", "build-model", "--shape", shape, "--out",
                                      self.models[shape], "--device", "cuda", "--dtype", "bfloat16", "--seed", "0"],
-                                    cwd=ROOT, env=dict(os.environ, CUDA_VISIBLE_DEVICES=gpu, PYTHONPATH=str(ROOT)),
+                                    cwd=ROOT, env=dict(os.environ, CUDA_VISIBLE_DEVICES=gpu,
+                                             PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])),
                                     stdout=subprocess.DEVNULL if shape != self.shape else None)
             self.builds[shape] = proc
             if shape == self.shape:
@@ -301,7 +302,8 @@ class Bench:
             print(f"[{self.elapsed():5.0f}s] {row.name}: skipped (time budget)", flush=True)
             return
         spec = self.spec(row)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]), PYTHONUNBUFFERED="1",
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]),
+                   PYTHONUNBUFFERED="1",
                    TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                    DIST_DPO_CACHE=str(self.work / "cache"))
         if self.gpus:
