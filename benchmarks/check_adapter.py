@@ -22,7 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 LOGPS_RTOL = 2e-3  # bf16 forward with other batch shapes than the run's eval
 LOSS_ATOL = 1e-2
-MERGE_ATOL = 0.05  # logits: merged bf16 weights vs base + separate LoRA branch
+# Merged bf16 weights vs base + separate LoRA branch: W + BA rounded to bf16 moves every logit by bf16 rounding
+# (a max |diff| of 0.08 at logits ~10 is 2 ulps), so the check is relative to what the adapter does: the merged
+# model must keep the adapter's effect (mean |merged - adapter| <= 10 % of mean |base - adapter|) and its top-1
+# tokens. A lost or half-merged adapter fails both. (A fixed 0.05 bound failed bf16 merges on the GPU, 2026-11-28.)
+MERGE_EFFECT_RTOL = 0.1
+MERGE_TOP1 = 0.95
 ON_GPU = torch.cuda.is_available()  # CPU only for trying this script out locally on the tiny model
 DEVICE_MAP = {"": 0} if ON_GPU else {"": "cpu"}
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
@@ -70,6 +75,8 @@ def merge_check(run: Path, base: str) -> dict:
     ids = tok(["你好，今天天气怎么样？ Tell me a joke."], return_tensors="pt").input_ids
     ids = ids.cuda() if ON_GPU else ids
     model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPE, device_map=DEVICE_MAP)
+    with torch.no_grad():
+        plain = model(ids).logits.float()
     peft_model = PeftModel.from_pretrained(model, run)
     with torch.no_grad():
         want = peft_model(ids).logits.float()
@@ -80,8 +87,13 @@ def merge_check(run: Path, base: str) -> dict:
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=DTYPE, device_map=DEVICE_MAP)
         with torch.no_grad():
             got = reloaded(ids).logits.float()
-    diff = (got - want).abs().max().item()
-    return {"merged_logits_max_abs_diff": diff, "merged_ok": bool(torch.isfinite(got).all()) and diff <= MERGE_ATOL}
+    diff = (got - want).abs()
+    effect = (plain - want).abs().mean().item()
+    top1 = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    ok = bool(torch.isfinite(got).all()) and diff.mean().item() <= MERGE_EFFECT_RTOL * effect and top1 >= MERGE_TOP1
+    return {"merged_logits_max_abs_diff": diff.max().item(), "merged_logits_mean_abs_diff": diff.mean().item(),
+            "adapter_effect_mean_abs": effect, "logits_max_abs": want.abs().max().item(), "merged_top1_agreement": top1,
+            "merged_ok": ok}
 
 
 def main() -> int:

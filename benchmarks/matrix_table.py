@@ -14,11 +14,24 @@ ORDER = ["single", "ddp", "fsdp", "zero2", "zero3", "zero3_offload"]
 
 
 def cell_text(c: dict) -> str:
-    if c["status"] == "ok" and c["agrees"]:
-        mem = f"{c['peak_mem_gib']:.1f} GiB" if c.get("peak_mem_gib") is not None else "-"
-        sps = f"{c['seconds_per_step']:.2f} s/step" if c.get("seconds_per_step") else ""
-        return f"✅ {mem}, {sps}"
-    return f"❌ {c.get('reason', c['status'])[:80]}"
+    """✅ trains, loss within tolerance of its reference, adapter reloads (and merges); ⚠️ trains and saves a
+    loadable adapter but a check is outside its bound (said which); ❌ failed."""
+    if c["status"] != "ok":
+        return f"❌ {c.get('reason', c['status'])[:80]}"
+    parts = []
+    if c.get("max_loss_diff") is not None:
+        sign = "≤" if c.get("loss_agrees") else ">"
+        parts.append(f"Δloss {c['max_loss_diff']:.4f} {sign} {c['tolerance']:.4f}")
+    if c.get("peak_mem_gib") is not None:
+        parts.append(f"{c['peak_mem_gib']:.2f} GiB")
+    check = c.get("adapter_check") or {}
+    if check and not check.get("ok", False):
+        if check.get("merged_ok") is False and "merged_logits_mean_abs_diff" not in check:
+            parts.append(f"bf16 merge: max Δlogit {check['merged_logits_max_abs_diff']:.3f} > the old fixed 0.05 bound")
+        else:
+            parts.append("adapter " + ("reload" if check.get("logps_rel_diff", 0) > 2e-3 else "merge") + " check failed")
+    mark = "✅" if c["agrees"] else "⚠️"
+    return f"{mark} {', '.join(parts)}"
 
 
 def render(doc: dict) -> str:
@@ -28,9 +41,14 @@ def render(doc: dict) -> str:
             continue
         rows.setdefault((c["launcher"], c["strategy"]), {})[c["quant"]] = c
     env = doc.get("environment", {})
+    tol = doc.get("tolerance", {})
     lines = [
         f"Card: {', '.join(sorted(set(env.get('cards', []))))} · commit {str(env.get('git_commit'))[:10]} · "
-        f"tolerance (3 x measured layout noise): {doc.get('tolerance', {}).get('tolerance')}",
+        f"{doc['setup']['shape']}, {doc['setup']['steps']} steps, global batch {doc['setup']['global_batch']} · "
+        "tolerance = 3 x the loss difference of the single-GPU reference re-run with another micro-batch layout "
+        f"(LoRA {tol.get('tolerance', {}).get('lora', 0):.4f}, QLoRA {tol.get('tolerance', {}).get('qlora', 0):.4f})"
+        + (f" · {doc['cells_at_once_per_gpu_group']} cells shared each GPU pair, so no timings here "
+           "(benchmarks/throughput.py has them)" if doc.get("cells_at_once_per_gpu_group", 1) > 1 else ""),
         "",
         "| launcher | strategy | LoRA (bf16) | QLoRA (4-bit) |",
         "|---|---|---|---|",
@@ -38,7 +56,7 @@ def render(doc: dict) -> str:
     for (launcher, strategy), by_q in sorted(rows.items(), key=lambda kv: (kv[0][0], ORDER.index(kv[0][1]))):
         lines.append(f"| {launcher} | {strategy} | {cell_text(by_q['lora']) if 'lora' in by_q else '-'} | "
                      f"{cell_text(by_q['qlora']) if 'qlora' in by_q else '-'} |")
-    lines += ["", f"Reproduce: `{doc['command']}`"]
+    lines += ["", f"Reproduce (2 GPUs): `{doc['command']}`"]
     return "\n".join(lines)
 
 

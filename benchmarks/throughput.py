@@ -248,18 +248,15 @@ class Bench:
         for shape in sorted({self.shape_of(r) for r in self.rows}, key=lambda s: s != self.shape):
             self.models[shape] = str(self.work / f"model-{shape}")
             self.params[shape] = model_zoo.param_count(shape)
-            # In a child process: this one never opens a CUDA context, so the lanes' GPUs stay whole. Other shapes
-            # (the 7B of a multi-GPU row) build in the background on the last GPU while the 1-GPU rows run:
-            # building is mostly writing the weights to disk.
-            gpu = "0" if shape == self.shape else str(max(0, self.gpus - 1))
+            # In a child process: this one never opens a CUDA context, so the lanes' GPUs stay whole. Every shape is
+            # built before any row starts: a build beside a timed row (the 2026-11-28 run did that) can slow it.
             proc = subprocess.Popen([sys.executable, "-m", "dist_dpo", "build-model", "--shape", shape, "--out",
                                      self.models[shape], "--device", "cuda", "--dtype", "bfloat16", "--seed", "0"],
-                                    cwd=ROOT, env=dict(os.environ, CUDA_VISIBLE_DEVICES=gpu,
+                                    cwd=ROOT, env=dict(os.environ, CUDA_VISIBLE_DEVICES="0",
                                              PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])),
-                                    stdout=subprocess.DEVNULL if shape != self.shape else None)
+                                    stdout=subprocess.DEVNULL)
             self.builds[shape] = proc
-            if shape == self.shape:
-                self.wait_built(shape)
+            self.wait_built(shape)
 
     def shape_of(self, row: Row) -> str:
         return row.shape or self.shape
@@ -359,6 +356,8 @@ class Bench:
             "peak_device_gib": max(r.get("peak_device_gib", 0.0) for r in ranks),
             "gradient_checkpointing": r0["gradient_checkpointing"], "ckpt_layers": r0["ckpt_layers"],
             "liger": r0["liger"], "speed_path": r0["speed_path"], "layout": r0["layout"], "steps": len(r0["steps"]),
+            # per rank: seconds from trainer construction to the end of each step (a slow rank shows here)
+            "step_end_s_per_rank": {r["rank"]: [round(t, 3) for t, _ in r["steps"]] for r in ranks},
             "planned_peak_gib": self.planned_peak(row, r0),
         }
 
@@ -382,7 +381,7 @@ class Bench:
                            gpus=row.gpus, pairs=batch, seq_len=-(-width // 16) * 16 if shared else width,
                            rows_per_pair=1 if shared else 2, completion_frac=(sum(c) + sum(r)) / (
                                sum(widths) * (1 if shared else 2)), checkpoint_every=every,
-                           prepare_kbit=row.quant == "qlora" and row.runner == "dist-dpo",
+                           prepare_kbit=False,  # bf16 cards: modeling.uses_prepare_kbit is False (fp16 only)
                            paged_optimizer=row.quant == "qlora", liger=r0["liger"],
                            masked_attention=shared or len(set(widths)) > 1, shared_mask=shared)
             return round(plan.estimate(job)["peak"], 3)
@@ -561,6 +560,41 @@ def print_table(doc: dict) -> None:
         print(f"target {t['target']:28} measured {t['measured']!s:>8} goal {t['goal']:>6} met {t['met']}")
 
 
+def merge(paths: list[str], out: Path, work: Path) -> int:
+    """Several calls' throughput.json (a later call re-ran rows for a same-call comparison, or ran rows an earlier
+    one had no time for) -> one file: a row from a later call replaces the earlier one; each row says its call.
+    Planned peaks are recomputed with the current memory plan (the measured numbers are untouched)."""
+    import preference_sets
+
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    rows: dict[str, dict] = {}
+    for i, d in enumerate(docs, 1):
+        for r in d["rows"]:
+            if r["status"] == "ok" or r["name"] not in rows:
+                rows[r["name"]] = {**r, "call": i}
+    bench = Bench(argparse.Namespace(out=str(out), work=str(work), budget_s=0, smoke=False, pairs={}, shape=docs[0]["shape"],
+                                     commit=None))
+    bench.shape = docs[0]["shape"]
+    bench.data = {r["dataset"]: preference_sets.write_set(r["dataset"], work / "data") for r in rows.values()}
+    bench.max_length = {n: preference_sets.SETS[n][1] for n in bench.data}
+    known = {r.name: r for r in default_rows() + optional_rows()}
+    for r in rows.values():
+        if r["status"] == "ok" and r["name"] in known:
+            r["planned_peak_gib_at_run"] = r.get("planned_peak_gib")
+            r["planned_peak_gib"] = bench.planned_peak(known[r["name"]], r)
+    doc = dict(docs[-1])
+    doc["rows"] = list(rows.values())
+    doc["calls"] = [{k: d.get(k) for k in ("command", "commit", "cards", "date", "wall_s")} for d in docs]
+    doc["command"] = " ; ".join(d["command"] for d in docs)
+    doc["ratios"] = ratios(doc["rows"])
+    doc["plan_vs_measured_peak"] = plan_check(doc["rows"])
+    doc["targets"] = targets(doc)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput.json").write_text(json.dumps(doc, indent=1, default=str))
+    print_table(doc)
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="benchmarks/results", help="where throughput.json goes")
@@ -574,10 +608,13 @@ def main() -> int:
                    help="seconds for the whole run (rows are cut at the end; rows that cannot start are skipped)")
     p.add_argument("--commit", default=None, help="git commit to record (default: $GIT_COMMIT or git rev-parse)")
     p.add_argument("--list", action="store_true")
+    p.add_argument("--merge", nargs="+", help="merge several calls' throughput.json into --out (later calls win)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         return run_child(json.loads(a.child))
+    if a.merge:
+        return merge(a.merge, Path(a.out), Path(a.work))
     a.pairs = {k: int(v) for k, v in (kv.split("=") for kv in a.pairs.split(",") if kv)}
     rows = default_rows()
     if a.smoke:

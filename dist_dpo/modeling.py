@@ -104,6 +104,18 @@ def device_map_for(m: ModelArgs, rt: Runtime, strat: Strategy):
     return {"": rt.local_rank}  # LOCAL rank: correct on every node of a multi-node job
 
 
+def uses_prepare_kbit(m: ModelArgs, rt: Runtime, strat: Strategy) -> bool:
+    """Whether peft's prepare_model_for_kbit_training runs (the memory plan asks too: it changes activation dtypes).
+
+    It upcasts embeddings, norms and the LM head to fp32: with bf16 compute that buys nothing and costs memory (a 7B
+    shape: +4.4 GiB per GPU; trl's own QLoRA path skips it too), so only fp16-compute cards (no bf16: T4, V100),
+    where fp16 norms can overflow, get it, under the strategies whose table cell allows it."""
+    import torch
+
+    quantized = m.load_in_4bit or m.load_in_8bit
+    return bool(quantized and strat.prepare_kbit and resolve_dtype(m, rt) == torch.float16)
+
+
 def load_model(m: ModelArgs, model_path: str, rt: Runtime, strat: Strategy, gradient_checkpointing: bool):
     from transformers import AutoModelForCausalLM
 
@@ -122,10 +134,7 @@ def load_model(m: ModelArgs, model_path: str, rt: Runtime, strat: Strategy, grad
     except (OSError, ValueError, ImportError) as e:
         raise UserError(f"cannot load model '{model_path}': {str(e).splitlines()[0]}") from None
     model.config.use_cache = False  # no KV cache in training; it also conflicts with checkpointing
-    # prepare_model_for_kbit_training upcasts embeddings, norms and the LM head to fp32: with bf16 compute that buys
-    # nothing and costs memory (a 7B shape: +4.4 GiB per GPU; trl's own QLoRA path skips it too), so only fp16-compute
-    # cards (no bf16: T4, V100), where fp16 norms can overflow, get it.
-    if quant is not None and strat.prepare_kbit and dtype == torch.float16:
+    if uses_prepare_kbit(m, rt, strat):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(

@@ -49,6 +49,7 @@ NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weight + 8-bit absmax per 64 
 # Fitted once against the anchors (see module docstring), then left alone:
 TRANSIENT_MLP = 2.0  # short-lived MLP intermediates per token, in units of (bytes x intermediate_size)
 ALLOCATOR_SLACK = 1.08  # reserved / allocated seen in dist_dpo_run.json (2.061 / 1.92)
+ZERO3_MAX_LIVE_PARAMS = 1e9  # ds_configs/zero3*.json: stage3_max_live_parameters (= stage3_max_reuse_distance)
 CUDA_CONTEXT_GIB = 0.75  # CUDA context + cuBLAS workspace + NCCL buffers: outside max_memory_allocated
 
 
@@ -176,10 +177,18 @@ def estimate(job: Job) -> dict[str, float]:
     else:
         weights = 2.0 * s.params
         layer_bytes = 2.0 * s.layer_params
+    # ZeRO-3 keeps a gathered parameter until it is not reused within stage3_max_reuse_distance, up to
+    # stage3_max_live_parameters (both 1e9 in ds_configs/zero3*.json): in DPO every weight is reused (reference and
+    # policy forward, backward), so up to 1e9 parameters stay gathered - all of a model below 1B (measured: ZeRO-3
+    # used more than DDP on a 0.5B shape), 2 GB of a 7B one in bf16.
+    live = weights * min(1.0, ZERO3_MAX_LIVE_PARAMS / s.params)
     if job.strategy == "zero3_offload":
-        weights = 2 * layer_bytes + 2.0 * embed  # params stream in per layer; the tied head is gathered when used
-    elif sharded:
-        weights = weights / w + 2 * layer_bytes  # own shard + the layer gathered now and the one prefetched
+        weights = max(live, 2 * layer_bytes + 2.0 * embed)  # nothing resident: gathered copies only
+    elif job.strategy == "zero3":
+        weights = weights / w + max(live, 2 * layer_bytes)
+    elif sharded:  # FSDP2: own shard + the layer gathered now and the one prefetched + the root unit (embedding,
+        # final norm, head), which FSDP2 does not reshard between forward and backward
+        weights = weights / w + 2 * layer_bytes + 2.0 * embed * (1 - 1 / w)
 
     n_train = trainable_params(job)
     full = job.lora_r == 0

@@ -49,7 +49,8 @@ STRATEGY_TABLE: dict[str, Strategy] = {
         quant_device_map="local_rank",  # GPU 0 of this process (or cpu)
         bnb_4bit_quant_storage="uint8",  # bitsandbytes default; nothing is sharded
         checkpointing_reentrant=False,  # recommended by PyTorch; no wrapper constraints
-        prepare_kbit=True,  # fp32 norms/head keep fp16 QLoRA stable (the QLoRA paper's recipe)
+        prepare_kbit=True,  # fp32 norms/head keep fp16 QLoRA stable (the QLoRA paper's recipe); fp16 compute only
+        # (modeling.uses_prepare_kbit): with bf16 it buys nothing and costs memory
         ddp_find_unused_parameters=None,  # not DDP
         adapter_save="rank0",
         runs_on_cpu=True,

@@ -20,6 +20,7 @@ from dist_dpo.runtime import Runtime, resolve_runtime
 from dist_dpo.strategies import strategy_for
 
 EXIT_JOB_LOST = 3  # the job lost a rank or was terminated: rerun the same command to resume
+STOPPED = "stopped by SIGTERM (a launcher stops every rank when one fails; a scheduler may have preempted the job)"
 RANK0_FIRST_S = 5.0  # on a user error, the longest the other ranks wait for rank 0 to print and exit first
 
 
@@ -147,11 +148,22 @@ def train_or_explain(trainer, resume: str | None, rt: Runtime, out: Path):
     """trainer.train, where the two ways a job dies from outside - a peer rank gone (killed, crashed, node lost) or
     SIGTERM (the launcher tearing the job down after a failure, or a scheduler preempting it) - end this rank with
     ONE line saying what happened and where it can resume, instead of a gloo/NCCL traceback or silence."""
+    from dist_dpo.stuck_signal import StuckSignalWatch
+
+    def say(what: str) -> None:
+        ckpts = complete_checkpoints(out)
+        where = f"rerun the same command to resume from {ckpts[-1].name}" if ckpts else "no complete checkpoint yet"
+        message = f"dist-dpo: rank {rt.rank}: {what}; {where} (logs: {out / 'logs'})"
+        print(message, file=sys.stderr, flush=True)
+        log_to_rank_file(logging.ERROR, message)
+
+    # A rank stuck in a collective cannot run the handler below: this says the line for it and ends it.
+    watch = StuckSignalWatch(lambda: say(STOPPED + " while blocked in a collective"), EXIT_JOB_LOST)
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return trainer.train(resume_from_checkpoint=resume)
     except _Terminated:
-        what = "stopped by SIGTERM (a launcher stops every rank when one fails; a scheduler may have preempted the job)"
+        what = STOPPED
     except Exception as e:
         if not (rt.distributed and _is_peer_loss(e)):
             raise
@@ -159,11 +171,8 @@ def train_or_explain(trainer, resume: str | None, rt: Runtime, out: Path):
         what = f"lost contact with the other ranks ({reason}): a process of the job died or hung"
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while we exit just ends the process
-    ckpts = complete_checkpoints(out)
-    where = f"rerun the same command to resume from {ckpts[-1].name}" if ckpts else "no complete checkpoint yet"
-    message = f"dist-dpo: rank {rt.rank}: {what}; {where} (logs: {out / 'logs'})"
-    print(message, file=sys.stderr, flush=True)
-    log_to_rank_file(logging.ERROR, message)
+        watch.close()
+    watch.say_once(lambda: say(what))
     # SystemExit skips destroy_process_group: with a dead peer it can block (NCCL) and there is nothing to flush.
     raise SystemExit(EXIT_JOB_LOST)
 

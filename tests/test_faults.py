@@ -205,3 +205,32 @@ def test_tokens_from_the_environment_are_written_nowhere(straight, killed, resum
             assert value not in text, f"{name} in {where}"
         leaked = [str(p) for p in files if value.encode() in p.read_bytes()]
         assert not leaked, f"{name} written to {leaked}"
+
+
+STUCK_RANK = """
+import signal, sys, time
+from dist_dpo.stuck_signal import StuckSignalWatch
+watch = StuckSignalWatch(lambda: print("dist-dpo: rank 0: STUCK LINE", file=sys.stderr, flush=True), 3, grace_s=0.5)
+if sys.argv[1] == "stuck":  # like a main thread blocked in a NCCL call: its Python handler never ends the rank
+    signal.signal(signal.SIGTERM, lambda *a: None)
+else:  # the main path speaks first but its exit hangs (e.g. tearing down NCCL with a dead peer)
+    signal.signal(signal.SIGTERM, lambda *a: watch.say_once(lambda: print("MAIN LINE", file=sys.stderr, flush=True)))
+print("ready", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.parametrize("case", ["stuck", "slow-exit"])
+def test_a_rank_that_cannot_answer_sigterm_still_says_one_line_and_exits(case):
+    """On GPUs a rank blocked in a ZeRO-3 all-gather never ran its SIGTERM handler; the watch speaks for it."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_RANK, case], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 3 and time.monotonic() - start < 5
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines == (["dist-dpo: rank 0: STUCK LINE"] if case == "stuck" else ["MAIN LINE"])

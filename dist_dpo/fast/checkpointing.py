@@ -15,6 +15,7 @@ from dist_dpo import plan
 
 
 def job_for(trainer, recipe, rt, lengths: tuple[list[int], list[int], list[int]]) -> plan.Job:
+    from dist_dpo.modeling import uses_prepare_kbit
     from dist_dpo.strategies import strategy_for
 
     model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
@@ -31,7 +32,7 @@ def job_for(trainer, recipe, rt, lengths: tuple[list[int], list[int], list[int]]
         pairs=trainer.args.per_device_train_batch_size, seq_len=max(widths), rows_per_pair=2,  # trl's rows: the upper bound
         completion_frac=scored / max(sum(widths) * 2, 1), lora_r=lo.lora_r if lo.use_peft else 0,
         targets=plan.ALL_TARGETS if lo.lora_target_modules == ["all-linear"] else tuple(lo.lora_target_modules),
-        prepare_kbit=quant == "4bit" and strategy_for(rt.strategy).prepare_kbit,
+        prepare_kbit=uses_prepare_kbit(recipe.model, rt, strategy_for(rt.strategy)),
         paged_optimizer="paged" in str(trainer.args.optim), liger=bool(trainer.args.use_liger_kernel),
         masked_attention=len(set(widths)) > 1 or statistics.pstdev(c + r) > 0,
     )
