@@ -37,7 +37,7 @@ def cell_text(c: dict) -> str:
 def render(doc: dict) -> str:
     rows = {}
     for c in doc["cells"]:
-        if c["name"].startswith("ref-alt"):
+        if c["name"].startswith(("ref-alt", "ref1-")):  # the noise floor and the 1-GPU diagnostics: not user cells
             continue
         rows.setdefault((c["launcher"], c["strategy"]), {})[c["quant"]] = c
     env = doc.get("environment", {})
@@ -56,6 +56,11 @@ def render(doc: dict) -> str:
     for (launcher, strategy), by_q in sorted(rows.items(), key=lambda kv: (kv[0][0], ORDER.index(kv[0][1]))):
         lines.append(f"| {launcher} | {strategy} | {cell_text(by_q['lora']) if 'lora' in by_q else '-'} | "
                      f"{cell_text(by_q['qlora']) if 'qlora' in by_q else '-'} |")
+    diag = [c for c in doc["cells"] if c["name"].startswith("ref1-")]
+    if diag:
+        lines += ["", "One-GPU runs of the sharded strategies (same batch, no data split) against the single-GPU "
+                      "reference, and the 2-GPU cells against them: " + "; ".join(
+                          f"{c['name']} {c.get('max_loss_diff', float('nan')):.4f}" for c in diag if c["status"] == "ok")]
     lines += ["", f"Reproduce (2 GPUs): `{doc['command']}`"]
     return "\n".join(lines)
 

@@ -121,7 +121,11 @@ class TrainArgs:
         "dist-dpo's speed path over trl (same loss): length-grouped batches, prompts computed once, metrics synced "
         "once per log. false: plain trl DPOTrainer (for comparisons).",
     )
-    group_by_length: bool = _f(True, "Batch pairs of similar length together so little compute goes to padding.")
+    group_by_length: bool = _f(
+        True,
+        "Batch pairs of similar length together so little compute goes to padding; on several GPUs each step's "
+        "pairs are split across ranks by padded cost (fewer long pairs, more short ones), its loss unchanged.",
+    )
     prefix_sharing: bool | str = _f(
         "auto",
         "Run chosen and rejected in one row that computes their prompt once (exact: same log-probs). auto: per "

@@ -2,7 +2,8 @@
 
 Each piece computes the same loss as trl on the same pairs (tests/test_speed.py checks loss and gradients against
 trl's `_compute_loss` on one batch); what changes is how much work a step does:
-  batching.py       pairs grouped by length (less padding); one row per pair sharing the prompt when cheaper
+  batching.py       pairs grouped by length (less padding), split across ranks by cost on several GPUs; one row
+                    per pair sharing the prompt when cheaper
   head.py           trl's fused log-prob head, fed those rows, computing logging-only outputs only when asked
   loss.py           sigmoid DPO without per-micro-step host syncs; logging extras on logging steps only
   checkpointing.py  `gradient_checkpointing: auto`: the least recompute the memory plan says fits
@@ -53,6 +54,11 @@ def apply(trainer, recipe, rt) -> dict:
             ds = train_dataset if train_dataset is not None else self.train_dataset
             if ds is None or len(ds) != len(keys):
                 return original(train_dataset)
+            if getattr(self, "_dd_pairs_per_rank", None):  # set below with the lean loss, which weights by it
+                a = self.args
+                return batching.rebalanced_grouped_sampler(keys, a.per_device_train_batch_size,
+                                                           a.gradient_accumulation_steps, a.world_size,
+                                                           a.process_index, seed, a.dataloader_drop_last)
             return batching.length_grouped_sampler(keys, batch, seed)
 
         trainer._get_train_sampler = types.MethodType(grouped_sampler, trainer)
@@ -89,6 +95,9 @@ def apply(trainer, recipe, rt) -> dict:
 
         trainer.log = types.MethodType(log, trainer)
         report["metrics"] = "on device, gathered once per log; entropy/logits/top-1 on logging steps only"
+        if t.group_by_length and trainer.args.world_size > 1:
+            trainer._dd_pairs_per_rank = trainer.args.per_device_train_batch_size
+            report["batches"] += ", split across ranks by cost (transformers' BatchRebalanceSampler)"
     else:
         report["metrics"] = f"trl's per micro-step ({lean})"
     _log(rt, report)

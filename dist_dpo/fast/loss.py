@@ -88,7 +88,11 @@ def compute_loss(trainer, model, inputs, return_outputs=False, num_items_in_batc
 
     chosen_logratios = chosen_logps - ref_chosen
     rejected_logratios = rejected_logps - ref_rejected
-    loss = -F.logsigmoid(trainer.beta * (chosen_logratios - rejected_logratios)).mean()
+    losses = -F.logsigmoid(trainer.beta * (chosen_logratios - rejected_logratios))
+    nominal = getattr(trainer, "_dd_pairs_per_rank", None)
+    # Ranks hold unequal shares of a step under cost-balanced batches (batching.rebalanced_grouped_sampler): the sum
+    # over the nominal count makes the average over ranks the mean over all the step's pairs, as with equal batches.
+    loss = losses.sum() / nominal if nominal else losses.mean()
 
     with torch.no_grad():
         _record(trainer, inputs, out, chosen_logps, rejected_logps, trainer.beta * chosen_logratios,
