@@ -153,6 +153,9 @@ class TrainArgs:
     collective_timeout_s: int = _f(
         600, "Seconds a rank waits in a collective before the job fails (torch's default 1800 hides dead ranks).", min=30
     )
+    same_model_check: bool = _f(
+        True, "Before step 1, check with one short forward that every rank holds the same model (several processes)."
+    )
     dataloader_num_workers: int = _f(0, "Data-loader worker processes per rank.", min=0)
     dpo_extra: dict = _f({}, "Any other trl DPOConfig field, e.g. {precompute_ref_log_probs: true}.")
 

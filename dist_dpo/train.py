@@ -106,6 +106,12 @@ def _train(argv: list[str]) -> int:
     trainer.add_callback(RankZeroProgress())
     stats = RunStats()
     trainer.add_callback(stats)
+    if recipe.train.same_model_check:
+        from dist_dpo.same_model import SameModelCheck
+
+        m = recipe.model
+        trainer.add_callback(SameModelCheck(rt, rt.strategy, "4-bit" if m.load_in_4bit else
+                                            "8-bit" if m.load_in_8bit else "unquantized"))
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     log.info(  # every rank, into its own file: proves where each rank's (4-bit) model lives
         "rank %d of %d | local rank %d | node %d of %d | %s | pid %d",
