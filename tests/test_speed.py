@@ -206,6 +206,15 @@ def test_several_ranks_split_each_step_by_cost_not_count():
 
     assert scaling(plain) < 0.85 and scaling(split) > 0.93  # 0.80 -> 0.97 on this long-tailed set
 
+    # each epoch draws its own order, through the way accelerate passes the epoch on
+    from accelerate.data_loader import DataLoaderShard
+
+    sampler = rebalanced_grouped_sampler(lengths, per_device, 1, world, 0, seed=42, drop_last=False)
+    loader = DataLoaderShard(list(range(768)), batch_sampler=BatchSamplerShard(sampler, 1, 0))
+    first = list(sampler)
+    loader.set_epoch(1)
+    assert sampler.epoch == 1 and list(sampler) != first
+
 
 def test_cost_balanced_ranks_train_the_same_step_as_one_process(tmp_path):
     """2 processes with unequal shares of each step (4 pairs per rank nominal) vs 1 process with all 8: the same

@@ -12,6 +12,7 @@ preference data most of a batch is padding, and every prompt runs twice.
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +63,13 @@ def rebalanced_grouped_sampler(lengths: list[int], per_device: int, accum: int, 
     from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSampler
 
     class GroupedRebalance(BatchRebalanceSampler):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            # accelerate's DataLoaderShard.set_epoch reaches a batch sampler's epoch only through `.sampler` when a
+            # shard wrapper sits in between (transformers leaves one, neutralised): without this every epoch would
+            # draw epoch 0's order.
+            self.sampler = types.SimpleNamespace(set_epoch=self.set_epoch)
+
         def __iter__(self):
             generator = torch.Generator()
             generator.manual_seed(seed + self.epoch)
