@@ -22,6 +22,8 @@ def cell_text(c: dict) -> str:
     if c.get("max_loss_diff") is not None:
         sign = "≤" if c.get("loss_agrees") else ">"
         parts.append(f"Δloss {c['max_loss_diff']:.4f} {sign} {c['tolerance']:.4f}")
+        if c.get("same_strategy_1gpu_diff") is not None:  # vs the same strategy on one GPU (precision, no split)
+            parts.append(f"vs its 1-GPU run {c['same_strategy_1gpu_diff']:.4f}")
     if c.get("peak_mem_gib") is not None:
         parts.append(f"{c['peak_mem_gib']:.2f} GiB")
     check = c.get("adapter_check") or {}
