@@ -71,6 +71,7 @@ def default_rows() -> list[Row]:
         # lane 0: the headline ratio case, 1.5B / variable-length / LoRA / 1 GPU, then QLoRA vs the tutorial's
         Row("dist-dpo", "default", "var"), Row("trl", "best", "var"), Row("trl", "tutorial", "var"),
         Row("dist-dpo", "default", "var", "qlora"), Row("trl", "tutorial", "var", "qlora"),
+        Row("dist-dpo", "tutorial-batch", "var", batch=4, accum=4),  # the tutorial's 4 x 4 through dist-dpo
         # lane 1: fixed 512-token pairs, 2048 tokens (MFU), and what pieces of the speed path buy on the headline set
         Row("dist-dpo", "default", "fixed512", lane=1), Row("trl", "best", "fixed512", lane=1),
         Row("trl", "tutorial", "fixed512", lane=1),
@@ -94,7 +95,6 @@ def optional_rows() -> list[Row]:
         Row("dist-dpo", "share", "fixed512", lane=1, extra=["--prefix_sharing", "true"]),
         Row("dist-dpo", "default", "var", "qlora", gpus=2),
         Row("trl", "best", "var", gpus=2),
-        Row("dist-dpo", "tutorial-batch", "var", batch=4, accum=4),
     ]
 
 
@@ -157,6 +157,7 @@ def _instrument(spec: dict) -> None:
                 if cuda else 0.0,
                 "speed_path": getattr(self.trainer, "_dd_speed_report", None),
                 "gradient_checkpointing": bool(self.trainer.args.gradient_checkpointing),
+                "micro_batch": self.trainer.args.per_device_train_batch_size,  # after merge_micro_batches
                 "ckpt_layers": marks.get("ckpt_layers"), "liger": bool(self.trainer.args.use_liger_kernel),
                 "layout": {"tokens_run": getattr(collator, "tokens_run", None),
                            "tokens_real": getattr(collator, "tokens_real", None),
@@ -355,6 +356,7 @@ class Bench:
             "peak_reserved_gib": max(r["peak_reserved_gib"] for r in ranks),
             "peak_device_gib": max(r.get("peak_device_gib", 0.0) for r in ranks),
             "gradient_checkpointing": r0["gradient_checkpointing"], "ckpt_layers": r0["ckpt_layers"],
+            "micro_batch": r0.get("micro_batch"),
             "liger": r0["liger"], "speed_path": r0["speed_path"], "layout": r0["layout"], "steps": len(r0["steps"]),
             # per rank: seconds from trainer construction to the end of each step (a slow rank shows here)
             "step_end_s_per_rank": {r["rank"]: [round(t, 3) for t, _ in r["steps"]] for r in ranks},
@@ -372,6 +374,7 @@ class Bench:
             for kv in row.extra:
                 if kv.startswith("batch="):
                     batch = int(kv.split("=")[1])
+            batch = r0.get("micro_batch") or batch  # what ran (dist-dpo may merge accumulated micro-batches)
             layers = r0["ckpt_layers"] or 0
             every = 0 if not layers else max(1, round(shape.layers / layers))
             shared = bool((r0["layout"].get("batches") or {}).get("shared"))

@@ -109,6 +109,13 @@ class TrainArgs:
         "memory plan (dist-dpo plan) says this GPU needs for the longest batch of the data; true; false.",
         bool_or_auto=True,
     )
+    merge_micro_batches: bool | str = _f(
+        "auto",
+        "Run per_device_train_batch_size x gradient_accumulation_steps as ONE micro-batch per optimizer step (the "
+        "same pairs, the same mean loss and gradient; fewer, fuller GPU steps). auto: when the memory plan says it "
+        "fits with no more gradient checkpointing than the recipe's batch (not under DeepSpeed); true; false.",
+        bool_or_auto=True,
+    )
     gpu_memory_gib: float | None = _f(
         None,
         "Treat each GPU as having this many GiB: the memory plan (gradient_checkpointing: auto) plans for it and "

@@ -40,6 +40,9 @@ class Strategy:
     # noise). output_dtype=None leaves each block in its compute dtype and the log-probs in fp32; fp32 output_dtype
     # instead would feed fp32 activations into bf16 LoRA/QLoRA blocks (dtype mismatch).
     fsdp_uncast_outputs: bool = False
+    # Whether the recipe's micro-batches x accumulation may run as fewer, larger micro-batches (merge_micro_batches):
+    # the Trainer reads both at train() time; a DeepSpeed engine fixes them in its config when it is built.
+    merges_micro_batches: bool = True
 
 
 STRATEGY_TABLE: dict[str, Strategy] = {
@@ -90,6 +93,7 @@ STRATEGY_TABLE: dict[str, Strategy] = {
         ddp_find_unused_parameters=None,  # DeepSpeed's engine, not torch DDP
         adapter_save="rank0",
         runs_on_cpu=False,
+        merges_micro_batches=False,  # DeepSpeed: train_micro_batch_size_per_gpu is set at engine init
     ),
     "zero3": Strategy(
         name="zero3",
@@ -101,6 +105,7 @@ STRATEGY_TABLE: dict[str, Strategy] = {
         ddp_find_unused_parameters=None,
         adapter_save="gathered",  # needs stage3_gather_16bit_weights_on_model_save: true (ds_configs/zero3*.json)
         runs_on_cpu=False,
+        merges_micro_batches=False,  # DeepSpeed: train_micro_batch_size_per_gpu is set at engine init
     ),
 }
 

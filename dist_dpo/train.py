@@ -275,7 +275,7 @@ def log_header(log, r: Recipe, rt: Runtime, strat, trainer, n_train: int, n_eval
     numel = lambda p: getattr(p, "ds_numel", p.numel())  # ZeRO-3 params are empty placeholders until gathered
     trainable = sum(numel(p) for p in trainer.model.parameters() if p.requires_grad)
     total = sum(numel(p) for p in trainer.model.parameters())
-    t = r.train
+    t = trainer.args  # what runs: merge_micro_batches may have turned the recipe's 4 x 4 into 16 x 1
     global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * rt.world_size
     quant = "4-bit NF4 (QLoRA)" if r.model.load_in_4bit else "8-bit" if r.model.load_in_8bit else "none"
     for line in (

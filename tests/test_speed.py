@@ -280,6 +280,56 @@ def test_auto_checkpointing_follows_the_memory_plan(pairs, monkeypatch):
     assert checkpointing.decide(trainer, recipe, rt, lengths)[0] == 1
 
 
+def test_accumulated_micro_batches_merge_when_the_plan_says_they_fit(pairs, monkeypatch):
+    from dataclasses import replace
+
+    from dist_dpo import plan
+    from dist_dpo.config import Recipe
+    from dist_dpo.fast import batching, microbatch
+    from dist_dpo.runtime import Runtime
+
+    trainer = build(pairs)
+    trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps = 2, 3
+    rt = Runtime(rank=0, local_rank=0, world_size=1, local_world_size=1, node_rank=0, num_nodes=1, strategy="single",
+                 launcher="python", deepspeed_config=None, offload=False, device_type="cuda", hostname="h")
+    lengths = batching.pair_lengths(trainer.train_dataset, 256)
+    recipe = Recipe()
+    monkeypatch.setattr(plan, "gpu_memory_gib", lambda device=0: 80.0)
+    assert microbatch.decide(trainer, recipe, rt, lengths)[0] == 6  # fits: one micro-batch of all 6 pairs
+    monkeypatch.setattr(plan, "gpu_memory_gib", lambda device=0: 0.5)
+    pairs_run, why = microbatch.decide(trainer, recipe, rt, lengths)
+    assert pairs_run == 2 and "need more memory" in why  # a small card keeps the recipe's accumulation
+    monkeypatch.setattr(plan, "gpu_memory_gib", lambda device=0: 80.0)
+    assert microbatch.decide(trainer, recipe, replace(rt, strategy="zero3"), lengths)[0] == 2  # DeepSpeed: as is
+    recipe.train.merge_micro_batches = False
+    assert microbatch.decide(trainer, recipe, rt, lengths)[0] == 2
+    microbatch.apply(trainer, 6)
+    assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (6, 1)
+    assert trainer._train_batch_size == 6 and trainer.accelerator.gradient_accumulation_steps == 1
+
+
+def test_merged_micro_batches_train_what_the_recipe_trains(tmp_path):
+    """4 x 2 run as 8 x 1 (auto, CPU): bitwise the run written as 8 x 1, and the unmerged 4 x 2 within rounding."""
+    from test_train_cpu import run_env
+
+    def run(name, per_device, accum, merge):
+        out = tmp_path / name
+        cmd = [sys.executable, "-m", "dist_dpo", "train", "--config", "recipes/demo.yaml", "--output_dir", str(out),
+               "--max_steps", "3", "--logging_steps", "1", "--eval_steps", "0", "--save_steps", "100",
+               "--lora_dropout", "0", "--report_to", "none", "--per_device_train_batch_size", str(per_device),
+               "--gradient_accumulation_steps", str(accum), "--merge_micro_batches", merge]
+        proc = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        return [(h["loss"], h["grad_norm"]) for h in history if "loss" in h], proc.stderr + proc.stdout
+
+    merged, said = run("merged", 4, 2, "auto")
+    assert "8 pairs x 1" in said and "8 per device x 1 accumulation" in said
+    assert merged == run("written", 8, 1, "false")[0]
+    for (a, ga), (b, gb) in zip(merged, run("accumulated", 4, 2, "false")[0]):
+        assert abs(a - b) < 1e-5 and abs(ga - gb) < 1e-4 * max(ga, 1.0)
+
+
 def test_recipe_accepts_auto_true_false():
     from dist_dpo.config import parse_recipe
     from dist_dpo.errors import UserError

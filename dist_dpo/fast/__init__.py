@@ -7,6 +7,7 @@ trl's `_compute_loss` on one batch); what changes is how much work a step does:
   head.py           trl's fused log-prob head, fed those rows, computing logging-only outputs only when asked
   loss.py           sigmoid DPO without per-micro-step host syncs; logging extras on logging steps only
   checkpointing.py  `gradient_checkpointing: auto`: the least recompute the memory plan says fits
+  microbatch.py     `merge_micro_batches: auto`: 4 x 4 accumulation as 16 x 1 when that fits (same loss)
 Recipe keys: fast_path, group_by_length, prefix_sharing, gradient_checkpointing (config.py documents them);
 liger_kernels is a DPOConfig flag (dpo_args.py).
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import types
 
-from dist_dpo.fast import batching, checkpointing, head, loss
+from dist_dpo.fast import batching, checkpointing, head, loss, microbatch
 from dist_dpo.logs import get_logger
 
 
@@ -32,9 +33,13 @@ def apply(trainer, recipe, rt) -> dict:
         _log(rt, report)
         return report
     lengths = batching.pair_lengths(trainer.train_dataset, trainer.args.max_length)
+    report = {}
+    if t.fast_path:  # before checkpointing: that plans for the micro-batch that will run
+        pairs, report["micro-batches"] = microbatch.decide(trainer, recipe, rt, lengths)
+        microbatch.apply(trainer, pairs)
     every, why = checkpointing.decide(trainer, recipe, rt, lengths)
     checkpointing.apply(trainer, every, strategy_for(rt.strategy).checkpointing_reentrant)
-    report = {"checkpointing": why}
+    report["checkpointing"] = why
     trainer._dd_speed_report = report  # read by benchmarks/throughput.py
     if not t.fast_path:
         report["fast_path"] = "off (plain trl)"

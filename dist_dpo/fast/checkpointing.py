@@ -38,6 +38,14 @@ def job_for(trainer, recipe, rt, lengths: tuple[list[int], list[int], list[int]]
     )
 
 
+def planning_gib(recipe, rt) -> float | None:
+    """The GPU memory plans are made for: this GPU's, or less with `gpu_memory_gib`; None on CPU."""
+    gpu_gib = plan.gpu_memory_gib(rt.local_rank) if rt.device_type == "cuda" else None
+    if gpu_gib is not None and recipe.train.gpu_memory_gib:
+        gpu_gib = min(gpu_gib, recipe.train.gpu_memory_gib)
+    return gpu_gib
+
+
 def decide(trainer, recipe, rt, lengths) -> tuple[int, str]:
     """(every_n_layers, why); 0 = no checkpointing."""
     setting = recipe.train.gradient_checkpointing
@@ -45,9 +53,7 @@ def decide(trainer, recipe, rt, lengths) -> tuple[int, str]:
         return 1, "every layer (recipe: true)"
     if setting is False:
         return 0, "off (recipe: false)"
-    gpu_gib = plan.gpu_memory_gib(rt.local_rank) if rt.device_type == "cuda" else None
-    if gpu_gib is not None and recipe.train.gpu_memory_gib:
-        gpu_gib = min(gpu_gib, recipe.train.gpu_memory_gib)
+    gpu_gib = planning_gib(recipe, rt)
     if gpu_gib is None:
         return 0, "auto: no GPU memory to save on CPU"
     job = job_for(trainer, recipe, rt, lengths)
