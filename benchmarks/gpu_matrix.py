@@ -90,6 +90,7 @@ def train_args(cell: Cell, model: Path, out: Path) -> list[str]:
         "constant", "--max_length", "512", "--lora_dropout", "0", "--report_to", "none", "--seed", "7",
         "--lora_target_modules", "q_proj,k_proj,v_proj,o_proj", "--gradient_checkpointing", "true",
         "--optim", "adamw_torch", "--collective_timeout_s", "300",
+        "--merge_micro_batches", "false",  # the layouts are the experiment (ref vs ref-alt is the noise floor)
     ]
     if cell.quant == "qlora":
         args.append("--load_in_4bit")
