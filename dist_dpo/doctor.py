@@ -306,6 +306,7 @@ def runtime_for(name: str, gpus: int):
 def strategy_rows(recipe, chosen: str | None, gpus: int) -> list[Row]:
     """Each strategy x this machine x the recipe's quantization, through train.check_combination."""
     from dist_dpo.config import Recipe
+    from dist_dpo.strategies import strategy_for
     from dist_dpo.train import check_combination
 
     names = [chosen] if chosen else strategy_names()
@@ -317,6 +318,10 @@ def strategy_rows(recipe, chosen: str | None, gpus: int) -> list[Row]:
             check_combination(r, rt)
         except UserError as e:
             rows.append(Row(f"strategy {name}", FAIL if chosen else INFO, f"not here: {e}"))
+            continue
+        caveat = strategy_for(rt.strategy).qlora_caveat
+        if r.model.load_in_4bit and caveat:
+            rows.append(Row(f"strategy {name}", WARN, caveat))
             continue
         rows.append(Row(f"strategy {name}", OK, rt.describe()))
     return rows

@@ -43,6 +43,9 @@ class Strategy:
     # Whether the recipe's micro-batches x accumulation may run as fewer, larger micro-batches (merge_micro_batches):
     # the Trainer reads both at train() time; a DeepSpeed engine fixes them in its config when it is built.
     merges_micro_batches: bool = True
+    # What the GPU matrix measured against this strategy with QLoRA that a user should know before choosing it
+    # (benchmarks/results/gpu_matrix.json); train warns and doctor lists it. None: nothing to add.
+    qlora_caveat: str | None = None
 
 
 STRATEGY_TABLE: dict[str, Strategy] = {
@@ -81,6 +84,8 @@ STRATEGY_TABLE: dict[str, Strategy] = {
         ddp_find_unused_parameters=None,
         adapter_save="gathered",  # FULL_STATE_DICT gather; FSDP1 SHARDED saved empty adapters here (see README)
         runs_on_cpu=False,
+        qlora_caveat="FSDP2 + QLoRA trained 0.0127 away from the single-GPU run in the tested matrix (bound 0.0044, "
+                     "2 x H200, 2026-11-28; being traced): prefer ddp (exact) or zero3 for QLoRA until it is fixed",
         fsdp_uncast_outputs=True,
     ),
     "zero2": Strategy(

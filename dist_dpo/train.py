@@ -57,6 +57,8 @@ def _train(argv: list[str]) -> int:
     log = setup_console(rt)
     strat = strategy_for(rt.strategy)
     check_combination(recipe, rt)  # before the process group: a GPU strategy without GPUs must not reach NCCL
+    if recipe.model.load_in_4bit and strat.qlora_caveat and rt.is_main:
+        log.warning("%s", strat.qlora_caveat)
     out = Path(recipe.train.output_dir)
 
     from dist_dpo import preflight

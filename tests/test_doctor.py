@@ -128,3 +128,16 @@ def test_doctor_usage_errors_are_one_line(capsys):
     assert code == 2
     assert text.strip() == ("dist-dpo: error: doctor: unknown strategy 'nope': choose one of "
                             "cpu, ddp, fsdp, zero2, zero3, zero3_offload")
+
+
+def test_a_measured_qlora_caveat_is_listed_where_the_strategy_would_run(monkeypatch):
+    """The matrix's FSDP2 + QLoRA finding reaches the user choosing it: doctor warns (train logs it on rank 0)."""
+    import dist_dpo.train as train
+    from dist_dpo.config import parse_recipe
+
+    monkeypatch.setattr(train, "check_combination", lambda r, rt: None)  # as on a machine with the GPUs
+    rows = {row.check: row for row in doctor.strategy_rows(parse_recipe(["--load_in_4bit"]), None, 2)}
+    assert rows["strategy fsdp"].status == doctor.WARN and "FSDP2 + QLoRA" in rows["strategy fsdp"].detail
+    assert rows["strategy ddp"].status == doctor.OK and rows["strategy zero3"].status == doctor.OK
+    rows = {row.check: row for row in doctor.strategy_rows(parse_recipe([]), None, 2)}
+    assert rows["strategy fsdp"].status == doctor.OK  # LoRA: nothing to add
