@@ -273,6 +273,7 @@ def run_matrix(args) -> dict:
     # short forward; the cells' seconds per step may carry a little of it).
     checks = cf.ThreadPoolExecutor(ngpu)
     pending_checks = []
+    lock = threading.Lock()  # cell results are read by the check threads' saves while lanes finish cells
 
     def finished(cell: Cell, lane: list[int]) -> None:
         def check():
@@ -286,8 +287,6 @@ def run_matrix(args) -> dict:
     def save(cells_now) -> None:
         with lock:
             write_doc(args, cells_now, agreement(cells_now), round(time.time() - t0, 1))
-
-    lock = threading.Lock()
 
     def batch(group: list[Cell], width: int) -> None:
         # --share N: N cells at a time on each group of GPUs (a 0.5B cell uses a few GiB of an 80 GiB card; most of

@@ -57,8 +57,6 @@ def _train(argv: list[str]) -> int:
     log = setup_console(rt)
     strat = strategy_for(rt.strategy)
     check_combination(recipe, rt)  # before the process group: a GPU strategy without GPUs must not reach NCCL
-    if recipe.model.load_in_4bit and strat.qlora_caveat and rt.is_main:
-        log.warning("%s", strat.qlora_caveat)
     out = Path(recipe.train.output_dir)
 
     from dist_dpo import preflight
@@ -219,6 +217,12 @@ def check_combination(r: Recipe, rt: Runtime) -> None:
     quant = r.model.load_in_4bit or r.model.load_in_8bit
     if rt.strategy == "fsdp" and r.model.load_in_8bit:
         raise UserError("FSDP cannot shard 8-bit (LLM.int8) weights: use load_in_4bit (QLoRA) or a DeepSpeed/DDP config")
+    t = r.train
+    if t.merge_micro_batches is True and not (t.fast_path and strategy_for(rt.strategy).merges_micro_batches):
+        raise UserError(
+            "merge_micro_batches: true needs fast_path: true and a strategy that can change its micro-batch "
+            f"({rt.strategy}: DeepSpeed fixes it in its config): set per_device_train_batch_size and "
+            "gradient_accumulation_steps instead, or merge_micro_batches: auto")
     if rt.device_type == "cpu" and not strategy_for(rt.strategy).runs_on_cpu:
         raise UserError(f"strategy {rt.strategy} needs GPUs and none is visible: use the ddp or cpu configs on CPU")
     if rt.device_type == "cpu" and quant:
@@ -265,6 +269,8 @@ def verify_adapter(out: Path, expected_tensors: int) -> dict:
 def log_header(log, r: Recipe, rt: Runtime, strat, trainer, n_train: int, n_eval: int) -> None:
     if not rt.is_main:
         return
+    if r.model.load_in_4bit and strat.qlora_caveat:  # here, not before the preflight: said once per job
+        log.warning("%s", strat.qlora_caveat)
     import importlib.metadata as md
 
     import torch

@@ -109,3 +109,18 @@ def test_rank_local_model_builds_stay_outside_zero3_init(tmp_path):
     params, trainable = skeleton_counts(parse_recipe([]), str(ensure_builtin_model()))
     assert params > trainable > 0
     del ds
+
+
+def test_merging_micro_batches_where_it_cannot_happen_is_refused(clean_launch_env):
+    """An explicit `merge_micro_batches: true` that would be ignored is an error, not a silent no-op."""
+    from dataclasses import replace
+
+    from dist_dpo.config import parse_recipe
+    from dist_dpo.train import check_combination
+
+    rt = resolve_runtime(device_type="cpu")
+    check_combination(parse_recipe(["--merge_micro_batches", "true"]), rt)  # single process: merges
+    with pytest.raises(UserError, match="merge_micro_batches: true needs fast_path"):
+        check_combination(parse_recipe(["--merge_micro_batches", "true", "--fast_path", "false"]), rt)
+    with pytest.raises(UserError, match="DeepSpeed fixes it"):
+        check_combination(parse_recipe(["--merge_micro_batches", "true"]), replace(rt, strategy="zero2"))
