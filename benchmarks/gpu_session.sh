@@ -9,7 +9,7 @@
 #
 # Phases:
 #   1. at once, sharing the GPUs (proofs, not timings):
-#      benchmarks/gpu_matrix.py --share 2       (issue 3)  every strategy x LoRA/QLoRA, 2 GPUs per cell
+#      benchmarks/gpu_matrix.py --share 3       (issue 3)  every strategy x LoRA/QLoRA, 2 GPUs per cell
 #      benchmarks/seed_qlora_gpu.sh on GPUs 0,1 (issue 2)  make train-ddp / train-zero3, seed_qlora, 1.5B shape
 #      benchmarks/gpu_resume.py                 (issue 5)  kill -9 a rank, resume: DDP and ZeRO-3 with QLoRA
 #   2. alone: benchmarks/throughput.py          (issue 6)  1-GPU rows on one lane per GPU, then the 2-GPU rows
@@ -29,7 +29,7 @@ run)
   gpus=$(nvidia-smi -L | wc -l)
   # Proofs first, sharing the GPUs (each job's losses and peak memory are its own; none of them is a timing):
   note "matrix + seed_qlora + resume start ($gpus GPUs)"
-  (python3 benchmarks/gpu_matrix.py --out "$S/results" --work /tmp/dd_matrix --share "${MATRIX_SHARE:-2}" \
+  (python3 benchmarks/gpu_matrix.py --out "$S/results" --work /tmp/dd_matrix --share "${MATRIX_SHARE:-3}" \
      > "$S/matrix.log" 2>&1; note "matrix exit $?") &
   (CUDA_VISIBLE_DEVICES=0,1 STEP_TIMEOUT=300 bash benchmarks/seed_qlora_gpu.sh "$S/results/seed" 10 \
      > "$S/seed.log" 2>&1; note "seed_qlora exit $?") &
@@ -40,7 +40,7 @@ run)
   pkill -9 -f "dist_dpo train" 2>/dev/null  # a hung run's ranks must not share the timed GPUs
   # Then the timings, alone on the machine:
   note "throughput start"
-  python3 benchmarks/throughput.py --out "$S/results" --budget-s "${THROUGHPUT_BUDGET_S:-660}" --commit "$commit" \
+  python3 benchmarks/throughput.py --out "$S/results" --budget-s "${THROUGHPUT_BUDGET_S:-700}" --commit "$commit" \
     > "$S/throughput.log" 2>&1
   note "throughput exit $?"
   touch "$S/done"

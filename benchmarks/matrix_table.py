@@ -47,7 +47,10 @@ def render(doc: dict) -> str:
     lines = [
         f"Card: {', '.join(sorted(set(env.get('cards', []))))} · commit {str(env.get('git_commit'))[:10]} · "
         f"{doc['setup']['shape']}, {doc['setup']['steps']} steps, global batch {doc['setup']['global_batch']} · "
-        "tolerance = 3 x the loss difference of the single-GPU reference re-run with another micro-batch layout "
+        + ("tolerance = 3 x the largest loss difference between the single-GPU reference and its re-runs with other "
+           "micro-batch layouts " if "how" in tol else
+           "tolerance = 3 x the loss difference of the single-GPU reference re-run with another micro-batch layout ")
+        +
         f"(LoRA {tol.get('tolerance', {}).get('lora', 0):.4f}, QLoRA {tol.get('tolerance', {}).get('qlora', 0):.4f})"
         + (f" · {doc['cells_at_once_per_gpu_group']} cells shared each GPU pair, so no timings here "
            "(benchmarks/throughput.py has them)" if doc.get("cells_at_once_per_gpu_group", 1) > 1 else ""),

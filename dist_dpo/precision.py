@@ -7,6 +7,17 @@ import torch
 from dist_dpo.strategies import Strategy
 
 
+def has_packed_4bit(model) -> bool:
+    return any(type(p).__name__ == "Params4bit" for p in model.parameters())
+
+
+def fsdp_param_dtype(trainer, strat: Strategy) -> torch.dtype | None:
+    """The dtype FSDP2 casts parameters to before its all-gather (see `Strategy.fsdp_4bit_gather_as_stored`)."""
+    if strat.fsdp_4bit_gather_as_stored and has_packed_4bit(trainer.model):
+        return None
+    return torch.bfloat16 if trainer.args.bf16 else torch.float16 if trainer.args.fp16 else None
+
+
 def keep_logprobs_fp32(trainer, strat: Strategy) -> None:
     """Set before `train()` (FSDP wraps the model there). See `Strategy.fsdp_uncast_outputs`."""
     plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
@@ -14,7 +25,7 @@ def keep_logprobs_fp32(trainer, strat: Strategy) -> None:
         return
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    param_dtype = torch.bfloat16 if trainer.args.bf16 else torch.float16 if trainer.args.fp16 else None
+    param_dtype = fsdp_param_dtype(trainer, strat)
     # Gradients are reduced in fp32 too: LoRA gradients are small and bf16 all-reduce rounding shows in the loss.
     plugin.mixed_precision_policy = MixedPrecisionPolicy(
         param_dtype=param_dtype, reduce_dtype=torch.float32, output_dtype=None

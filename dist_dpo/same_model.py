@@ -3,7 +3,8 @@
 Ranks that hold different weights train a model nobody asked for, and nothing says so: the losses still fall and
 the adapter still saves. Ways to get there: a 4-bit model quantized on one rank and handed to another without its
 quantization state, a shard missing on one node, a device map that differs per rank. (On 2 x H200 the FSDP2 + QLoRA
-cell's step-1 gradient was 3 % off the single-GPU run's: this check tells a next run whether its ranks agreed.)
+cell's step-1 gradient was 3 % off the single-GPU run's; the cause, bitsandbytes#1945, changed every rank alike, which
+this check cannot see: the start fingerprint it logs lets runs be compared with each other.)
 One no-grad forward of a few tokens through the model as training calls it (FSDP2 / ZeRO-3 gather as they do in
 training), in eval mode so LoRA dropout cannot differ, and one all_gather of a few numbers.
 """
@@ -50,14 +51,20 @@ class SameModelCheck(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         import torch.distributed as dist
 
-        if model is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        if model is None:
             return
         vocab = model.config.get_text_config().vocab_size
         mine = fingerprint(model, vocab, args.device)
+        log = get_logger()
+        # Printed for comparisons ACROSS runs too: the adapter starts as a no-op, so every strategy and launcher with
+        # the same base model and precision should print nearly the same number (benchmarks/gpu_matrix.py reads it).
+        log.info("start fingerprint: %.7e (mean |logit| of one 16-token forward before step 1)",
+                 float(mine.abs().mean()))
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
         gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, mine)
         worst, rank = spread(torch.stack(gathered).cpu())
-        log = get_logger()
         if worst > REL_TOLERANCE:
             raise UserError(
                 f"the ranks hold different models before step 1 (rank {rank}'s logits differ from rank 0's by "

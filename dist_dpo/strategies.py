@@ -40,6 +40,14 @@ class Strategy:
     # noise). output_dtype=None leaves each block in its compute dtype and the log-probs in fp32; fp32 output_dtype
     # instead would feed fp32 activations into bf16 LoRA/QLoRA blocks (dtype mismatch).
     fsdp_uncast_outputs: bool = False
+    # FSDP2 + 4-bit base: no parameter cast (param_dtype None; compute stays bf16 through autocast, which accelerate
+    # turns on for FSDP2). With param_dtype=bf16 every tensor of a layer is bf16 and FSDP2 copies them for the
+    # all-gather with a CUDA kernel that goes through float: packed NF4 bytes that happen to read as a bf16 NaN are
+    # rewritten to 0x7FFF (bitsandbytes#1945), ~0.1 % of the 4-bit weights silently change. Measured 2026-11-28 on
+    # 2 x H200: FSDP2 QLoRA trained 0.0127 off the 1-GPU run and its in-run eval was 0.19 % off its own adapter
+    # reloaded. Uncast, a layer holds bf16 (base) and fp32 (LoRA) tensors, so FSDP2 gathers it as raw bytes. The
+    # LoRA weights then travel in fp32: a few MB.
+    fsdp_4bit_gather_as_stored: bool = False
     # Whether the recipe's micro-batches x accumulation may run as fewer, larger micro-batches (merge_micro_batches):
     # the Trainer reads both at train() time; a DeepSpeed engine fixes them in its config when it is built.
     merges_micro_batches: bool = True
@@ -84,9 +92,8 @@ STRATEGY_TABLE: dict[str, Strategy] = {
         ddp_find_unused_parameters=None,
         adapter_save="gathered",  # FULL_STATE_DICT gather; FSDP1 SHARDED saved empty adapters here (see README)
         runs_on_cpu=False,
-        qlora_caveat="FSDP2 + QLoRA trained 0.0127 away from the single-GPU run in the tested matrix (bound 0.0044, "
-                     "2 x H200, 2026-11-28; being traced): prefer ddp (exact) or zero3 for QLoRA until it is fixed",
         fsdp_uncast_outputs=True,
+        fsdp_4bit_gather_as_stored=True,
     ),
     "zero2": Strategy(
         name="zero2",

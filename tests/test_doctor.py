@@ -131,10 +131,17 @@ def test_doctor_usage_errors_are_one_line(capsys):
 
 
 def test_a_measured_qlora_caveat_is_listed_where_the_strategy_would_run(monkeypatch):
-    """The matrix's FSDP2 + QLoRA finding reaches the user choosing it: doctor warns (train logs it on rank 0)."""
+    """A matrix finding against a strategy with QLoRA (the table's qlora_caveat) reaches the user choosing it: doctor
+    warns (train logs it on rank 0). None is set today: the FSDP2 + QLoRA one was fixed (dist_dpo/precision.py)."""
+    import dataclasses
+
+    import dist_dpo.strategies as strategies
     import dist_dpo.train as train
     from dist_dpo.config import parse_recipe
 
+    assert not any(s.qlora_caveat for s in strategies.STRATEGY_TABLE.values())
+    fsdp = dataclasses.replace(strategies.STRATEGY_TABLE["fsdp"], qlora_caveat="FSDP2 + QLoRA: measured off")
+    monkeypatch.setitem(strategies.STRATEGY_TABLE, "fsdp", fsdp)
     monkeypatch.setattr(train, "check_combination", lambda r, rt: None)  # as on a machine with the GPUs
     rows = {row.check: row for row in doctor.strategy_rows(parse_recipe(["--load_in_4bit"]), None, 2)}
     assert rows["strategy fsdp"].status == doctor.WARN and "FSDP2 + QLoRA" in rows["strategy fsdp"].detail

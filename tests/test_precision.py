@@ -1,0 +1,78 @@
+"""FSDP2 + QLoRA: the packed 4-bit weights must reach every rank bit for bit (dist_dpo/precision.py).
+
+FSDP2 copies a layer's tensors into its all-gather buffer. When they all share one float dtype it does so with a CUDA
+kernel that passes through float, which rewrites packed NF4 bytes that happen to read as a bf16 NaN
+(bitsandbytes#1945); with mixed dtypes it gathers raw bytes (uint8). CPU copies never touch NaN payloads, so CI
+checks the decision FSDP2 makes - the all-gather dtype of a QLoRA decoder layer under the policy dist-dpo sets -
+and the GPU matrix (benchmarks/gpu_matrix.py: ref1-fsdp-qlora, make-fsdp-qlora) checks the numbers.
+"""
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import torch
+
+from conftest import ROOT
+
+PROBE = r"""
+import json, os, torch, torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
+dist.init_process_group("gloo", rank=0, world_size=1)
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from peft import LoraConfig, get_peft_model
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp._fully_shard._fsdp_collectives import (
+    _get_all_gather_input_metadatas, _get_param_all_gather_inputs)
+from dist_dpo.model_zoo import builtin_model_dir
+from dist_dpo.precision import fsdp_param_dtype
+from dist_dpo.strategies import strategy_for
+from types import SimpleNamespace
+
+q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                       bnb_4bit_quant_storage=torch.bfloat16)  # what the strategy table gives fsdp
+out = {}
+for name in ("dist-dpo", "bf16 cast"):
+    model = AutoModelForCausalLM.from_pretrained(str(builtin_model_dir()), dtype=torch.bfloat16,
+                                                 quantization_config=q, device_map={"": "cpu"})
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    trainer = SimpleNamespace(model=model, args=SimpleNamespace(bf16=True, fp16=False))
+    dtype = fsdp_param_dtype(trainer, strategy_for("fsdp")) if name == "dist-dpo" else torch.bfloat16
+    layer = model.base_model.model.model.layers[0]
+    fully_shard(layer, mesh=init_device_mesh("cpu", (1,)),
+                mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, output_dtype=None))
+    group = layer._get_fsdp_state()._fsdp_param_group
+    group.lazy_init()  # where FSDP2 settles each parameter's all-gather dtype (first forward)
+    gathered = _get_all_gather_input_metadatas(_get_param_all_gather_inputs(group.fsdp_params))[2]
+    out[name] = {"param_dtype": str(dtype), "all_gather_dtype": str(gathered)}
+dist.destroy_process_group()
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_fsdp2_gathers_a_qlora_layer_as_raw_bytes(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PORT": str(port), "PYTHONPATH": str(ROOT)})
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert proc.returncode == 0 and line, proc.stderr[-3000:]
+    got = json.loads(line[0][len("RESULT "):])
+    assert got["dist-dpo"] == {"param_dtype": "None", "all_gather_dtype": "torch.uint8"}
+    # The control: accelerate's default bf16 cast makes the same layer one bf16 buffer (the float copy path).
+    assert got["bf16 cast"]["all_gather_dtype"] == "torch.bfloat16"
+
+
+def test_fsdp_casts_parameters_to_bf16_when_nothing_is_packed():
+    from dist_dpo.precision import fsdp_param_dtype
+    from dist_dpo.strategies import strategy_for
+
+    plain = SimpleNamespace(model=torch.nn.Linear(4, 4), args=SimpleNamespace(bf16=True, fp16=False))
+    assert fsdp_param_dtype(plain, strategy_for("fsdp")) == torch.bfloat16  # full models gather in bf16: half the bytes
+    fp16 = SimpleNamespace(model=torch.nn.Linear(4, 4), args=SimpleNamespace(bf16=False, fp16=True))
+    assert fsdp_param_dtype(fp16, strategy_for("fsdp")) == torch.float16
