@@ -11,6 +11,21 @@ def has_packed_4bit(model) -> bool:
     return any(type(p).__name__ == "Params4bit" for p in model.parameters())
 
 
+def keep_qlora_adapters_fp32(trainer, strat: Strategy) -> int:
+    """Undo trl's bf16 cast of a quantized model's adapters (see `Strategy.qlora_adapters_fp32`); before `train()`,
+    which builds the optimizer and the FSDP wrapper. Returns how many tensors were cast back."""
+    model = trainer.model
+    if not strat.qlora_adapters_fp32 or not any(type(p).__name__ in ("Params4bit", "Int8Params")
+                                                for p in model.parameters()):
+        return 0
+    cast = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+            cast += 1
+    return cast
+
+
 def fsdp_param_dtype(trainer, strat: Strategy) -> torch.dtype | None:
     """The dtype FSDP2 casts parameters to before its all-gather (see `Strategy.fsdp_4bit_gather_as_stored`)."""
     if strat.fsdp_4bit_gather_as_stored and has_packed_4bit(trainer.model):

@@ -48,6 +48,12 @@ class Strategy:
     # reloaded. Uncast, a layer holds bf16 (base) and fp32 (LoRA) tensors, so FSDP2 gathers it as raw bytes. The
     # LoRA weights then travel in fp32: a few MB.
     fsdp_4bit_gather_as_stored: bool = False
+    # QLoRA adapters stay fp32 (compute is bf16 through autocast). trl casts them to bf16 for quantized models, so
+    # AdamW then updates bf16 weights: steps of lr 2e-4 on weights ~0.03 are at bf16's rounding step, lost or doubled.
+    # DeepSpeed keeps fp32 master weights itself (its cells were the odd ones out in the 2026-11-28 matrix: 0.0047
+    # from the bf16-adapter single-GPU run, 0.0048 on ONE GPU too), and under FSDP2 bf16 adapters made every tensor of
+    # a layer bf16, the case that sends packed 4-bit bytes through a float copy (see fsdp_4bit_gather_as_stored).
+    qlora_adapters_fp32: bool = True
     # Whether the recipe's micro-batches x accumulation may run as fewer, larger micro-batches (merge_micro_batches):
     # the Trainer reads both at train() time; a DeepSpeed engine fixes them in its config when it is built.
     merges_micro_batches: bool = True
@@ -106,6 +112,7 @@ STRATEGY_TABLE: dict[str, Strategy] = {
         adapter_save="rank0",
         runs_on_cpu=False,
         merges_micro_batches=False,  # DeepSpeed: train_micro_batch_size_per_gpu is set at engine init
+        qlora_adapters_fp32=False,  # DeepSpeed's engine holds bf16 working copies and fp32 masters itself
     ),
     "zero3": Strategy(
         name="zero3",
@@ -118,6 +125,7 @@ STRATEGY_TABLE: dict[str, Strategy] = {
         adapter_save="gathered",  # needs stage3_gather_16bit_weights_on_model_save: true (ds_configs/zero3*.json)
         runs_on_cpu=False,
         merges_micro_batches=False,  # DeepSpeed: train_micro_batch_size_per_gpu is set at engine init
+        qlora_adapters_fp32=False,  # DeepSpeed's engine holds bf16 working copies and fp32 masters itself
     ),
 }
 

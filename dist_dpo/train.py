@@ -86,7 +86,7 @@ def _train(argv: list[str]) -> int:
 
     from dist_dpo.callbacks import RankZeroProgress
     from dist_dpo import fast
-    from dist_dpo.precision import keep_logprobs_fp32
+    from dist_dpo.precision import keep_logprobs_fp32, keep_qlora_adapters_fp32
     from dist_dpo.run_stats import RunStats
 
     class Trainer(AtomicCheckpoints, DPOTrainer):
@@ -101,6 +101,7 @@ def _train(argv: list[str]) -> int:
         peft_config=peft_config,
     )
     keep_logprobs_fp32(trainer, strat)
+    keep_qlora_adapters_fp32(trainer, strat)
     fast.apply(trainer, recipe, rt)  # the speed path, same loss as trl's (dist_dpo/fast/__init__.py)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(RankZeroProgress())

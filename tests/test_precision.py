@@ -33,13 +33,19 @@ from types import SimpleNamespace
 
 q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
                        bnb_4bit_quant_storage=torch.bfloat16)  # what the strategy table gives fsdp
+from dist_dpo.precision import keep_qlora_adapters_fp32
 out = {}
-for name in ("dist-dpo", "bf16 cast"):
+for name in ("dist-dpo", "bf16 adapters, uncast", "bf16 cast"):
     model = AutoModelForCausalLM.from_pretrained(str(builtin_model_dir()), dtype=torch.bfloat16,
                                                  quantization_config=q, device_map={"": "cpu"})
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    for p in model.parameters():  # what trl's DPOTrainer does to a quantized model's adapters
+        if p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
     trainer = SimpleNamespace(model=model, args=SimpleNamespace(bf16=True, fp16=False))
-    dtype = fsdp_param_dtype(trainer, strategy_for("fsdp")) if name == "dist-dpo" else torch.bfloat16
+    if name == "dist-dpo":
+        keep_qlora_adapters_fp32(trainer, strategy_for("fsdp"))
+    dtype = fsdp_param_dtype(trainer, strategy_for("fsdp")) if name != "bf16 cast" else torch.bfloat16
     layer = model.base_model.model.model.layers[0]
     fully_shard(layer, mesh=init_device_mesh("cpu", (1,)),
                 mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, output_dtype=None))
@@ -64,8 +70,10 @@ def test_fsdp2_gathers_a_qlora_layer_as_raw_bytes(tmp_path):
     assert proc.returncode == 0 and line, proc.stderr[-3000:]
     got = json.loads(line[0][len("RESULT "):])
     assert got["dist-dpo"] == {"param_dtype": "None", "all_gather_dtype": "torch.uint8"}
-    # The control: accelerate's default bf16 cast makes the same layer one bf16 buffer (the float copy path).
+    # The controls: accelerate's default bf16 cast, or trl's bf16 adapters left as they are (measured on 2 x H200,
+    # 2026-11-28: the first fix alone left FSDP2 QLoRA 0.0136 off), make the layer one bf16 buffer.
     assert got["bf16 cast"]["all_gather_dtype"] == "torch.bfloat16"
+    assert got["bf16 adapters, uncast"] == {"param_dtype": "None", "all_gather_dtype": "torch.bfloat16"}
 
 
 def test_fsdp_casts_parameters_to_bf16_when_nothing_is_packed():
@@ -76,3 +84,37 @@ def test_fsdp_casts_parameters_to_bf16_when_nothing_is_packed():
     assert fsdp_param_dtype(plain, strategy_for("fsdp")) == torch.bfloat16  # full models gather in bf16: half the bytes
     fp16 = SimpleNamespace(model=torch.nn.Linear(4, 4), args=SimpleNamespace(bf16=False, fp16=True))
     assert fsdp_param_dtype(fp16, strategy_for("fsdp")) == torch.float16
+
+
+def test_qlora_adapters_go_back_to_fp32_except_where_deepspeed_keeps_masters():
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from peft import LoraConfig, get_peft_model
+
+    from dist_dpo.model_zoo import builtin_model_dir
+    from dist_dpo.precision import keep_qlora_adapters_fp32
+    from dist_dpo.strategies import strategy_for
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    for name, expect in (("single", torch.float32), ("ddp", torch.float32), ("fsdp", torch.float32),
+                         ("zero2", torch.bfloat16), ("zero3", torch.bfloat16)):
+        model = AutoModelForCausalLM.from_pretrained(str(builtin_model_dir()), dtype=torch.bfloat16,
+                                                     quantization_config=q, device_map={"": "cpu"})
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        for p in model.parameters():  # trl's cast
+            if p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+        cast = keep_qlora_adapters_fp32(SimpleNamespace(model=model), strategy_for(name))
+        trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+        assert trainable == {expect}, name
+        assert cast == (len([p for p in model.parameters() if p.requires_grad]) if expect == torch.float32 else 0)
+        frozen = {type(p).__name__ for p in model.parameters() if not p.requires_grad and p.dtype == torch.float32}
+        assert not frozen, (name, frozen)  # the base model is untouched
+
+
+def test_unquantized_adapters_are_left_alone():
+    from dist_dpo.precision import keep_qlora_adapters_fp32
+    from dist_dpo.strategies import strategy_for
+
+    model = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    assert keep_qlora_adapters_fp32(SimpleNamespace(model=model), strategy_for("ddp")) == 0
+    assert model.weight.dtype == torch.bfloat16
