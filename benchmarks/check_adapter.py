@@ -22,11 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 LOGPS_RTOL = 2e-3  # bf16 forward with other batch shapes than the run's eval
 LOSS_ATOL = 1e-2
-# Merged bf16 weights vs base + separate LoRA branch: W + BA rounded to bf16 moves every logit by bf16 rounding
-# (a max |diff| of 0.08 at logits ~10 is 2 ulps), so the check is relative to what the adapter does: the merged
-# model must keep the adapter's effect (mean |merged - adapter| <= 10 % of mean |base - adapter|) and its top-1
-# tokens. A lost or half-merged adapter fails both. (A fixed 0.05 bound failed bf16 merges on the GPU, 2026-11-28.)
-MERGE_EFFECT_RTOL = 0.1
+# The merge is checked in two parts. The math, in fp32: base + adapter merged must give the logits of base + the
+# separate LoRA branch within 1 % of what the adapter changes (a lost or half-merged adapter fails). The bf16 export:
+# saved in bf16 and reloaded with plain transformers, it must predict the same top-1 tokens and sit no further from
+# the fp32 trained model than 2 x the bf16 base itself does (bf16 rounding of every weight). The relative bound of
+# 2026-11-28 (bf16 merged vs bf16 base + adapter within 10 % of the adapter's effect) could not pass for the matrix's
+# 8-step adapters: their effect (mean |dlogit| 0.029) is 2.5 x bf16's rounding of the merged weights (0.012).
+MERGE_MATH_RTOL = 0.01
+MERGE_BF16_FLOOR_X = 2.0
 MERGE_TOP1 = 0.95
 ON_GPU = torch.cuda.is_available()  # CPU only for trying this script out locally on the tiny model
 DEVICE_MAP = {"": 0} if ON_GPU else {"": "cpu"}
@@ -74,27 +77,35 @@ def merge_check(run: Path, base: str) -> dict:
     tok = AutoTokenizer.from_pretrained(run)
     ids = tok(["你好，今天天气怎么样？ Tell me a joke."], return_tensors="pt").input_ids
     ids = ids.cuda() if ON_GPU else ids
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPE, device_map=DEVICE_MAP)
-    with torch.no_grad():
-        plain = model(ids).logits.float()
-    peft_model = PeftModel.from_pretrained(model, run)
-    with torch.no_grad():
-        want = peft_model(ids).logits.float()
-    merged = peft_model.merge_and_unload()
-    with tempfile.TemporaryDirectory() as tmp:
-        merged.save_pretrained(tmp)
-        del merged, peft_model, model
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=DTYPE, device_map=DEVICE_MAP)
-        with torch.no_grad():
-            got = reloaded(ids).logits.float()
-    diff = (got - want).abs()
-    effect = (plain - want).abs().mean().item()
-    top1 = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
-    ok = bool(torch.isfinite(got).all()) and diff.mean().item() <= MERGE_EFFECT_RTOL * effect and top1 >= MERGE_TOP1
-    return {"merged_logits_max_abs_diff": diff.max().item(), "merged_logits_mean_abs_diff": diff.mean().item(),
-            "adapter_effect_mean_abs": effect, "logits_max_abs": want.abs().max().item(), "merged_top1_agreement": top1,
-            "merged_ok": ok}
 
+    def logits(model):
+        with torch.no_grad():
+            return model(ids).logits.float()
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, device_map=DEVICE_MAP)
+    plain = logits(model)
+    peft_model = PeftModel.from_pretrained(model, run)
+    want = logits(peft_model)
+    merged = peft_model.merge_and_unload()
+    got32 = logits(merged)
+    with tempfile.TemporaryDirectory() as tmp:
+        merged.to(torch.bfloat16).save_pretrained(tmp)
+        del merged, peft_model, model
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16, device_map=DEVICE_MAP)
+        got16 = logits(reloaded)
+        del reloaded
+    base16 = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, device_map=DEVICE_MAP)
+    floor = (logits(base16) - plain).abs().mean().item()  # what bf16 rounding of the weights alone does
+    effect = (plain - want).abs().mean().item()
+    math = (got32 - want).abs().mean().item()
+    bf16 = (got16 - want).abs().mean().item()
+    top1 = (got16.argmax(-1) == want.argmax(-1)).float().mean().item()
+    ok = (bool(torch.isfinite(got16).all()) and math <= MERGE_MATH_RTOL * effect and top1 >= MERGE_TOP1
+          and bf16 <= MERGE_BF16_FLOOR_X * max(floor, 1e-6))
+    return {"adapter_effect_mean_abs": effect, "merged_fp32_mean_abs_diff": math,
+            "merged_bf16_mean_abs_diff": bf16, "bf16_rounding_floor_mean_abs": floor,
+            "merged_logits_max_abs_diff": (got16 - want).abs().max().item(), "merged_top1_agreement": top1,
+            "logits_max_abs": want.abs().max().item(), "merged_ok": ok}
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -256,7 +256,7 @@ def agreement(all_cells: dict[str, Cell]) -> dict:
         diffs = [abs(x - y) for x, y in zip(r["losses"], ref.result["losses"])]
         r["max_loss_diff"] = max(diffs) if len(diffs) == STEPS else float("inf")
         one = all_cells.get(f"ref1-{c.strategy.replace('zero3_offload', 'zero3')}-{c.quant}")
-        if one is not None and one is not c and one.result.get("status") == "ok":
+        if one is not None and one is not c and one.result.get("status") == "ok" and not one.result.get("stale"):
             same = [abs(x - y) for x, y in zip(r["losses"], one.result["losses"])]
             r["same_strategy_1gpu_diff"] = max(same) if len(same) == STEPS else None
         if r.get("start_fingerprint") and ref.result.get("start_fingerprint"):
@@ -346,9 +346,16 @@ def main() -> int:
     p.add_argument("--quant", default="all", choices=("all", "lora", "qlora"), help="run only this half")
     p.add_argument("--share", type=int, default=1, help="cells running at once on each group of GPUs")
     p.add_argument("--merge", nargs="+", help="merge partial result files (one per --quant run) into --out")
+    p.add_argument("--overlay", nargs=2, metavar=("BASE", "NEWER"),
+                   help="cells of NEWER (a later run of some cells) replace BASE's of the same name; agreement is "
+                        "recomputed against the references and noise now in the file; each cell keeps its commit")
+    p.add_argument("--stale", default="", help="with --overlay: NAME,NAME=why - BASE cells whose code path the fix "
+                                                "changed but NEWER did not re-run (kept, marked, never counted ok)")
     args = p.parse_args()
     if args.merge:
         return merge(args.merge, Path(args.out))
+    if args.overlay:
+        return overlay(*args.overlay, Path(args.out), args.stale)
     res = run_matrix(args)
     cells_out = write_doc(args, res["cells"], res["tolerance"], res["wall_s"], final=True)
     return print_table(cells_out)
@@ -409,13 +416,58 @@ def merge(parts: list[str], out: Path) -> int:
     return print_table(doc["cells"])
 
 
+def overlay(base_path: str, newer_path: str, out: Path, stale: str = "") -> int:
+    """A re-run of a few cells after a fix (a device session has 30 minutes) joins the full run it fixes."""
+    base, newer = json.loads(Path(base_path).read_text()), json.loads(Path(newer_path).read_text())
+    for d in (base, newer):
+        for c in d["cells"]:
+            c.setdefault("git_commit", d["environment"].get("git_commit"))
+    rows = {c["name"]: c for c in base["cells"]}
+    rows.update({c["name"]: c for c in newer["cells"]})
+    known = {c.name: c for c in cells()}
+    all_cells = {}
+    for name, row in rows.items():
+        spec = known.get(name) or Cell(name, row["launcher"], row["strategy"], row["quant"], row.get("gpus", 2),
+                                       row.get("reference", ""))
+        result = {k: v for k, v in row.items() if k not in ("agrees", "loss_agrees", "max_loss_diff", "tolerance",
+                                                            "same_strategy_1gpu_diff", "start_vs_reference")}
+        all_cells[name] = Cell(spec.name, spec.launcher, spec.strategy, spec.quant, spec.gpus, spec.reference, result)
+    names, _, why = stale.partition("=")
+    for name in filter(None, names.split(",")):
+        all_cells[name].result["stale"] = why or "not re-run after the fix"
+    tol = agreement(all_cells)
+    doc = dict(base)
+    doc["runs"] = [{"command": d["command"], "git_commit": d["environment"].get("git_commit"),
+                    "environment": d["environment"], "wall_s": d["wall_s"], "cells": [c["name"] for c in d["cells"]]}
+                   for d in (base, newer)]
+    doc["command"] = base["command"] + "  # then, after a fix: " + newer["command"]
+    doc["tolerance"] = tol
+    doc["cells"] = []
+    for c in all_cells.values():
+        r = c.result
+        check = r.get("adapter_check") or {}
+        row = {**r, "agrees": bool(r.get("agrees")) and bool(check.get("ok", False)),
+               "loss_agrees": bool(r.get("agrees")), "adapter_ok": bool(check.get("ok", False))}
+        if r.get("stale"):
+            row.update(agrees=False, reason="stale: " + r["stale"])
+        elif row["status"] == "ok" and row["agrees"]:
+            row.pop("reason", None)
+        elif row["status"] == "ok":
+            row["reason"] = ("loss outside tolerance" if not row["loss_agrees"] else
+                             check.get("reason") or "adapter check failed")
+        doc["cells"].append(row)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_matrix.json").write_text(json.dumps(doc, indent=1, default=str))
+    return print_table(doc["cells"])
+
+
 def print_table(cells_out: list[dict]) -> int:
     print(f"\n{'cell':34} {'status':7} {'agree':5} {'maxdiff':>9} {'tol':>8} {'GiB':>6} {'s/step':>7} {'tensors':>7}")
     for row in cells_out:
         fmt = lambda v, f: (f % v) if isinstance(v, (int, float)) else "-"
-        print(f"{row['name']:34} {row['status']:7} {str(row['agrees']):5} {fmt(row['max_loss_diff'], '%9.5f')} "
-              f"{fmt(row['tolerance'], '%8.5f')} {fmt(row['peak_mem_gib'], '%6.2f')} "
-              f"{fmt(row['seconds_per_step'], '%7.3f')} {fmt(row['adapter_tensors'], '%7d')}"
+        print(f"{row['name']:34} {row['status']:7} {str(row['agrees']):5} {fmt(row.get('max_loss_diff'), '%9.5f')} "
+              f"{fmt(row.get('tolerance'), '%8.5f')} {fmt(row.get('peak_mem_gib'), '%6.2f')} "
+              f"{fmt(row.get('seconds_per_step'), '%7.3f')} {fmt(row.get('adapter_tensors'), '%7d')}"
               + (f"  {row.get('reason', '')[:90]}" if row["status"] != "ok" or not row["agrees"] else ""))
     return 0 if all(r["status"] == "ok" and r["agrees"] for r in cells_out) else 1
 

@@ -40,7 +40,7 @@ run)
   pkill -9 -f "dist_dpo train" 2>/dev/null  # a hung run's ranks must not share the timed GPUs
   # Then the timings, alone on the machine:
   note "throughput start"
-  python3 benchmarks/throughput.py --out "$S/results" --budget-s "${THROUGHPUT_BUDGET_S:-700}" --commit "$commit" \
+  python3 benchmarks/throughput.py --out "$S/results" --budget-s "${THROUGHPUT_BUDGET_S:-900}" --commit "$commit" \
     > "$S/throughput.log" 2>&1
   note "throughput exit $?"
   touch "$S/done"

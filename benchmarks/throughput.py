@@ -79,6 +79,7 @@ def default_rows() -> list[Row]:
         Row("dist-dpo", "tutorial-batch", "var", batch=4, accum=4, lane=1),  # the tutorial's 4 x 4 through dist-dpo
         # multi-GPU: DDP and ZeRO-2 scaling of the headline case; 7B QLoRA at 1024 tokens within a 12 GiB card
         Row("dist-dpo", "default", "var", gpus=2),
+        Row("dist-dpo", "nobalance", "var", gpus=2, extra=["--balance_ranks", "false"]),  # A/B of the rank split
         Row("dist-dpo", "zero2", "var", gpus=2, config="zero2"),
         Row("dist-dpo", "12gib", "fixed1024", "qlora", gpus=2, batch=4, accum=4, shape=SEVEN_B,
             extra=["--gpu_memory_gib", "12"]),
@@ -506,7 +507,8 @@ def ratios(rows: list[dict]) -> dict:
     if q:
         out["qlora_vs_tutorial_qlora"] = q
     for row, label in (("dist-dpo/var/lora/2gpu", "ddp_scaling_2gpu"), ("dist-dpo-zero2/var/lora/2gpu",
-                                                                         "zero2_scaling_2gpu")):
+                                                                         "zero2_scaling_2gpu"),
+                       ("dist-dpo-nobalance/var/lora/2gpu", "ddp_scaling_2gpu_equal_pairs_per_rank")):
         for key, suffix in (("tokens_per_s", ""), ("steady_tokens_per_s", "_steady")):
             two, one = tps(row, key), tps("dist-dpo/var/lora/1gpu", key)
             if two and one:

@@ -130,8 +130,14 @@ class TrainArgs:
     )
     group_by_length: bool = _f(
         True,
-        "Batch pairs of similar length together so little compute goes to padding; on several GPUs each step's "
-        "pairs are split across ranks by padded cost (fewer long pairs, more short ones), its loss unchanged.",
+        "Batch pairs of similar length together so little compute goes to padding.",
+    )
+    balance_ranks: bool = _f(
+        True,
+        "Several GPUs with group_by_length: split each step's pairs across ranks by padded cost (fewer long pairs, "
+        "more short ones; the loss is the same mean). false: the same number of pairs on every rank. Measured on "
+        "2 x H200 (2026-11-28, other calls): tokens per rank 49:51 instead of 59:41, yet steady DDP scaling 0.67 "
+        "vs 0.75 - benchmarks/throughput.py's dist-dpo-nobalance row compares both in one call.",
     )
     prefix_sharing: bool | str = _f(
         "auto",

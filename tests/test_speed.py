@@ -301,6 +301,14 @@ def test_accumulated_micro_batches_merge_when_the_plan_says_they_fit(pairs, monk
     assert pairs_run == 2 and "need more memory" in why  # a small card keeps the recipe's accumulation
     monkeypatch.setattr(plan, "gpu_memory_gib", lambda device=0: 80.0)
     assert microbatch.decide(trainer, recipe, replace(rt, strategy="zero3"), lengths)[0] == 2  # DeepSpeed: as is
+    long_pairs = tuple([x * 40 for x in col] for col in lengths)  # ~40x the tokens: 2 pairs already fill a GPU
+    pairs_run, why = microbatch.decide(trainer, recipe, rt, long_pairs)
+    assert pairs_run == 2 and "already fill the GPU" in why, why
+    trainer.args.gradient_accumulation_steps = 4  # a part merge: 2 x 2 of 2 x 4 when 4 x 2's tokens are too many
+    n = len(lengths[0])
+    mid = ([100] * n, [1400] * n, [1400] * n)  # 2 pairs x 2 rows x 1500 = 6 k tokens: x2 fits 16 k, x4 does not
+    assert microbatch.decide(trainer, recipe, rt, mid)[0] == 4
+    trainer.args.gradient_accumulation_steps = 3
     recipe.train.merge_micro_batches = False
     assert microbatch.decide(trainer, recipe, rt, lengths)[0] == 2
     microbatch.apply(trainer, 6)

@@ -100,7 +100,7 @@ def apply(trainer, recipe, rt) -> dict:
 
         trainer.log = types.MethodType(log, trainer)
         report["metrics"] = "on device, gathered once per log; entropy/logits/top-1 on logging steps only"
-        if t.group_by_length and trainer.args.world_size > 1:
+        if t.group_by_length and t.balance_ranks and trainer.args.world_size > 1:
             trainer._dd_pairs_per_rank = trainer.args.per_device_train_batch_size
             report["batches"] += ", split across ranks by cost (transformers' BatchRebalanceSampler)"
     else:
