@@ -192,7 +192,10 @@ def estimate(job: Job) -> dict[str, float]:
 
     n_train = trainable_params(job)
     full = job.lora_r == 0
-    pbytes = 2 if (job.quant == "4bit" or job.strategy == "zero3" or full) else 4  # trl: bf16 adapters for QLoRA
+    # Adapters: fp32 (peft's default; dist-dpo keeps QLoRA's fp32 too), bf16 where DeepSpeed holds bf16 working copies
+    # of them (QLoRA under ZeRO, every PEFT run under ZeRO-3: trl's autocast_adapter_dtype=False there)
+    deepspeed_bf16 = job.strategy in ("zero3", "zero3_offload") or (job.quant == "4bit" and job.strategy == "zero2")
+    pbytes = 2 if (deepspeed_bf16 or full) else 4
     grads = n_train * pbytes
     moments = 0 if job.paged_optimizer else 2 * n_train * pbytes
     if job.strategy in ("zero2", "zero3", "zero3_offload", "fsdp"):
