@@ -59,7 +59,7 @@ def main() -> int:
     for c in doc["cells"]:
         if c.get("peak_mem_gib") is None:
             continue
-        per_device = 4 if c["name"].startswith("ref-alt") else 8
+        per_device = 2 if c["name"].startswith("ref-alt2") else 4 if c["name"].startswith("ref-alt") else 8
         jobs = [plan.Job(shape, c["strategy"], "4bit" if c["quant"] == "qlora" else "none", gpus=c["gpus"],
                          pairs=per_device, seq_len=width, rows_per_pair=rows, lora_r=8,
                          targets=("q_proj", "k_proj", "v_proj", "o_proj"), checkpoint_every=1,
