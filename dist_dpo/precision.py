@@ -33,6 +33,28 @@ def fsdp_param_dtype(trainer, strat: Strategy) -> torch.dtype | None:
     return torch.bfloat16 if trainer.args.bf16 else torch.float16 if trainer.args.fp16 else None
 
 
+def refuse_float_gathered_4bit(model, strat: Strategy) -> None:
+    """Before FSDP2 wraps a 4-bit model: every unit it will gather (a decoder layer; the rest is the root) that holds
+    packed 4-bit weights must also hold a tensor of another dtype, or FSDP2 gathers it through a float copy that
+    rewrites some of those weights (bitsandbytes#1945) - silently. The fp32 adapters make that true when LoRA is on
+    every layer; a recipe that leaves a layer without adapters would not be, so it stops here with one line."""
+    if not strat.fsdp_4bit_gather_as_stored or not has_packed_4bit(model):
+        return
+    from dist_dpo.errors import UserError
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    unit_types = set(getattr(base, "_no_split_modules", None) or ())
+    units = [(n, m) for n, m in base.named_modules() if type(m).__name__ in unit_types]
+    inside = {id(p) for _, m in units for p in m.parameters()}
+    root = [p for p in base.parameters() if id(p) not in inside]
+    for name, params in [(n, list(m.parameters())) for n, m in units] + [("the model's root", root)]:
+        if any(type(p).__name__ == "Params4bit" for p in params) and len({p.dtype for p in params}) == 1:
+            raise UserError(
+                f"FSDP2 would gather {name} (4-bit weights, all {params[0].dtype}) through a float copy that rewrites "
+                "some packed 4-bit weights (bitsandbytes#1945): choose lora_target_modules that every decoder layer has, "
+                "or train this model with ddp / zero3")
+
+
 def keep_logprobs_fp32(trainer, strat: Strategy) -> None:
     """Set before `train()` (FSDP wraps the model there). See `Strategy.fsdp_uncast_outputs`."""
     plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)

@@ -86,7 +86,7 @@ def _train(argv: list[str]) -> int:
 
     from dist_dpo.callbacks import RankZeroProgress
     from dist_dpo import fast
-    from dist_dpo.precision import keep_logprobs_fp32, keep_qlora_adapters_fp32
+    from dist_dpo.precision import keep_logprobs_fp32, keep_qlora_adapters_fp32, refuse_float_gathered_4bit
     from dist_dpo.run_stats import RunStats
 
     class Trainer(AtomicCheckpoints, DPOTrainer):
@@ -102,6 +102,7 @@ def _train(argv: list[str]) -> int:
     )
     keep_logprobs_fp32(trainer, strat)
     keep_qlora_adapters_fp32(trainer, strat)
+    refuse_float_gathered_4bit(trainer.model, strat)
     fast.apply(trainer, recipe, rt)  # the speed path, same loss as trl's (dist_dpo/fast/__init__.py)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(RankZeroProgress())

@@ -118,3 +118,38 @@ def test_unquantized_adapters_are_left_alone():
     model = torch.nn.Linear(4, 4).to(torch.bfloat16)
     assert keep_qlora_adapters_fp32(SimpleNamespace(model=model), strategy_for("ddp")) == 0
     assert model.weight.dtype == torch.bfloat16
+
+
+def _tiny_qlora(layers_to_transform=None, adapters_bf16=False):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from peft import LoraConfig, get_peft_model
+
+    from dist_dpo.model_zoo import builtin_model_dir
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16,
+                           bnb_4bit_quant_storage=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(str(builtin_model_dir()), dtype=torch.bfloat16,
+                                                 quantization_config=q, device_map={"": "cpu"})
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=layers_to_transform)
+    model = get_peft_model(model, cfg)
+    if adapters_bf16:
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    return model
+
+
+def test_fsdp_refuses_a_4bit_layer_it_would_gather_through_a_float_copy():
+    import pytest
+
+    from dist_dpo.errors import UserError
+    from dist_dpo.precision import refuse_float_gathered_4bit
+    from dist_dpo.strategies import strategy_for
+
+    fsdp = strategy_for("fsdp")
+    refuse_float_gathered_4bit(_tiny_qlora(), fsdp)  # fp32 adapters on every layer: raw bytes, fine
+    with pytest.raises(UserError, match=r"FSDP2 would gather .*layers\.1 .*bitsandbytes#1945"):
+        refuse_float_gathered_4bit(_tiny_qlora(layers_to_transform=[0]), fsdp)  # layer 1: 4-bit + bf16 only
+    with pytest.raises(UserError, match="bitsandbytes#1945"):
+        refuse_float_gathered_4bit(_tiny_qlora(adapters_bf16=True), fsdp)  # trl's bf16 adapters, left as they are
+    refuse_float_gathered_4bit(_tiny_qlora(adapters_bf16=True), strategy_for("ddp"))  # nothing is gathered under DDP
