@@ -1,4 +1,6 @@
-"""Numerics the wrappers get wrong by default: DPO log-probs and the loss must stay fp32 under every strategy."""
+"""Numerics the wrappers get wrong by default. Under every strategy: DPO log-probs and the loss stay fp32, QLoRA
+adapters train as fp32 weights, and FSDP2 moves packed 4-bit weights bit for bit (each choice is a strategy-table cell,
+dist_dpo/strategies.py, with what the GPU matrix measured)."""
 
 from __future__ import annotations
 
@@ -51,8 +53,8 @@ def refuse_float_gathered_4bit(model, strat: Strategy) -> None:
         if any(type(p).__name__ == "Params4bit" for p in params) and len({p.dtype for p in params}) == 1:
             raise UserError(
                 f"FSDP2 would gather {name} (4-bit weights, all {params[0].dtype}) through a float copy that rewrites "
-                "some packed 4-bit weights (bitsandbytes#1945): choose lora_target_modules that every decoder layer has, "
-                "or train this model with ddp / zero3")
+                "some packed 4-bit weights (bitsandbytes#1945): choose lora_target_modules that every decoder layer "
+                "has, or train this model with ddp / zero3")
 
 
 def keep_logprobs_fp32(trainer, strat: Strategy) -> None:
