@@ -434,6 +434,8 @@ def overlay(base_path: str, newer_path: str, out: Path, stale: str = "") -> int:
         all_cells[name] = Cell(spec.name, spec.launcher, spec.strategy, spec.quant, spec.gpus, spec.reference, result)
     names, _, why = stale.partition("=")
     for name in filter(None, names.split(",")):
+        if name not in all_cells:
+            raise SystemExit(f"gpu_matrix.py: --stale names '{name}', which neither results file has")
         all_cells[name].result["stale"] = why or "not re-run after the fix"
     tol = agreement(all_cells)
     doc = dict(base)

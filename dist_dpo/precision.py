@@ -17,8 +17,8 @@ def keep_qlora_adapters_fp32(trainer, strat: Strategy) -> int:
     """Undo trl's bf16 cast of a quantized model's adapters (see `Strategy.qlora_adapters_fp32`); before `train()`,
     which builds the optimizer and the FSDP wrapper. Returns how many tensors were cast back."""
     model = trainer.model
-    if not strat.qlora_adapters_fp32 or not any(type(p).__name__ in ("Params4bit", "Int8Params")
-                                                for p in model.parameters()):
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)  # trl's test
+    if not strat.qlora_adapters_fp32 or not quantized:
         return 0
     cast = 0
     for p in model.parameters():

@@ -100,9 +100,9 @@ def _train(argv: list[str]) -> int:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    keep_logprobs_fp32(trainer, strat)
-    keep_qlora_adapters_fp32(trainer, strat)
+    keep_qlora_adapters_fp32(trainer, strat)  # dist_dpo/precision.py: what trl / FSDP2 would get wrong, in order
     refuse_float_gathered_4bit(trainer.model, strat)
+    keep_logprobs_fp32(trainer, strat)
     fast.apply(trainer, recipe, rt)  # the speed path, same loss as trl's (dist_dpo/fast/__init__.py)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(RankZeroProgress())
