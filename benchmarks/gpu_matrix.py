@@ -194,6 +194,9 @@ def read_run(cell: Cell) -> None:
     text = "\n".join(Path(p).read_text(errors="replace") for p in r["logs"])
     marks = [line.split("start fingerprint: ")[1].split()[0] for line in text.splitlines() if "start fingerprint: " in line]
     r["start_fingerprint"] = float(marks[0]) if marks else None
+    layout = [line.split("prompt: ")[1].split(" | ")[0] for line in text.splitlines() if "speed path: " in line
+              and "prompt: " in line]
+    r["prompt_layout"] = layout[0] if layout else None  # which rows ran (packed / masked / trl's), as rank 0 logged
     r["step_log_lines"] = sum(1 for line in text.splitlines() if f"/{STEPS} |" in line and "INFO dist_dpo: step" in line)
     r["model_devices"] = sorted({line.split("| model on ")[1].split(" |")[0] for line in _rank_logs(out)
                                  if "| model on " in line})

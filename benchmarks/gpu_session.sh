@@ -9,7 +9,9 @@
 #
 # Phases:
 #   1. at once, sharing the GPUs (proofs, not timings):
-#      benchmarks/gpu_matrix.py --share 3       (issue 3)  every strategy x LoRA/QLoRA, 2 GPUs per cell
+#      benchmarks/gpu_matrix.py --share 4       (issue 3)  every strategy x LoRA/QLoRA, 2 GPUs per cell
+#      tests/gpu/test_fast_path_gpu.py          (issue 6)  varlen kernel probe; packed / masked / trl: same loss
+#      with SESSION_EXTRAS=1 also (issues 2 and 5, closed; ~3 min more of shared GPUs):
 #      benchmarks/seed_qlora_gpu.sh on GPUs 0,1 (issue 2)  make train-ddp / train-zero3, seed_qlora, 1.5B shape
 #      benchmarks/gpu_resume.py                 (issue 5)  kill -9 a rank, resume: DDP and ZeRO-3 with QLoRA
 #   2. alone: benchmarks/throughput.py          (issue 6)  1-GPU rows on one lane per GPU, then the 2-GPU rows
@@ -28,14 +30,18 @@ run)
   commit=${GIT_COMMIT:-unknown}
   gpus=$(nvidia-smi -L | wc -l)
   # Proofs first, sharing the GPUs (each job's losses and peak memory are its own; none of them is a timing):
-  note "matrix + seed_qlora + resume start ($gpus GPUs)"
-  (python3 benchmarks/gpu_matrix.py --out "$S/results" --work /tmp/dd_matrix --share "${MATRIX_SHARE:-3}" \
+  note "matrix + gpu tests start ($gpus GPUs)"
+  (python3 benchmarks/gpu_matrix.py --out "$S/results" --work /tmp/dd_matrix --share "${MATRIX_SHARE:-4}" \
      > "$S/matrix.log" 2>&1; note "matrix exit $?") &
-  (CUDA_VISIBLE_DEVICES=0,1 STEP_TIMEOUT=300 bash benchmarks/seed_qlora_gpu.sh "$S/results/seed" 10 \
-     > "$S/seed.log" 2>&1; note "seed_qlora exit $?") &
-  lanes=$([ "$gpus" -ge 4 ] && echo "0,1 2,3" || echo "0,1")
-  (python3 benchmarks/gpu_resume.py --out "$S/results" --lanes "$lanes" > "$S/resume.log" 2>&1
-   note "resume exit $?") &
+  (CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu tests/gpu/test_fast_path_gpu.py -p no:cacheprovider \
+     > "$S/gputests.log" 2>&1; note "gpu tests exit $?") &
+  if [ "${SESSION_EXTRAS:-0}" = 1 ]; then
+    (CUDA_VISIBLE_DEVICES=0,1 STEP_TIMEOUT=300 bash benchmarks/seed_qlora_gpu.sh "$S/results/seed" 10 \
+       > "$S/seed.log" 2>&1; note "seed_qlora exit $?") &
+    lanes=$([ "$gpus" -ge 4 ] && echo "0,1 2,3" || echo "0,1")
+    (python3 benchmarks/gpu_resume.py --out "$S/results" --lanes "$lanes" > "$S/resume.log" 2>&1
+     note "resume exit $?") &
+  fi
   wait
   pkill -9 -f "dist_dpo train" 2>/dev/null  # a hung run's ranks must not share the timed GPUs
   # Then the timings, alone on the machine:
@@ -50,7 +56,7 @@ wait)
   start=$(date +%s)
   while [ ! -e "$S/done" ] && [ $(( $(date +%s) - start )) -lt "$limit" ]; do sleep 5; done
   echo "== progress"; cat "$S/progress.log" 2>/dev/null
-  for f in throughput seed resume matrix; do
+  for f in gputests throughput seed resume matrix; do
     [ -f "$S/$f.log" ] && { echo "== $f.log (end)"; tail -n 25 "$S/$f.log"; }
   done
   if [ -n "${OUT:-}" ]; then

@@ -51,6 +51,7 @@ class Row:
     extra: list[str] = field(default_factory=list)  # more `dist-dpo train` options (trl rows: batch=N accum=N)
     config: str = "ddp"  # accelerate_configs/<config>.yaml for multi-GPU rows
     shape: str = ""  # model_zoo shape; "" = --shape (the 1.5B of every ratio)
+    profile_last: int = 0  # torch.profiler over the last N steps (left out of the steady rate): where a step goes
     status: str = "pending"
     result: dict = field(default_factory=dict)
 
@@ -69,17 +70,20 @@ def default_rows() -> list[Row]:
     `lane % GPUs`): the rows of one ratio share a lane, i.e. a card. Then the multi-GPU rows, one per free pair."""
     return [
         # lane 0: the headline ratio case, 1.5B / variable-length / LoRA / 1 GPU, then QLoRA vs the tutorial's
-        Row("dist-dpo", "default", "var"), Row("trl", "best", "var"), Row("trl", "tutorial", "var"),
-        Row("dist-dpo", "default", "var", "qlora"), Row("trl", "tutorial", "var", "qlora"),
-        # lane 1: fixed 512-token pairs, 2048 tokens (MFU), and what pieces of the speed path buy on the headline set
+        # and what pieces of the speed path buy on it: the prompt computed twice (trl's rows), the masked shared rows
+        Row("dist-dpo", "default", "var", profile_last=3), Row("trl", "best", "var"), Row("trl", "tutorial", "var"),
+        Row("dist-dpo", "noshare", "var", extra=["--prefix_sharing", "false"]),
+        Row("dist-dpo", "masked", "var", extra=["--packed_rows", "false"]),
+        # lane 1: fixed 512-token pairs (and the masked rows there), 2048 tokens (MFU), QLoRA vs the tutorial's
         Row("dist-dpo", "default", "fixed512", lane=1), Row("trl", "best", "fixed512", lane=1),
         Row("trl", "tutorial", "fixed512", lane=1),
+        Row("dist-dpo", "masked", "fixed512", lane=1, extra=["--packed_rows", "false"]),
         Row("dist-dpo", "default", "fixed2048", batch=8, accum=2, lane=1),
-        Row("dist-dpo", "noshare", "var", lane=1, extra=["--prefix_sharing", "false"]),
-        Row("dist-dpo", "tutorial-batch", "var", batch=4, accum=4, lane=1),  # the tutorial's 4 x 4 through dist-dpo
+        Row("dist-dpo", "default", "var", "qlora", lane=1), Row("trl", "tutorial", "var", "qlora", lane=1),
         # multi-GPU: DDP and ZeRO-2 scaling of the headline case; 7B QLoRA at 1024 tokens within a 12 GiB card
         Row("dist-dpo", "default", "var", gpus=2),
-        Row("dist-dpo", "nobalance", "var", gpus=2, extra=["--balance_ranks", "false"]),  # A/B of the rank split
+        Row("dist-dpo", "nobalance", "var", gpus=2, extra=["--balance_ranks", "false"],  # A/B of the rank split
+            profile_last=3),
         Row("dist-dpo", "zero2", "var", gpus=2, config="zero2"),
         Row("dist-dpo", "12gib", "fixed1024", "qlora", gpus=2, batch=4, accum=4, shape=SEVEN_B,
             extra=["--gpu_memory_gib", "12"]),
@@ -90,6 +94,9 @@ def optional_rows() -> list[Row]:
     """Selected with --add NAME-substring: more of the matrix when a call has time for it."""
     return [
         Row("trl", "best-precompute", "var"),  # the issue's anchor: loses end to end (weight hash + a first pass)
+        # the tutorial's 4 x 4 through dist-dpo, run as 16 x 1 (merge_micro_batches): measured 2026-11-28 at the
+        # speed of the 16 x 1 row (10,496 vs 9,816 tok/s, one card's noise)
+        Row("dist-dpo", "tutorial-batch", "var", batch=4, accum=4, lane=1),
         Row("trl", "best", "fixed2048", lane=1, extra=["batch=4", "accum=4"]),
         Row("dist-dpo", "share", "fixed512", lane=1, extra=["--prefix_sharing", "true"]),
         Row("dist-dpo", "default", "var", "qlora", gpus=2),
@@ -138,6 +145,15 @@ def _instrument(spec: dict) -> None:
             marks["ckpt_layers"] = sum(1 for m in self.trainer.model.modules() if type(m).__name__.endswith(
                 "DecoderLayer") and getattr(m, "gradient_checkpointing", False) is True)
 
+        def on_step_begin(self, args, state, control, **kw):
+            n = spec.get("profile_last", 0)
+            if n and "profiler" not in marks and state.global_step == state.max_steps - n:
+                marks["profiler"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                                       torch.profiler.ProfilerActivity.CUDA])
+                marks["profiled_from"] = len(self.steps)
+                marks["profiler"].__enter__()
+                marks["profile_t0"] = time.perf_counter()
+
         def on_step_end(self, args, state, control, **kw):
             self.steps.append((time.perf_counter() - marks["init"], self.counter.tokens))
 
@@ -146,6 +162,7 @@ def _instrument(spec: dict) -> None:
             if cuda:
                 torch.cuda.synchronize()
             end = time.perf_counter()
+            profile = _profile_summary(marks, end, len(self.steps)) if "profiler" in marks else None
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             collator = self.trainer.data_collator
             out = {
@@ -162,6 +179,7 @@ def _instrument(spec: dict) -> None:
                 "gradient_checkpointing": bool(self.trainer.args.gradient_checkpointing),
                 "micro_batch": self.trainer.args.per_device_train_batch_size,  # after merge_micro_batches
                 "ckpt_layers": marks.get("ckpt_layers"), "liger": bool(self.trainer.args.use_liger_kernel),
+                "profile": profile, "profiled_from": marks.get("profiled_from"),
                 "layout": {"tokens_run": getattr(collator, "tokens_run", None),
                            "tokens_real": getattr(collator, "tokens_real", None),
                            "batches": getattr(collator, "batches", None)},
@@ -179,6 +197,29 @@ def _instrument(spec: dict) -> None:
         self.add_callback(Timer(self, counter))
 
     trl.DPOTrainer.__init__ = timed_init
+
+
+def _profile_summary(marks: dict, end: float, steps: int) -> dict:
+    """Where the profiled steps' wall time went: kernel time on the GPU (compute vs NCCL), the top kernels and the
+    top host-side ops. GPU kernel time well under the wall time means the GPU waited (on the host or a peer)."""
+    prof = marks["profiler"]
+    prof.__exit__(None, None, None)
+    events = prof.key_averages()
+
+    def device_us(e):
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
+
+    kernels = [e for e in events if device_us(e) > 0]
+    nccl = sum(device_us(e) for e in kernels if "nccl" in e.key.lower())
+    compute = sum(device_us(e) for e in kernels) - nccl
+    top = sorted(kernels, key=device_us, reverse=True)[:12]
+    host = sorted(events, key=lambda e: e.cpu_time_total, reverse=True)[:12]
+    wall = end - marks["profile_t0"]
+    return {"steps": steps - marks["profiled_from"], "wall_s": round(wall, 4),
+            "gpu_compute_s": round(compute / 1e6, 4), "gpu_nccl_s": round(nccl / 1e6, 4),
+            "gpu_compute_busy": round(compute / 1e6 / wall, 3) if wall > 0 else None,
+            "top_kernels_ms": [[e.key[:90], round(device_us(e) / 1e3, 2), e.count] for e in top],
+            "top_host_ops_ms": [[e.key[:90], round(e.cpu_time_total / 1e3, 2), e.count] for e in host]}
 
 
 def run_child(spec: dict) -> int:
@@ -288,6 +329,7 @@ class Bench:
                 "quant": row.quant, "model": self.models[self.shape_of(row)], "data": str(self.data[row.dataset]),
                 "system_prompt": self.system_prompt, "max_length": self.max_length[row.dataset],
                 "batch": row.batch, "accum": row.accum, "extra": row.extra, "output_dir": str(rd / "out"),
+                "profile_last": row.profile_last,
                 "result": str(rd / "result.json"), "log": str(rd / "log.txt")}
 
     def launch(self, row: Row, gpu_ids: list[int], reserve_s: float = 0.0) -> None:
@@ -347,7 +389,8 @@ class Bench:
         r0 = next(r for r in ranks if r["rank"] == 0)
         tokens = sum(r["tokens"] for r in ranks)
         wall = r0["wall_s"]
-        steady = _steady([r["steps"] for r in ranks])
+        # profiled steps run slower (the profiler's own cost): the steady rate stops where profiling began
+        steady = _steady([r["steps"][:r["profiled_from"]] if r.get("profiled_from") else r["steps"] for r in ranks])
         flops = 6 * self.params[self.shape_of(row)]
         return {
             "tokens": tokens, "pairs": r0["pairs"], "epoch_wall_s": round(wall, 2), "init_s": round(r0["init_s"], 2),
@@ -363,7 +406,11 @@ class Bench:
             "liger": r0["liger"], "speed_path": r0["speed_path"], "layout": r0["layout"], "steps": len(r0["steps"]),
             # per rank: seconds from trainer construction to the end of each step (a slow rank shows here)
             "step_end_s_per_rank": {r["rank"]: [round(t, 3) for t, _ in r["steps"]] for r in ranks},
+            "profile_per_rank": {r["rank"]: r["profile"] for r in ranks if r.get("profile")} or None,
             "planned_peak_gib": self.planned_peak(row, r0),
+            # the issue's MFU counts trl's tokens (prompts twice); this one counts the tokens the decoder really ran
+            "steady_mfu_of_tokens_run": _of_tokens_run(ranks, flops * steady / (PEAK_FLOPS * row.gpus))
+            if steady else None,
         }
 
     def planned_peak(self, row: Row, r0: dict) -> float | None:
@@ -380,7 +427,9 @@ class Bench:
             batch = r0.get("micro_batch") or batch  # what ran (dist-dpo may merge accumulated micro-batches)
             layers = r0["ckpt_layers"] or 0
             every = 0 if not layers else max(1, round(shape.layers / layers))
-            shared = bool((r0["layout"].get("batches") or {}).get("shared"))
+            batches = r0["layout"].get("batches") or {}
+            packed = bool(batches.get("packed"))  # one row per micro-batch, no padding, no mask (attention.py)
+            shared = bool(batches.get("shared")) or packed
             widths = [a + b + d for a, b, d in zip(p, c, r)] if shared else [a + max(b, d) for a, b, d in zip(p, c, r)]
             width = max(widths)
             job = plan.Job(shape, "ddp" if row.gpus > 1 else "single", "4bit" if row.quant == "qlora" else "none",
@@ -389,7 +438,8 @@ class Bench:
                                sum(widths) * (1 if shared else 2)), checkpoint_every=every,
                            prepare_kbit=False,  # bf16 cards: modeling.uses_prepare_kbit is False (fp16 only)
                            paged_optimizer=row.quant == "qlora", liger=r0["liger"],
-                           masked_attention=shared or len(set(widths)) > 1, shared_mask=shared)
+                           masked_attention=not packed and (shared or len(set(widths)) > 1),
+                           shared_mask=shared and not packed)
             return round(plan.estimate(job)["peak"], 3)
         except Exception as e:  # a prediction must never cost a measured row
             print(f"plan for {row.name} failed: {e!r}", flush=True)
@@ -474,6 +524,14 @@ class Bench:
         return 0 if all(r.status == "ok" for r in self.rows) else 1
 
 
+def _of_tokens_run(ranks: list[dict], mfu: float) -> float | None:
+    run = [r["layout"].get("tokens_run") for r in ranks]
+    real = [r["layout"].get("tokens_real") for r in ranks]
+    if not all(run) or not all(real):
+        return None  # plain trl rows: no layout counters (every token they count, they ran, plus padding)
+    return mfu * sum(run) / sum(real)
+
+
 def _steady(per_rank_steps: list[list]) -> float | None:
     """Tokens/s from the end of step 2 to the end (all ranks' tokens, rank 0's clock)."""
     steps = per_rank_steps[0]
@@ -506,6 +564,15 @@ def ratios(rows: list[dict]) -> dict:
     q = ratio(tps("dist-dpo/var/qlora/1gpu"), tps("tutorial/var/qlora/1gpu"))
     if q:
         out["qlora_vs_tutorial_qlora"] = q
+    pieces = {}  # what one piece of the speed path buys: default row / the row without it, same lane (card)
+    for ds, without, piece in (("var", "dist-dpo-noshare", "prefix_sharing"), ("var", "dist-dpo-masked", "packed_rows"),
+                               ("fixed512", "dist-dpo-masked", "packed_rows")):
+        for key, suffix in (("tokens_per_s", ""), ("steady_tokens_per_s", "_steady")):
+            r = ratio(tps(f"dist-dpo/{ds}/lora/1gpu", key), tps(f"{without}/{ds}/lora/1gpu", key))
+            if r:
+                pieces[f"{piece} {ds}{suffix}"] = r
+    if pieces:
+        out["pieces"] = pieces
     for row, label in (("dist-dpo/var/lora/2gpu", "ddp_scaling_2gpu"), ("dist-dpo-zero2/var/lora/2gpu",
                                                                          "zero2_scaling_2gpu"),
                        ("dist-dpo-nobalance/var/lora/2gpu", "ddp_scaling_2gpu_equal_pairs_per_rank")):
@@ -625,7 +692,8 @@ def main() -> int:
     a.pairs = {k: int(v) for k, v in (kv.split("=") for kv in a.pairs.split(",") if kv)}
     rows = default_rows()
     if a.smoke:
-        rows = [Row("dist-dpo", "default", "var", batch=8), Row("trl", "best", "var"), Row("trl", "tutorial", "var")]
+        rows = [Row("dist-dpo", "default", "var", batch=8, profile_last=1), Row("trl", "best", "var"),
+                Row("trl", "tutorial", "var")]
     if a.add:
         rows += [r for r in optional_rows() if any(k in r.name for k in a.add.split(","))]
     if a.only:

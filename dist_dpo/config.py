@@ -145,6 +145,14 @@ class TrainArgs:
         "batch, when cheaper than trl's two padded rows; needs attn_implementation sdpa or eager.",
         bool_or_auto=True,
     )
+    packed_rows: bool | str = _f(
+        "auto",
+        "With prefix_sharing: pack a micro-batch's pairs into one row without padding, attention in per-pair "
+        "segments through flash attention's variable-length kernel (no mask: sdpa stays on a flash kernel). auto: "
+        "where that kernel passes a one-off check on this GPU (Qwen2/Qwen3/Llama types, bf16/fp16); true: stop with "
+        "the reason if it cannot; false: padded shared rows with a 4-D mask.",
+        bool_or_auto=True,
+    )
     liger_kernels: bool | str = _f(
         "auto",
         "liger-kernel's fused RMSNorm / SwiGLU / RoPE (trl's use_liger_kernel): less activation memory, faster layers. "

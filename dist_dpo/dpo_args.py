@@ -45,6 +45,10 @@ def build_dpo_config(r: Recipe, rt: Runtime, strat: Strategy):
         gradient_checkpointing=t.gradient_checkpointing is not False,
         gradient_checkpointing_kwargs={"use_reentrant": strat.checkpointing_reentrant},
         ddp_find_unused_parameters=strat.ddp_find_unused_parameters,
+        ddp_broadcast_buffers=strat.ddp_broadcast_buffers,
+        # batches are pinned (dataloader_pin_memory): copy them to the GPU without making the host wait for the
+        # previous step to finish, so the next step's launches overlap its tail
+        accelerator_config={"non_blocking": on_gpu},
         logging_steps=t.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if evaluate else "no",

@@ -29,6 +29,10 @@ class Strategy:
     # DDP only: all LoRA params get gradients, so the unused-parameter search is pure overhead (and fails with
     # reentrant checkpointing).
     ddp_find_unused_parameters: bool | None
+    # DDP only: no buffer broadcast from rank 0 before every forward. A decoder LM's buffers (rotary tables) are the
+    # same on every rank and never change, and with the reference forward there are two broadcasts per step, each one
+    # making every rank wait for the slowest before it can start. None: not DDP.
+    ddp_broadcast_buffers: bool | None
     # How the adapter leaves the job. "rank0": the trainer's save_model on a replicated model. "gathered": the
     # sharded params are gathered to full tensors first (ZeRO-3 needs stage3_gather_16bit_weights_on_model_save;
     # FSDP needs a FULL_STATE_DICT) - the classic source of EMPTY adapters, so train.py verifies the saved file.
@@ -72,6 +76,7 @@ STRATEGY_TABLE: dict[str, Strategy] = {
         prepare_kbit=True,  # fp32 norms/head keep fp16 QLoRA stable (the QLoRA paper's recipe); fp16 compute only
         # (modeling.uses_prepare_kbit): with bf16 it buys nothing and costs memory
         ddp_find_unused_parameters=None,  # not DDP
+        ddp_broadcast_buffers=None,
         adapter_save="rank0",
         runs_on_cpu=True,
     ),
@@ -85,6 +90,7 @@ STRATEGY_TABLE: dict[str, Strategy] = {
         checkpointing_reentrant=False,  # reentrant + DDP fails on LoRA ("marked ready twice")
         prepare_kbit=True,
         ddp_find_unused_parameters=False,  # every LoRA param is used; True costs a graph walk per step
+        ddp_broadcast_buffers=False,
         adapter_save="rank0",
         runs_on_cpu=True,
     ),
@@ -96,6 +102,7 @@ STRATEGY_TABLE: dict[str, Strategy] = {
         checkpointing_reentrant=False,  # FSDP2 + reentrant recompute mismatches parameter states
         prepare_kbit=False,  # fp32 upcast would mix dtypes in FSDP units
         ddp_find_unused_parameters=None,
+        ddp_broadcast_buffers=None,
         adapter_save="gathered",  # FULL_STATE_DICT gather; FSDP1 SHARDED saved empty adapters here (see README)
         runs_on_cpu=False,
         fsdp_uncast_outputs=True,
@@ -109,6 +116,7 @@ STRATEGY_TABLE: dict[str, Strategy] = {
         checkpointing_reentrant=False,
         prepare_kbit=True,
         ddp_find_unused_parameters=None,  # DeepSpeed's engine, not torch DDP
+        ddp_broadcast_buffers=None,
         adapter_save="rank0",
         runs_on_cpu=False,
         merges_micro_batches=False,  # DeepSpeed: train_micro_batch_size_per_gpu is set at engine init
@@ -122,6 +130,7 @@ STRATEGY_TABLE: dict[str, Strategy] = {
         checkpointing_reentrant=True,  # PEFT + ZeRO-3 needs reentrant (trl#2514); trl would force it anyway
         prepare_kbit=False,  # fp32 upcast breaks ZeRO-3's coalesced all-gather (DeepSpeed#8072)
         ddp_find_unused_parameters=None,
+        ddp_broadcast_buffers=None,
         adapter_save="gathered",  # needs stage3_gather_16bit_weights_on_model_save: true (ds_configs/zero3*.json)
         runs_on_cpu=False,
         merges_micro_batches=False,  # DeepSpeed: train_micro_batch_size_per_gpu is set at engine init

@@ -25,8 +25,10 @@ def pairs():
     return datasets.Dataset.from_list([preference_sets.conversational(r) for r in rows])
 
 
-def build(pairs, fast=False, prefix_sharing="auto", loss_type="sigmoid", max_length=256, lora_b_seed=1):
-    """A trl DPOTrainer on the tiny model with LoRA B set non-zero (policy != reference), optionally sped up."""
+def build(pairs, fast=False, prefix_sharing="auto", loss_type="sigmoid", max_length=256, lora_b_seed=1, cuda=False,
+          packed_rows="auto"):
+    """A trl DPOTrainer on the tiny model with LoRA B set non-zero (policy != reference), optionally sped up.
+    cuda: bf16 weights on GPU 0 (tests/gpu)."""
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -34,9 +36,10 @@ def build(pairs, fast=False, prefix_sharing="auto", loss_type="sigmoid", max_len
     from dist_dpo.model_zoo import ensure_builtin_model
 
     path = ensure_builtin_model()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cuda else torch.float32,
+                                                 attn_implementation="sdpa")
     args = DPOConfig(output_dir="/tmp/dist_dpo_test_speed", per_device_train_batch_size=6, max_length=max_length,
-                     report_to=[], use_cpu=True, logging_steps=1, gradient_checkpointing=False, loss_type=[loss_type],
+                     report_to=[], use_cpu=not cuda, bf16=cuda, logging_steps=1, gradient_checkpointing=False, loss_type=[loss_type],
                      seed=0)
     trainer = DPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=AutoTokenizer.from_pretrained(path),
                          peft_config=LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
@@ -53,14 +56,19 @@ def build(pairs, fast=False, prefix_sharing="auto", loss_type="sigmoid", max_len
 
         recipe = Recipe()
         recipe.train.prefix_sharing = prefix_sharing
+        recipe.train.packed_rows = packed_rows
         recipe.train.gradient_checkpointing = False
-        speed.apply(trainer, recipe, resolve_runtime(device_type="cpu"))
+        speed.apply(trainer, recipe, resolve_runtime(device_type="cuda" if cuda else "cpu"))
     return trainer
 
 
 def step(trainer, rows):
     """One training micro-step's loss and LoRA gradients on `rows` (a logging step)."""
     batch = trainer.data_collator([{k: r[k] for k in KEYS} for r in rows])
+    if trainer.args.device.type == "cuda":
+        from accelerate.utils import send_to_device
+
+        batch = send_to_device(batch, trainer.args.device)
     trainer.model.train()
     trainer.model.zero_grad()
     trainer.state.global_step, trainer.state.logging_steps = 0, 1  # train() sets logging_steps from the args
@@ -93,6 +101,76 @@ def test_fast_path_gives_trls_loss_and_gradients(pairs, prefix_sharing, max_leng
     if prefix_sharing:  # fewer decoder tokens than trl's two rows per pair
         assert candidate[2]["dd_input_ids"].numel() < candidate[2]["input_ids"].numel()
     assert_same(reference, candidate)
+
+
+def force_packed(trainer):
+    """Packed rows on the CPU: the segments run through attention.reference (sdpa per segment, explicit bottom-right
+    causal mask), the path the GPU probe holds flash attention's variable-length kernel to."""
+    from dist_dpo.fast import attention
+
+    attention.install(trainer.model.get_base_model())
+    trainer.data_collator.packed = True
+    return trainer
+
+
+@pytest.mark.parametrize("max_length", [256, 72])
+def test_packed_rows_give_trls_loss_and_gradients(pairs, max_length):
+    plain = build(pairs, max_length=max_length)
+    rows = [plain.train_dataset[i] for i in range(6)]
+    reference = step(plain, rows)
+    fast = force_packed(build(pairs, fast=True, prefix_sharing="auto", max_length=max_length))
+    candidate = step(fast, rows)
+    batch = candidate[2]
+    assert batch["dd_input_ids"].shape[0] == 1 and "dd_varlen" in batch  # one packed row really ran
+    # no padding at all: exactly each pair's prompt + chosen + rejected (after trl's truncation)
+    assert batch["dd_input_ids"].numel() == sum(sum(map(len, fast.data_collator._truncated(r))) for r in rows)
+    assert fast.data_collator.batches["packed"] == 1
+    assert_same(reference, candidate)
+
+
+def test_packed_segments_are_the_masked_rows_attention():
+    """The two segments per pair attend exactly like the shared row's 4-D mask: same output for every token."""
+    from dist_dpo.fast import attention, batching, head
+
+    class Base:
+        max_length, truncation_mode, pad_to_multiple_of, pad_token_id = None, "keep_start", None, 0
+
+    examples = [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [10, 11, 12, 13]},
+                {"prompt_ids": [1], "chosen_ids": [2, 3, 4, 5, 6], "rejected_ids": [7]}]
+    collator = batching.SharedPromptCollator(Base(), mode="true")
+    shared = collator._shared_rows(examples, width_out=7)
+    packed = collator._packed_rows(examples, width_out=7)
+    g = torch.Generator().manual_seed(0)
+    rows, width = shared["dd_input_ids"].shape
+    q, k, v = (torch.randn(rows, heads, width, 16, generator=g) for heads in (4, 2, 2))
+    mask = head.shared_prompt_mask(shared["dd_segments"], torch.float32)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    real = shared["dd_segments"] >= 0  # the packed row holds the shared rows' non-pad tokens, in order
+    flat = lambda t: t.transpose(1, 2)[real]  # noqa: E731 - [tokens, heads, dim]
+    got, _ = attention.attention_forward(None, flat(q).transpose(0, 1)[None], flat(k).transpose(0, 1)[None],
+                                         flat(v).transpose(0, 1)[None], None, scaling=16 ** -0.5,
+                                         dd_varlen=packed["dd_varlen"])
+    assert torch.allclose(got[0], flat(want), atol=1e-5)
+    assert packed["dd_position_ids"][0].tolist() == shared["dd_position_ids"][real].tolist()
+
+
+def test_packed_rows_stay_off_without_cuda(pairs):
+    fast = build(pairs, fast=True)
+    assert fast.data_collator.packed is False
+    assert "packed rows: no CUDA device" in fast._dd_speed_report["prompt"]
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_packed_rows_under_partial_checkpointing_give_trls_gradients(pairs, reentrant):
+    from dist_dpo.fast import checkpointing
+
+    plain = build(pairs)
+    rows = [plain.train_dataset[i] for i in range(6)]
+    reference = step(plain, rows)
+    fast = force_packed(build(pairs, fast=True, prefix_sharing=True))
+    checkpointing.apply(fast, every=2, reentrant=reentrant)
+    fast.model.enable_input_require_grads()
+    assert_same(reference, step(fast, rows))
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -368,7 +446,35 @@ def test_throughput_smoke_on_cpu(tmp_path):
     assert doc["ratios"]["vs_tutorial"] > 0 and doc["versions"]["trl"] and doc["cards"] == ["cpu"]
     if "fast.apply" in (ROOT / "dist_dpo" / "train.py").read_text():
         assert rows["dist-dpo/var/lora/1gpu"]["speed_path"]
+    profile = rows["dist-dpo/var/lora/1gpu"]["profile_per_rank"]["0"]  # the last step, under torch.profiler
+    assert profile["steps"] == 1 and profile["wall_s"] > 0 and profile["top_host_ops_ms"]
     tail = proc.stdout.splitlines()[-(len(doc["targets"]) + 1):]  # the table is printed last, then the targets
     assert "ratios" in tail[0] and all(line.startswith("target ") for line in tail[1:])
     vs_tutorial = next(t for t in doc["targets"] if t["target"] == "vs_tutorial var")
     assert vs_tutorial["measured"] == round(doc["ratios"]["vs_tutorial"], 3) and vs_tutorial["goal"] == 4.0
+
+
+@pytest.mark.parametrize("api", ["torch 2.9: is_causal, no scale, no GQA", "later: window_size, scale, enable_gqa"])
+def test_flash_varlen_speaks_every_varlen_api(monkeypatch, api):
+    """torch's varlen_attn changed keywords between releases (the GPU image's torch is older than CI's): the call
+    adapts, and gives the reference attention either way (the kernel stood in for by the reference)."""
+    import torch.nn.attention.varlen as tv
+
+    from dist_dpo.fast import attention
+
+    def old(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False, return_aux=None):
+        assert is_causal and key.size(1) == query.size(1)
+        return attention.reference(query, key, value, attention.Varlen(cu_seq_q, cu_seq_k, None, max_q, max_k), None)
+
+    def new(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+            window_size=(-1, -1), enable_gqa=False):
+        assert window_size == (-1, 0) and enable_gqa == (key.size(1) != query.size(1))
+        return attention.reference(query, key, value, attention.Varlen(cu_seq_q, cu_seq_k, None, max_q, max_k), scale)
+
+    monkeypatch.setattr(tv, "varlen_attn", old if "2.9" in api else new)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(13, heads, 8, generator=g) for heads in (4, 2, 2))
+    varlen = attention.Varlen(cu_q=torch.tensor([0, 7, 13]), cu_k=torch.tensor([0, 7, 13]), kv_index=None,
+                              max_q=7, max_k=7)
+    got = attention.flash_varlen(q, k, v, varlen, scale=0.3)
+    assert torch.allclose(got, attention.reference(q, k, v, varlen, 0.3), atol=1e-5)

@@ -8,7 +8,8 @@ trl's `_compute_loss` on one batch); what changes is how much work a step does:
   loss.py           sigmoid DPO without per-micro-step host syncs; logging extras on logging steps only
   checkpointing.py  `gradient_checkpointing: auto`: the least recompute the memory plan says fits
   microbatch.py     `merge_micro_batches: auto`: 4 x 4 accumulation as 16 x 1 when that fits (same loss)
-Recipe keys: fast_path, group_by_length, prefix_sharing, gradient_checkpointing (config.py documents them);
+  attention.py      packed shared-prompt rows through flash attention's variable-length kernel (no mask)
+Recipe keys: fast_path, group_by_length, prefix_sharing, packed_rows, gradient_checkpointing (config.py documents them);
 liger_kernels is a DPOConfig flag (dpo_args.py).
 """
 
@@ -81,10 +82,15 @@ def apply(trainer, recipe, rt) -> dict:
         head.install(getattr(trainer.ref_model, "module", trainer.ref_model), state)
 
     sharing = sharing if head.shared_layout_ok(base) else "false"
+    packed = _packed_rows(trainer, base, t, sharing)
     trainer.data_collator = batching.SharedPromptCollator(
-        trainer.data_collator, mode=sharing, cost=batching.LayoutCost.for_config(base.config.get_text_config()))
+        trainer.data_collator, mode=sharing, cost=batching.LayoutCost.for_config(base.config.get_text_config()),
+        packed=packed is True)
     report["prompt"] = {"auto": "shared by chosen and rejected when cheaper", "true": "shared by chosen and rejected",
                         "false": "computed twice (trl's rows)"}[sharing]
+    if sharing != "false":
+        report["prompt"] += ", pairs packed in one row (flash, variable length)" if packed is True else \
+            f", padded rows with a mask (packed rows: {packed})"
 
     lean = loss.lean_unsupported_reason(trainer)
     if lean is None:
@@ -107,6 +113,28 @@ def apply(trainer, recipe, rt) -> dict:
         report["metrics"] = f"trl's per micro-step ({lean})"
     _log(rt, report)
     return report
+
+
+def _packed_rows(trainer, base, t, sharing: str) -> bool | str:
+    """True when the shared rows go packed (attention.py), else why not."""
+    import torch
+
+    from dist_dpo.errors import UserError
+    from dist_dpo.fast import attention
+
+    if sharing == "false" or t.packed_rows is False:
+        return "off"
+    a = trainer.args
+    dtype = torch.bfloat16 if a.bf16 else torch.float16 if a.fp16 else base.get_input_embeddings().weight.dtype
+    why = attention.packed_rows_reason(base, a.device, dtype)
+    if why and t.packed_rows is True:
+        raise UserError(f"packed_rows: true, but packed rows cannot run here: {why}. Set packed_rows: auto")
+    if why:
+        return why
+    attention.install(base)
+    if trainer.ref_model is not None:
+        attention.install(getattr(trainer.ref_model, "module", trainer.ref_model))
+    return True
 
 
 def _head_model(trainer):

@@ -6,8 +6,9 @@ preference data most of a batch is padding, and every prompt runs twice.
     column we could add before tokenizing), seeded explicitly so that every rank draws the same order and
     accelerate's per-rank sharding of the batches stays disjoint.
   - `SharedPromptCollator`: trl's collator, plus (when cheaper) one row per pair [prompt | chosen | rejected] that
-    `head.py` runs instead. Truncation is trl's (`keep_start`: prompt + answer cut to max_length), so both layouts
-    score the same tokens.
+    `head.py` runs instead; or, where `attention.packed_rows_reason` allows (flash attention's variable-length
+    kernel on this GPU), all pairs packed into ONE row without padding or mask. Truncation is trl's (`keep_start`:
+    prompt + answer cut to max_length), so every layout scores the same tokens.
 """
 
 from __future__ import annotations
@@ -113,9 +114,10 @@ class SharedPromptCollator:
     base: object  # trl.trainer.dpo_trainer.DataCollatorForPreference
     mode: str = "auto"  # auto | true | false
     cost: LayoutCost | None = None
+    packed: bool = False  # share through packed rows (attention.py) instead of padded rows with a 4-D mask
     tokens_real: int = 0  # non-pad tokens of trl's layout (what throughput counts)
     tokens_run: int = 0  # tokens the decoder actually ran (padding and repeated prompts included)
-    batches: dict = field(default_factory=lambda: {"shared": 0, "pairs": 0})
+    batches: dict = field(default_factory=lambda: {"packed": 0, "shared": 0, "pairs": 0})
 
     def __call__(self, examples: list[dict]) -> dict:
         batch = self.base(examples)
@@ -125,9 +127,10 @@ class SharedPromptCollator:
             self.tokens_run += batch["input_ids"].numel()
             self.batches["pairs"] += 1
             return batch
-        shared = self._shared_rows(examples, width_out=batch["input_ids"].size(1) - 1)
+        build = self._packed_rows if self.packed else self._shared_rows
+        shared = build(examples, width_out=batch["input_ids"].size(1) - 1)
         self.tokens_run += shared["dd_input_ids"].numel()
-        self.batches["shared"] += 1
+        self.batches["packed" if self.packed else "shared"] += 1
         batch.update(shared)
         return batch
 
@@ -142,7 +145,7 @@ class SharedPromptCollator:
         lengths = [tuple(map(len, self._truncated(e))) for e in examples]
         if any(p == 0 for p, _, _ in lengths):  # trl scores no first answer token without a prompt
             return False
-        if self.mode == "true":
+        if self.mode == "true" or self.packed:  # packed: no padding, prompt once, flash - never dearer than trl's rows
             return True
         rows, width = batch["input_ids"].shape
         shared_width = -(-max(sum(x) for x in lengths) // PAD_MULTIPLE) * PAD_MULTIPLE
@@ -179,6 +182,48 @@ class SharedPromptCollator:
             "dd_pred_index": torch.tensor([row * width + col for row, col in pred]),
             "dd_targets": torch.tensor(targets),
             "dd_out_index": torch.tensor(place),
+        }
+
+    def _packed_rows(self, examples: list[dict], width_out: int) -> dict:
+        """All pairs back to back in one row [p0 c0 r0 p1 c1 r1 ...], plus the two attention segments of each pair
+        (`attention.Varlen`): prompt+chosen over itself, rejected over prompt+rejected. Log-prob positions as in
+        `_shared_rows`, offset by where the pair starts."""
+        from dist_dpo.fast.attention import Varlen
+
+        pairs = len(examples)
+        ids, positions, pred, targets, place = [], [], [], [], []
+        cu_q, cu_k, kv_index = [0], [0], []
+        for i, e in enumerate(examples):
+            p, c, r = self._truncated(e)
+            n_p, n_c, n_r = len(p), len(c), len(r)
+            o = len(ids)
+            ids += p + c + r
+            positions += list(range(n_p + n_c)) + list(range(n_p, n_p + n_r))
+            kv_index += list(range(o, o + n_p + n_c))
+            cu_q.append(cu_q[-1] + n_p + n_c)
+            cu_k.append(cu_k[-1] + n_p + n_c)
+            if n_r:
+                kv_index += list(range(o, o + n_p)) + list(range(o + n_p + n_c, o + n_p + n_c + n_r))
+                cu_q.append(cu_q[-1] + n_r)
+                cu_k.append(cu_k[-1] + n_p + n_r)
+            for k in range(n_c):
+                pred.append(o + n_p + k - 1)
+                targets.append(c[k])
+                place.append(i * width_out + n_p + k - 1)
+            for k in range(n_r):
+                pred.append(o + (n_p - 1 if k == 0 else n_p + n_c + k - 1))
+                targets.append(r[k])
+                place.append((pairs + i) * width_out + n_p + k - 1)
+        q_len = [b - a for a, b in zip(cu_q, cu_q[1:])]
+        k_len = [b - a for a, b in zip(cu_k, cu_k[1:])]
+        return {
+            "dd_input_ids": torch.tensor([ids]),
+            "dd_position_ids": torch.tensor([positions]),
+            "dd_pred_index": torch.tensor(pred),
+            "dd_targets": torch.tensor(targets),
+            "dd_out_index": torch.tensor(place),
+            "dd_varlen": Varlen(cu_q=torch.tensor(cu_q, dtype=torch.int32), cu_k=torch.tensor(cu_k, dtype=torch.int32),
+                                kv_index=torch.tensor(kv_index), max_q=max(q_len), max_k=max(k_len)),
         }
 
     @property

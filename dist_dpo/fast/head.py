@@ -8,7 +8,8 @@ out like its padded batch ([chosen rows; rejected rows] x (L - 1)). Two things f
 This forward keeps trl's contract (same output layout, so trl's loss code reads it unchanged) and its kernel
 (trl.kernels.ChunkedLogProbFunction), and adds: `dd_extras=` to choose the logging-only outputs per call, and the
 shared-prompt layout from `batching.SharedPromptCollator` (keys `dd_*`): one row [prompt | chosen | rejected] per
-pair, rejected positions continuing after the prompt, a mask that hides chosen from rejected. Every scored token
+pair, rejected positions continuing after the prompt, a mask that hides chosen from rejected; or all pairs packed
+in one row, attention in segments (`attention.py`, key `dd_varlen`). Every scored token
 sees exactly the tokens and positions it sees in trl's rows, so its log-prob is the same number.
 """
 
@@ -44,7 +45,7 @@ def unsupported_reason(model) -> str | None:
 
 def shared_layout_ok(model) -> bool:
     """The shared-prompt rows need a 4-D mask, which sdpa and eager attention take as is (flash/flex do not)."""
-    return model.config._attn_implementation in ("sdpa", "eager")
+    return model.config._attn_implementation in ("sdpa", "eager", "dist_dpo_sdpa")  # the last: attention.py
 
 
 def install(model, state: HeadState) -> None:
@@ -68,9 +69,15 @@ def _dpo_forward(model, labels, layout: dict, extras: tuple[str, ...], kwargs: d
     kwargs["use_cache"] = False
     kwargs.pop("num_items_in_batch", None)
     rows, width = labels.shape  # trl's padded layout: the output keeps it
-    if layout:
+    if "dd_varlen" in layout:  # packed rows: attention.py's segments, no mask to build
+        cfg = model.config.get_text_config()
+        kwargs.update(input_ids=layout["dd_input_ids"], position_ids=layout["dd_position_ids"],
+                      attention_mask={t: None for t in set(getattr(cfg, "layer_types", None) or ["full_attention"])},
+                      dd_varlen=layout["dd_varlen"])
+    elif layout:
         kwargs.update(input_ids=layout["dd_input_ids"], position_ids=layout["dd_position_ids"],
                       attention_mask=shared_prompt_mask(layout["dd_segments"], _mask_dtype(model)))
+    if layout:
         hidden = model.base_model(**kwargs).last_hidden_state
         hidden = hidden.reshape(-1, hidden.size(-1)).index_select(0, layout["dd_pred_index"])
         targets, place = layout["dd_targets"], layout["dd_out_index"]
