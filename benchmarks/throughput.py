@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -180,6 +181,7 @@ def _instrument(spec: dict) -> None:
                 "micro_batch": self.trainer.args.per_device_train_batch_size,  # after merge_micro_batches
                 "ckpt_layers": marks.get("ckpt_layers"), "liger": bool(self.trainer.args.use_liger_kernel),
                 "profile": profile, "profiled_from": marks.get("profiled_from"),
+                "varlen_gqa": _native_gqa(),
                 "layout": {"tokens_run": getattr(collator, "tokens_run", None),
                            "tokens_real": getattr(collator, "tokens_real", None),
                            "batches": getattr(collator, "batches", None)},
@@ -197,6 +199,14 @@ def _instrument(spec: dict) -> None:
         self.add_callback(Timer(self, counter))
 
     trl.DPOTrainer.__init__ = timed_init
+
+
+def _native_gqa() -> bool | None:
+    try:
+        from dist_dpo.fast.attention import native_gqa
+    except ImportError:  # plain-trl rows run without dist_dpo importable in principle
+        return None
+    return native_gqa()
 
 
 def _profile_summary(marks: dict, end: float, steps: int) -> dict:
@@ -262,6 +272,7 @@ class Bench:
         self.lock = threading.Lock()
         self.rows: list[Row] = []
         self.port = iter(range(29700, 29999, 3))
+        self.varlen_gqa = _native_gqa()  # for the memory plan of packed rows (merge: the recorded torch's)
         self._lengths: dict = {}
 
     def setup(self) -> None:
@@ -345,21 +356,7 @@ class Bench:
             print(f"[{self.elapsed():5.0f}s] {row.name}: skipped (time budget)", flush=True)
             return
         spec = self.spec(row)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]),
-                   PYTHONUNBUFFERED="1",
-                   TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                   DIST_DPO_CACHE=str(self.work / "cache"))
-        if self.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))
-        else:
-            env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // row.gpus)))
-        me = [str(HERE / "throughput.py"), "--child", json.dumps(spec)]
-        if row.gpus > 1:
-            config = f"accelerate_configs/{row.config if self.gpus else 'cpu'}.yaml"
-            cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", config,
-                   "--num_processes", str(row.gpus), "--main_process_port", str(next(self.port)), *me]
-        else:
-            cmd = [sys.executable, *me]
+        cmd, env = self.command(row, spec, gpu_ids)
         timeout = max(5.0, self.deadline - time.time())
         row.status = "running"
         t = time.time()
@@ -376,6 +373,38 @@ class Bench:
         print(f"[{self.elapsed():5.0f}s] {row.name}: {row.status}"
               + (f" {r['tokens_per_s']:.0f} tok/s, {r['peak_mem_gib']:.2f} GiB" if row.status == "ok" else
                  f" ({r.get('reason', '')})"), flush=True)
+
+    def warm_up(self, lanes: int) -> None:
+        """Two untimed steps of dist-dpo per GPU first: triton compiles liger's kernels for this shape once per
+        machine (~5 s, cached on disk after), and without this the first row of each lane - dist-dpo's - paid it."""
+        def one(i):
+            row = Row("dist-dpo", "warm-up", "fixed512", extra=["--max_steps", "2"])
+            cmd, env = self.command(row, self.spec(row), [i])
+            t = time.time()
+            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT).returncode
+            print(f"[{self.elapsed():5.0f}s] warm-up on GPU {i}: exit {rc} ({time.time() - t:.0f} s, untimed)",
+                  flush=True)
+
+        with cf.ThreadPoolExecutor(lanes) as pool:
+            list(pool.map(one, range(lanes)))
+
+    def command(self, row: Row, spec: dict, gpu_ids: list[int]) -> tuple[list[str], dict]:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]),
+                   PYTHONUNBUFFERED="1",
+                   TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                   DIST_DPO_CACHE=str(self.work / "cache"))
+        if self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_ids))
+        else:
+            env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // row.gpus)))
+        me = [str(HERE / "throughput.py"), "--child", json.dumps(spec)]
+        if row.gpus > 1:
+            config = f"accelerate_configs/{row.config if self.gpus else 'cpu'}.yaml"
+            cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", config,
+                   "--num_processes", str(row.gpus), "--main_process_port", str(next(self.port)), *me]
+        else:
+            cmd = [sys.executable, *me]
+        return cmd, env
 
     def collect(self, row: Row, spec: dict, rc: int, process_s: float) -> dict:
         ranks = [json.loads(p.read_text()) for p in sorted(Path(spec["result"]).parent.glob("result.json.rank*"))]
@@ -432,7 +461,20 @@ class Bench:
             shared = bool(batches.get("shared")) or packed
             widths = [a + b + d for a, b, d in zip(p, c, r)] if shared else [a + max(b, d) for a, b, d in zip(p, c, r)]
             width = max(widths)
-            job = plan.Job(shape, "ddp" if row.gpus > 1 else "single", "4bit" if row.quant == "qlora" else "none",
+            strategy = row.config if row.gpus > 1 else "single"
+            if packed:  # the micro-batch of the longest pairs, unpadded (length grouping puts it first); split by
+                # cost across ranks (balance_ranks), a rank holds about half of the longest step's tokens
+                split = "by cost" in str((r0.get("speed_path") or {}).get("batches"))
+                top = sorted(zip(widths, p), reverse=True)[:batch * (row.gpus if split else 1)]
+                share = row.gpus if split else 1
+                tokens, prompts = sum(t for t, _ in top) / share, sum(a for _, a in top) / share
+                job = plan.Job(shape, strategy, "4bit" if row.quant == "qlora" else "none",
+                               gpus=row.gpus, pairs=batch, seq_len=math.ceil(tokens / batch), rows_per_pair=1,
+                               completion_frac=(sum(c) + sum(r)) / sum(widths), checkpoint_every=every,
+                               prepare_kbit=False, paged_optimizer=row.quant == "qlora", liger=r0["liger"],
+                               kv_token_frac=1 + prompts / tokens, repeat_kv=not r0.get("varlen_gqa", self.varlen_gqa))
+                return round(plan.estimate(job)["peak"], 3)
+            job = plan.Job(shape, strategy, "4bit" if row.quant == "qlora" else "none",
                            gpus=row.gpus, pairs=batch, seq_len=-(-width // 16) * 16 if shared else width,
                            rows_per_pair=1 if shared else 2, completion_frac=(sum(c) + sum(r)) / (
                                sum(widths) * (1 if shared else 2)), checkpoint_every=every,
@@ -501,6 +543,8 @@ class Bench:
                 r.status, r.result = "skipped", {"reason": "needs 2 GPUs"}
             multi = []
         by_lane = [[r for r in single if r.lane % lanes == i] for i in range(lanes)]
+        if self.gpus and not self.args.no_warm_up:
+            self.warm_up(max(lanes, min(self.gpus, 2) if multi else lanes))
         groups = [list(range(i * 2, i * 2 + 2)) for i in range(max(1, self.gpus // 2))] if self.gpus else [[0, 1]]
         with cf.ThreadPoolExecutor(lanes) as pool:
             # the multi-GPU rows come last, len(groups) at a time, and need this much
@@ -649,6 +693,8 @@ def merge(paths: list[str], out: Path, work: Path) -> int:
     bench = Bench(argparse.Namespace(out=str(out), work=str(work), budget_s=0, smoke=False, pairs={}, shape=docs[0]["shape"],
                                      commit=None))
     bench.shape = docs[0]["shape"]
+    # packed rows' K/V: varlen_attn took grouped heads from torch 2.13 on (2.11, the GPU image's, expands them)
+    bench.varlen_gqa = tuple(int(x) for x in docs[-1]["versions"]["torch"].split(".")[:2]) >= (2, 13)
     bench.data = {r["dataset"]: preference_sets.write_set(r["dataset"], work / "data") for r in rows.values()}
     bench.max_length = {n: preference_sets.SETS[n][1] for n in bench.data}
     known = {r.name: r for r in default_rows() + optional_rows()}
@@ -682,6 +728,9 @@ def main() -> int:
                    help="seconds for the whole run (rows are cut at the end; rows that cannot start are skipped)")
     p.add_argument("--commit", default=None, help="git commit to record (default: $GIT_COMMIT or git rev-parse)")
     p.add_argument("--list", action="store_true")
+    p.add_argument("--no-warm-up", action="store_true", help="skip the untimed kernel-compiling steps per GPU")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler over the last 3 steps of the rows marked for it (left out of the steady rate)")
     p.add_argument("--merge", nargs="+", help="merge several calls' throughput.json into --out (later calls win)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -702,6 +751,9 @@ def main() -> int:
         for r in default_rows() + optional_rows():
             print(f"{r.name:40} lane {r.lane} {' '.join(r.extra)}")
         return 0
+    if not a.profile:
+        for r in rows:
+            r.profile_last = 0
     bench = Bench(a)
     bench.rows = rows
     return bench.run()

@@ -14,7 +14,7 @@ dist_dpo_run.json), built from the decoder's shapes rather than a profile, term 
   activations   what autograd keeps per token and decoder layer for the backward. A frozen linear keeps nothing (its
                 input is only needed for a weight gradient nobody asked for), so a Qwen2 layer with LoRA on q/v keeps:
                 two RMSNorm fp32 inputs (8h), q/k/v/out for sdpa (4h + 4kv; K/V repeated to h when a mask forces
-                the non-flash kernel), one LoRA input (2h), SiLU-gate/up/SiLU-out (6i). With checkpointing a layer
+                the non-flash kernel; packed rows keep each prompt's K/V twice), one LoRA input (2h), SiLU-gate/up/SiLU-out (6i). With checkpointing a layer
                 keeps only its input (2h) and one layer is recomputed at a time.
   transient     the largest short-lived working set: one layer's MLP intermediates while the reference forward
                 runs next to the stored policy activations, or the backward's gradients of them
@@ -135,6 +135,10 @@ class Job:
     paged_optimizer: bool = False  # paged_adamw_8bit: moments in managed memory, not the allocator's
     masked_attention: bool = False  # padding in the batch or the shared-prompt mask: sdpa leaves flash attention
     shared_mask: bool = False  # one float mask for all layers (dist-dpo's layout) instead of a copy per layer
+    # dist-dpo's packed rows (fast/attention.py): one unpadded row, no mask; seq_len is then the mean tokens per pair
+    # of the micro-batch, and attention keeps keys/values for each prompt twice (prompt+chosen, prompt+rejected)
+    kv_token_frac: float = 1.0  # keys/values kept per token: 1 + the prompt share under packed rows
+    repeat_kv: bool | None = None  # K/V expanded to every query head; None: when attention is masked (sdpa's path)
     liger: bool = False  # liger RMSNorm / SwiGLU kernels keep bf16 inputs instead of fp32 / three tensors
 
     @property
@@ -148,8 +152,11 @@ def layer_activation_bytes(job: Job) -> float:
     h, i = s.hidden, s.intermediate
     act = 4 if job.prepare_kbit and job.quant == "4bit" else 2  # fp32 embedding -> fp32 residual stream and MLP
     norms = 2 * (act if job.liger else 4) * h
-    kv = s.q_dim if job.masked_attention else s.kv_dim  # transformers repeats K/V when sdpa gets a mask
-    attn = 2 * (2 * s.q_dim + 2 * kv)  # sdpa runs in bf16 under autocast: q, k, v, out
+    # transformers repeats K/V when sdpa gets a mask; so does dist-dpo's packed path where torch's variable-length
+    # kernel takes no enable_gqa (torch 2.11)
+    repeat = job.masked_attention if job.repeat_kv is None else job.repeat_kv
+    kv = s.q_dim if repeat else s.kv_dim
+    attn = 2 * (2 * s.q_dim + 2 * kv * job.kv_token_frac)  # bf16 under autocast: q, k, v, out
     targets = set(ALL_TARGETS if job.lora_r == 0 else job.targets)
     lora_inputs = 2 * (h * bool(targets & {"q_proj", "k_proj", "v_proj"}) + s.q_dim * ("o_proj" in targets)
                        + h * bool(targets & {"gate_proj", "up_proj"}) + i * ("down_proj" in targets))

@@ -431,7 +431,7 @@ def test_recipe_accepts_auto_true_false():
 def test_throughput_smoke_on_cpu(tmp_path):
     """The benchmark's whole path (data, plain-trl and dist-dpo children, JSON, table) at toy scale."""
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--smoke", "--only", "dist-dpo,tutorial",
+    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--smoke", "--profile", "--only", "dist-dpo,tutorial",
                            "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -95,6 +95,16 @@ def flash_varlen(q, k, v, varlen: Varlen, scale) -> torch.Tensor:
     return varlen_attn(q, k, v, varlen.cu_q, varlen.cu_k, varlen.max_q, varlen.max_k, **kwargs)
 
 
+def native_gqa() -> bool:
+    """Whether this torch's varlen_attn takes grouped K/V heads as they are (else they are expanded per query head:
+    more activation memory; torch 2.11 on the GPU image has no enable_gqa, 2.13 has)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return False
+    return "enable_gqa" in _parameters(varlen_attn)
+
+
 @functools.lru_cache(maxsize=None)
 def _parameters(fn) -> frozenset:
     import inspect
