@@ -136,8 +136,8 @@ class TrainArgs:
         True,
         "Several GPUs with group_by_length: split each step's pairs across ranks by padded cost (fewer long pairs, "
         "more short ones; the loss is the same mean). false: the same number of pairs on every rank. Measured on "
-        "2 x H200 (2026-11-28, other calls): tokens per rank 49:51 instead of 59:41, yet steady DDP scaling 0.67 "
-        "vs 0.75 - benchmarks/throughput.py's dist-dpo-nobalance row compares both in one call.",
+        "2 x H200 in ONE call (2026-11-28, 1.5B shape, var set): steady DDP scaling 0.79 with it, 0.97 without - set "
+        "false for multi-GPU speed; the default follows once the GPU matrix has re-run that way.",
     )
     prefix_sharing: bool | str = _f(
         "auto",
