@@ -3,7 +3,8 @@
     python3 benchmarks/plan_vs_matrix.py [--json benchmarks/results/gpu_matrix.json]      (CPU, seconds)
 
 Each matrix cell trained the same 0.5B-shaped model on the built-in data; the plan is asked about its longest
-micro-batch (trl's two rows or dist-dpo's shared-prompt row, whichever it predicts larger) with the cell's
+micro-batch (dist-dpo's packed row where the cell logged it ran one; else trl's two rows or the masked shared-prompt
+row, whichever it predicts larger) with the cell's
 strategy, quantization, batch and checkpointing. Prints measured vs planned GiB and the error; exit 1 when a cell
 is off by more than 15 %.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,11 +62,18 @@ def main() -> int:
         if c.get("peak_mem_gib") is None:
             continue
         per_device = 2 if c["name"].startswith("ref-alt2") else 4 if c["name"].startswith("ref-alt") else 8
-        jobs = [plan.Job(shape, c["strategy"], "4bit" if c["quant"] == "qlora" else "none", gpus=c["gpus"],
-                         pairs=per_device, seq_len=width, rows_per_pair=rows, lora_r=8,
-                         targets=("q_proj", "k_proj", "v_proj", "o_proj"), checkpoint_every=1,
-                         masked_attention=True, shared_mask=rows == 1)
-                for rows, width in ((2, trl_width), (1, shared_width))]
+        base = plan.Job(shape, c["strategy"], "4bit" if c["quant"] == "qlora" else "none", gpus=c["gpus"],
+                        pairs=per_device, lora_r=8, targets=("q_proj", "k_proj", "v_proj", "o_proj"), checkpoint_every=1)
+        if "packed" in (c.get("prompt_layout") or ""):  # one unpadded row: the longest pairs (grouped first); a
+            # cost-balanced split across ranks gives a rank about half of the longest step's tokens
+            top = sorted(((p + c_ + r, p) for p, c_, r in lengths), reverse=True)[:per_device * c["gpus"]]
+            tokens, prompts = sum(t for t, _ in top) / c["gpus"], sum(a for _, a in top) / c["gpus"]
+            torch_minor = tuple(int(x) for x in doc["environment"]["versions"]["torch"].split(".")[:2])
+            jobs = [replace(base, seq_len=-(-int(tokens) // per_device), rows_per_pair=1,
+                            kv_token_frac=1 + prompts / tokens, repeat_kv=torch_minor < (2, 13))]
+        else:
+            jobs = [replace(base, seq_len=width, rows_per_pair=rows, masked_attention=True, shared_mask=rows == 1)
+                    for rows, width in ((2, trl_width), (1, shared_width))]
         planned = max(plan.estimate(j)["peak"] for j in jobs)
         err = planned / c["peak_mem_gib"] - 1
         worst = max(worst, abs(err))

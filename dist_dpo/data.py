@@ -231,3 +231,28 @@ def load_preference_data(d: DataArgs, tokenizer, max_length: int, seed: int):
         train = _drop_overlong(train, tokenizer, max_length, f"{d.dataset_name} [{d.train_split}]")
         test = _drop_overlong(test, tokenizer, max_length, f"{d.dataset_name} [{d.test_split}]")
     return train, test
+
+
+class TokenizeOnEveryRankAtOnce:
+    """Mixin for trl's DPOTrainer: an in-memory dataset is tokenized by all ranks at the same time.
+
+    trl runs its dataset preparation on the main process first and only then on the others
+    (`global_then_local_main_first`), so that they can read the main process's cache files. A dataset read from a
+    json/jsonl file (and the built-in one) lives in memory and has no cache files: the other ranks redo the same work
+    after waiting for it, so every multi-GPU start paid the tokenization twice. With a file-backed dataset trl's order
+    stays."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        import contextlib
+
+        import datasets
+        import trl.trainer.dpo_trainer as dpo_module
+
+        if not isinstance(dataset, datasets.Dataset) or dataset.cache_files:
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        ordered = dpo_module.global_then_local_main_first
+        dpo_module.global_then_local_main_first = contextlib.nullcontext
+        try:
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        finally:
+            dpo_module.global_then_local_main_first = ordered

@@ -14,8 +14,9 @@ dist_dpo_run.json), built from the decoder's shapes rather than a profile, term 
   activations   what autograd keeps per token and decoder layer for the backward. A frozen linear keeps nothing (its
                 input is only needed for a weight gradient nobody asked for), so a Qwen2 layer with LoRA on q/v keeps:
                 two RMSNorm fp32 inputs (8h), q/k/v/out for sdpa (4h + 4kv; K/V repeated to h when a mask forces
-                the non-flash kernel; packed rows keep each prompt's K/V twice), one LoRA input (2h), SiLU-gate/up/SiLU-out (6i). With checkpointing a layer
-                keeps only its input (2h) and one layer is recomputed at a time.
+                the non-flash kernel; packed rows keep each prompt's K/V twice), one LoRA input (2h),
+                SiLU-gate/up/SiLU-out (6i). With checkpointing a layer keeps only its input (2h) and one layer is
+                recomputed at a time.
   transient     the largest short-lived working set: one layer's MLP intermediates while the reference forward
                 runs next to the stored policy activations, or the backward's gradients of them
   lm head       trl's fused chunked log-prob head: a [4096 x 32768] logits tile, a bf16 copy of a weight chunk when

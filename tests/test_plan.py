@@ -23,6 +23,14 @@ MEASURED = [
     ("seed QLoRA, dist-dpo DDP", plan.Job(SHAPE, "ddp", "4bit", gpus=2, pairs=4, seq_len=99, completion_frac=0.56,
                                           checkpoint_every=1, prepare_kbit=True, paged_optimizer=True,
                                           masked_attention=True), 1.92),
+    # dist-dpo's packed rows (benchmarks/results/throughput.json, commit 03acec9, torch 2.11: K/V expanded), one GPU,
+    # liger; measured after the packed-row terms were written from the kernel's inputs, not fitted to these
+    ("packed fixed512, 16 pairs", plan.Job(SHAPE, "single", pairs=16, seq_len=896, rows_per_pair=1, liger=True,
+                                           completion_frac=768 / 896, kv_token_frac=1 + 128 / 896, repeat_kv=True),
+     26.89),
+    ("packed fixed2048, 8 pairs", plan.Job(SHAPE, "single", pairs=8, seq_len=3584, rows_per_pair=1, liger=True,
+                                           completion_frac=3072 / 3584, kv_token_frac=1 + 512 / 3584,
+                                           repeat_kv=True), 50.73),
 ]
 
 
@@ -39,6 +47,13 @@ def base():
 @pytest.mark.parametrize("field,small,large", [("pairs", 2, 8), ("seq_len", 256, 1024), ("lora_r", 8, 64)])
 def test_more_work_needs_more_memory(field, small, large):
     assert plan.estimate(replace(base(), **{field: small}))["peak"] < plan.estimate(replace(base(), **{field: large}))["peak"]
+
+
+def test_packed_rows_keys_and_values():
+    packed = replace(base(), rows_per_pair=1, seq_len=640, kv_token_frac=1 + 128 / 640)
+    grouped = plan.estimate(replace(packed, repeat_kv=False))["peak"]
+    assert grouped < plan.estimate(replace(packed, repeat_kv=True))["peak"]  # K/V per query head cost memory
+    assert plan.estimate(replace(packed, repeat_kv=False, kv_token_frac=1.0))["peak"] < grouped  # the prompt's twice
 
 
 def test_checkpointing_trades_activations_for_recompute():
