@@ -201,6 +201,15 @@ def _instrument(spec: dict) -> None:
     trl.DPOTrainer.__init__ = timed_init
 
 
+def _startup(spec: dict) -> dict | None:
+    """dist-dpo rows: where rank 0's start-up went (dist_dpo_run.json, dist_dpo/run_stats.py)."""
+    marker = Path(spec["output_dir"]) / "dist_dpo_run.json"
+    try:
+        return json.loads(marker.read_text()).get("startup_s")
+    except (OSError, ValueError):
+        return None
+
+
 def _native_gqa() -> bool | None:
     try:
         from dist_dpo.fast.attention import native_gqa
@@ -436,6 +445,7 @@ class Bench:
             # per rank: seconds from trainer construction to the end of each step (a slow rank shows here)
             "step_end_s_per_rank": {r["rank"]: [round(t, 3) for t, _ in r["steps"]] for r in ranks},
             "profile_per_rank": {r["rank"]: r["profile"] for r in ranks if r.get("profile")} or None,
+            "startup_s": _startup(spec),
             "planned_peak_gib": self.planned_peak(row, r0),
             # the issue's MFU counts trl's tokens (prompts twice); this one counts the tokens the decoder really ran
             "steady_mfu_of_tokens_run": _of_tokens_run(ranks, flops * steady / (PEAK_FLOPS * row.gpus))

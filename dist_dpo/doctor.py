@@ -49,6 +49,7 @@ def main(argv: list[str]) -> int:
     rows += version_rows()
     rows += gpu_rows(gpus)
     rows += bitsandbytes_rows(gpus)
+    rows += packed_rows_rows(gpus)
     rows += communication_rows(gpus)
     if args.output_dir and (args.config or recipe_argv):
         recipe_argv += ["--output_dir", args.output_dir]  # the recipe's output_dir: where train would write
@@ -251,6 +252,23 @@ def bitsandbytes_rows(gpus: int) -> list[Row]:
     except Exception as e:  # noqa: BLE001
         return [Row("bnb kernels", FAIL, f"CUDA kernels fail: {str(e).splitlines()[0]}")]
     return [Row("bnb kernels", OK, f"CUDA kernels work (NF4 round trip, mean error {err:.3f})")]
+
+
+def packed_rows_rows(gpus: int) -> list[Row]:
+    """The speed path's packed rows need torch's variable-length flash kernel: the same probe train runs."""
+    if gpus == 0:
+        return [Row("packed rows", INFO,
+                    "GPU only (flash attention's variable-length kernel): CPU runs use masked rows")]
+    import torch
+
+    from dist_dpo.fast.attention import _probe, native_gqa
+
+    bf16 = torch.cuda.get_device_properties(0).major >= 8
+    why = _probe(0, torch.bfloat16 if bf16 else torch.float16, 128)
+    if why:
+        return [Row("packed rows", WARN, f"off: {why}; training uses padded rows with a mask (slower, more memory)")]
+    return [Row("packed rows", OK, "variable-length flash kernel matches sdpa on GPU 0"
+                + ("" if native_gqa() else "; K/V heads expanded (this torch's varlen_attn has no enable_gqa)"))]
 
 
 def communication_rows(gpus: int) -> list[Row]:

@@ -52,6 +52,10 @@ def _leave_together() -> None:
 
 
 def _train(argv: list[str]) -> int:
+    from dist_dpo.run_stats import StartUp
+
+    startup = StartUp()
+    startup.mark("python imports")
     recipe = parse_recipe(argv)
     rt = resolve_runtime(recipe.train.deepspeed)
     log = setup_console(rt)
@@ -64,7 +68,9 @@ def _train(argv: list[str]) -> int:
     from dist_dpo.modeling import load_model, lora_config
 
     args = build_dpo_config(recipe, rt, strat)  # joins the process group; before the model: ZeRO-3 partitions at load
+    startup.mark("process group")
     plan = preflight.run(recipe, rt)  # data, model, output dir, disk: one verdict for every rank, before heavy work
+    startup.mark("preflight (data read and checked)")
     if recipe.dry_run:
         return dry_run_report(recipe, rt, plan)
     if rt.device_type == "cuda":
@@ -72,6 +78,7 @@ def _train(argv: list[str]) -> int:
 
         cap_gpu_memory(recipe.train.gpu_memory_gib, rt.local_rank)  # before any weight lands on the GPU
     model = load_model(recipe.model, plan.model_path, rt, strat, recipe.train.gradient_checkpointing)
+    startup.mark("model load")
     peft_config = lora_config(recipe.lora, model)
     tokenizer, train_ds, eval_ds = plan.tokenizer, plan.train_ds, plan.eval_ds
 
@@ -102,13 +109,15 @@ def _train(argv: list[str]) -> int:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    startup.mark("trainer (tokenization)")
     keep_qlora_adapters_fp32(trainer, strat)  # dist_dpo/precision.py: what trl / FSDP2 would get wrong, in order
     refuse_float_gathered_4bit(trainer.model, strat)
     keep_logprobs_fp32(trainer, strat)
     fast.apply(trainer, recipe, rt)  # the speed path, same loss as trl's (dist_dpo/fast/__init__.py)
+    startup.mark("speed path")
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(RankZeroProgress())
-    stats = RunStats()
+    stats = RunStats(startup)
     trainer.add_callback(stats)
     if recipe.train.same_model_check:
         from dist_dpo.same_model import SameModelCheck
@@ -138,6 +147,7 @@ def _train(argv: list[str]) -> int:
             json.dumps({"status": "complete", "strategy": rt.strategy, "world_size": rt.world_size,
                         "global_step": trainer.state.global_step, "adapter": summary, **stats.summary}, indent=2)
         )
+        log.info("start-up: %s", " | ".join(f"{k} {v:.1f} s" for k, v in stats.summary.get("startup_s", {}).items()))
         from dist_dpo.report import report_after_training
         report_after_training(out)  # plots + report.md reading the curves; never fails the finished run
         log.info("done. adapter: %s | logs: %s | metrics: %s", out, out / "logs", out / "train_results.json")

@@ -446,6 +446,7 @@ def test_throughput_smoke_on_cpu(tmp_path):
     assert doc["ratios"]["vs_tutorial"] > 0 and doc["versions"]["trl"] and doc["cards"] == ["cpu"]
     if "fast.apply" in (ROOT / "dist_dpo" / "train.py").read_text():
         assert rows["dist-dpo/var/lora/1gpu"]["speed_path"]
+    assert "trainer (tokenization)" in rows["dist-dpo/var/lora/1gpu"]["startup_s"]  # from its dist_dpo_run.json
     profile = rows["dist-dpo/var/lora/1gpu"]["profile_per_rank"]["0"]  # the last step, under torch.profiler
     assert profile["steps"] == 1 and profile["wall_s"] > 0 and profile["top_host_ops_ms"]
     tail = proc.stdout.splitlines()[-(len(doc["targets"]) + 1):]  # the table is printed last, then the targets

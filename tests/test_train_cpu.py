@@ -44,6 +44,14 @@ def test_two_processes_trained_and_finished(demo_run):
     assert "world 2 on cpu" in proc.stdout, proc.stdout[-2000:]
     marker = json.loads((out / "dist_dpo_run.json").read_text())
     assert marker["status"] == "complete" and marker["world_size"] == 2 and marker["global_step"] == STEPS
+    startup = marker["startup_s"]  # where the start went, in order, process start to the end of step 1
+    assert list(startup)[0] == "python imports" and list(startup)[-1] == "step 1"
+    assert "trainer (tokenization)" in startup and all(v >= 0 for v in startup.values())
+    assert combined_has(proc, "start-up: python imports")
+
+
+def combined_has(proc, text: str) -> bool:
+    return text in proc.stdout + proc.stderr
 
 
 def test_loss_went_down(demo_run):
