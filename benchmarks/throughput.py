@@ -99,6 +99,8 @@ def optional_rows() -> list[Row]:
         # speed of the 16 x 1 row (10,496 vs 9,816 tok/s, one card's noise)
         Row("dist-dpo", "tutorial-batch", "var", batch=4, accum=4, lane=1),
         Row("trl", "best", "fixed2048", lane=1, extra=["batch=4", "accum=4"]),
+        # var steps are host-bound (profile, 2026-11-28): liger's triton launches cost ~220 us of host time each
+        Row("dist-dpo", "noliger", "var", extra=["--liger_kernels", "false"]),
         Row("dist-dpo", "share", "fixed512", lane=1, extra=["--prefix_sharing", "true"]),
         Row("dist-dpo", "default", "var", "qlora", gpus=2),
         Row("trl", "best", "var", gpus=2),
