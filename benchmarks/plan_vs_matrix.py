@@ -64,13 +64,9 @@ def main() -> int:
         per_device = 2 if c["name"].startswith("ref-alt2") else 4 if c["name"].startswith("ref-alt") else 8
         base = plan.Job(shape, c["strategy"], "4bit" if c["quant"] == "qlora" else "none", gpus=c["gpus"],
                         pairs=per_device, lora_r=8, targets=("q_proj", "k_proj", "v_proj", "o_proj"), checkpoint_every=1)
-        if "packed" in (c.get("prompt_layout") or ""):  # one unpadded row: the longest pairs (grouped first); a
-            # cost-balanced split across ranks gives a rank about half of the longest step's tokens
-            top = sorted(((p + c_ + r, p) for p, c_, r in lengths), reverse=True)[:per_device * c["gpus"]]
-            tokens, prompts = sum(t for t, _ in top) / c["gpus"], sum(a for _, a in top) / c["gpus"]
+        if "packed" in (c.get("prompt_layout") or ""):  # the cells ran balance_ranks (split by cost)
             torch_minor = tuple(int(x) for x in doc["environment"]["versions"]["torch"].split(".")[:2])
-            jobs = [replace(base, seq_len=-(-int(tokens) // per_device), rows_per_pair=1,
-                            kv_token_frac=1 + prompts / tokens, repeat_kv=torch_minor < (2, 13))]
+            jobs = [plan.packed_job(base, lengths, ranks=c["gpus"], expand_kv=torch_minor < (2, 13))]
         else:
             jobs = [replace(base, seq_len=width, rows_per_pair=rows, masked_attention=True, shared_mask=rows == 1)
                     for rows, width in ((2, trl_width), (1, shared_width))]

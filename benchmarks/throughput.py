@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
-import math
 import os
 import shlex
 import subprocess
@@ -212,11 +211,9 @@ def _startup(spec: dict) -> dict | None:
         return None
 
 
-def _native_gqa() -> bool | None:
-    try:
-        from dist_dpo.fast.attention import native_gqa
-    except ImportError:  # plain-trl rows run without dist_dpo importable in principle
-        return None
+def _native_gqa() -> bool:
+    from dist_dpo.fast.attention import native_gqa
+
     return native_gqa()
 
 
@@ -469,31 +466,26 @@ class Bench:
             layers = r0["ckpt_layers"] or 0
             every = 0 if not layers else max(1, round(shape.layers / layers))
             batches = r0["layout"].get("batches") or {}
-            packed = bool(batches.get("packed"))  # one row per micro-batch, no padding, no mask (attention.py)
-            shared = bool(batches.get("shared")) or packed
+            strategy = row.config if row.gpus > 1 else "single"
+            if batches.get("packed"):  # one row per micro-batch, no padding, no mask (attention.py)  # a rank holds about half of the longest step's tokens where balance_ranks split it by cost
+                split = "by cost" in str((r0.get("speed_path") or {}).get("batches"))
+                job = plan.packed_job(
+                    plan.Job(shape, strategy, "4bit" if row.quant == "qlora" else "none", gpus=row.gpus, pairs=batch,
+                             checkpoint_every=every, prepare_kbit=False, paged_optimizer=row.quant == "qlora",
+                             liger=r0["liger"]),
+                    list(zip(p, c, r)), ranks=row.gpus if split else 1,
+                    expand_kv=not r0.get("varlen_gqa", self.varlen_gqa))
+                return round(plan.estimate(job)["peak"], 3)
+            shared = bool(batches.get("shared"))
             widths = [a + b + d for a, b, d in zip(p, c, r)] if shared else [a + max(b, d) for a, b, d in zip(p, c, r)]
             width = max(widths)
-            strategy = row.config if row.gpus > 1 else "single"
-            if packed:  # the micro-batch of the longest pairs, unpadded (length grouping puts it first); split by
-                # cost across ranks (balance_ranks), a rank holds about half of the longest step's tokens
-                split = "by cost" in str((r0.get("speed_path") or {}).get("batches"))
-                top = sorted(zip(widths, p), reverse=True)[:batch * (row.gpus if split else 1)]
-                share = row.gpus if split else 1
-                tokens, prompts = sum(t for t, _ in top) / share, sum(a for _, a in top) / share
-                job = plan.Job(shape, strategy, "4bit" if row.quant == "qlora" else "none",
-                               gpus=row.gpus, pairs=batch, seq_len=math.ceil(tokens / batch), rows_per_pair=1,
-                               completion_frac=(sum(c) + sum(r)) / sum(widths), checkpoint_every=every,
-                               prepare_kbit=False, paged_optimizer=row.quant == "qlora", liger=r0["liger"],
-                               kv_token_frac=1 + prompts / tokens, repeat_kv=not r0.get("varlen_gqa", self.varlen_gqa))
-                return round(plan.estimate(job)["peak"], 3)
             job = plan.Job(shape, strategy, "4bit" if row.quant == "qlora" else "none",
                            gpus=row.gpus, pairs=batch, seq_len=-(-width // 16) * 16 if shared else width,
                            rows_per_pair=1 if shared else 2, completion_frac=(sum(c) + sum(r)) / (
                                sum(widths) * (1 if shared else 2)), checkpoint_every=every,
                            prepare_kbit=False,  # bf16 cards: modeling.uses_prepare_kbit is False (fp16 only)
                            paged_optimizer=row.quant == "qlora", liger=r0["liger"],
-                           masked_attention=not packed and (shared or len(set(widths)) > 1),
-                           shared_mask=shared and not packed)
+                           masked_attention=shared or len(set(widths)) > 1, shared_mask=shared)
             return round(plan.estimate(job)["peak"], 3)
         except Exception as e:  # a prediction must never cost a measured row
             print(f"plan for {row.name} failed: {e!r}", flush=True)

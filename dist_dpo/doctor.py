@@ -261,10 +261,10 @@ def packed_rows_rows(gpus: int) -> list[Row]:
                     "GPU only (flash attention's variable-length kernel): CPU runs use masked rows")]
     import torch
 
-    from dist_dpo.fast.attention import _probe, native_gqa
+    from dist_dpo.fast.attention import kernel_reason, native_gqa
 
     bf16 = torch.cuda.get_device_properties(0).major >= 8
-    why = _probe(0, torch.bfloat16 if bf16 else torch.float16, 128)
+    why = kernel_reason(0, torch.bfloat16 if bf16 else torch.float16, 128)
     if why:
         return [Row("packed rows", WARN, f"off: {why}; training uses padded rows with a mask (slower, more memory)")]
     return [Row("packed rows", OK, "variable-length flash kernel matches sdpa on GPU 0"

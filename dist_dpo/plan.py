@@ -147,6 +147,18 @@ class Job:
         return self.pairs * self.rows_per_pair * self.seq_len
 
 
+def packed_job(job: Job, lengths, ranks: int = 1, expand_kv: bool = True) -> Job:
+    """`job` as dist-dpo's packed rows run it (fast/attention.py) on pairs of these (prompt, chosen, rejected)
+    lengths: the micro-batch of the `job.pairs` longest pairs (length grouping runs it first), unpadded, each prompt's
+    K/V kept twice. `ranks` > 1: a step's pairs split by cost across that many ranks (balance_ranks), each holding
+    about 1/ranks of the longest step's tokens. `expand_kv`: K/V per query head (varlen_attn without enable_gqa)."""
+    top = sorted(((p + c + r, p) for p, c, r in lengths), reverse=True)[:job.pairs * ranks]
+    tokens, prompts = sum(t for t, _ in top) / ranks, sum(p for _, p in top) / ranks
+    scored = sum(c + r for _, c, r in lengths) / max(sum(p + c + r for p, c, r in lengths), 1)
+    return replace(job, seq_len=math.ceil(tokens / job.pairs), rows_per_pair=1, completion_frac=scored,
+                   masked_attention=False, shared_mask=False, kv_token_frac=1 + prompts / tokens, repeat_kv=expand_kv)
+
+
 def layer_activation_bytes(job: Job) -> float:
     """Bytes autograd keeps per token in one decoder layer without checkpointing (see module docstring)."""
     s = job.shape

@@ -237,6 +237,12 @@ def check_combination(r: Recipe, rt: Runtime) -> None:
             "merge_micro_batches: true needs fast_path: true and a strategy that can change its micro-batch "
             f"({rt.strategy}: DeepSpeed fixes it in its config): set per_device_train_batch_size and "
             "gradient_accumulation_steps instead, or merge_micro_batches: auto")
+    if t.packed_rows is True and not (t.fast_path and t.prefix_sharing is not False):
+        raise UserError("packed_rows: true packs the shared-prompt rows of the speed path: it needs fast_path: true "
+                        "and prefix_sharing auto/true (or set packed_rows: auto)")
+    if t.packed_rows is True and rt.device_type == "cpu":
+        raise UserError("packed_rows: true needs a CUDA GPU (flash attention's variable-length kernel): set "
+                        "packed_rows: auto, which uses masked rows on CPU")
     if rt.device_type == "cpu" and not strategy_for(rt.strategy).runs_on_cpu:
         raise UserError(f"strategy {rt.strategy} needs GPUs and none is visible: use the ddp or cpu configs on CPU")
     if rt.device_type == "cpu" and quant:

@@ -232,6 +232,10 @@ def cases() -> list[Case]:
         # --- environment ---
         Case("env-gpu-strategy-on-cpu", ["--deepspeed", "ds_configs/zero3.json"], "strategy zero3 needs GPUs"),
         Case("env-4bit-on-cpu", ["--load_in_4bit"], "4/8-bit loading needs a CUDA GPU"),
+        Case("env-packed-rows-on-cpu", ["--packed_rows", "true"], "packed_rows: true needs a CUDA GPU"),
+        Case("config-packed-rows-without-sharing", ["--packed_rows", "true", "--prefix_sharing", "false"],
+             "packed_rows: true packs the shared-prompt rows"),
+        Case("config-packed-rows-not-a-choice", ["--packed_rows", "maybe"], "'packed_rows' must be true or false"),
         Case("env-more-processes-than-devices", [], f"{CORES + 1} processes on this node but {CORES} CPU core(s)",
              env={"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(CORES + 1), "LOCAL_WORLD_SIZE": str(CORES + 1)}),
         Case("env-output-dir-under-a-file", ["--output_dir", "{d}/afile/run"], "afile' is a file, not a directory"),

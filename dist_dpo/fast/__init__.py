@@ -82,15 +82,15 @@ def apply(trainer, recipe, rt) -> dict:
         head.install(getattr(trainer.ref_model, "module", trainer.ref_model), state)
 
     sharing = sharing if head.shared_layout_ok(base) else "false"
-    packed = _packed_rows(trainer, base, t, sharing)
+    not_packed = _not_packed_because(trainer, base, t, sharing)
     trainer.data_collator = batching.SharedPromptCollator(
         trainer.data_collator, mode=sharing, cost=batching.LayoutCost.for_config(base.config.get_text_config()),
-        packed=packed is True)
+        packed=not_packed is None)
     report["prompt"] = {"auto": "shared by chosen and rejected when cheaper", "true": "shared by chosen and rejected",
                         "false": "computed twice (trl's rows)"}[sharing]
     if sharing != "false":
-        report["prompt"] += ", pairs packed in one row (flash, variable length)" if packed is True else \
-            f", padded rows with a mask (packed rows: {packed})"
+        report["prompt"] += ", pairs packed in one row (flash, variable length)" if not_packed is None else \
+            f", padded rows with a mask (packed rows: {not_packed})"
 
     lean = loss.lean_unsupported_reason(trainer)
     if lean is None:
@@ -115,8 +115,8 @@ def apply(trainer, recipe, rt) -> dict:
     return report
 
 
-def _packed_rows(trainer, base, t, sharing: str) -> bool | str:
-    """True when the shared rows go packed (attention.py), else why not."""
+def _not_packed_because(trainer, base, t, sharing: str) -> str | None:
+    """Why the shared rows stay padded and masked; None: they go packed (attention.py, installed here)."""
     import torch
 
     from dist_dpo.errors import UserError
@@ -134,7 +134,7 @@ def _packed_rows(trainer, base, t, sharing: str) -> bool | str:
     attention.install(base)
     if trainer.ref_model is not None:
         attention.install(getattr(trainer.ref_model, "module", trainer.ref_model))
-    return True
+    return None
 
 
 def _head_model(trainer):

@@ -155,11 +155,11 @@ def packed_rows_reason(model, device: torch.device, dtype: torch.dtype) -> str |
     if dtype not in (torch.float16, torch.bfloat16):
         return f"compute dtype {dtype} (the kernel takes bf16/fp16)"
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return _probe(device.index if device.index is not None else torch.cuda.current_device(), dtype, head_dim)
+    return kernel_reason(device.index if device.index is not None else torch.cuda.current_device(), dtype, head_dim)
 
 
 @functools.lru_cache(maxsize=None)
-def _probe(device_index: int, dtype: torch.dtype, head_dim: int) -> str | None:
+def kernel_reason(device_index: int, dtype: torch.dtype, head_dim: int) -> str | None:
     """Run the kernel once on this device against `reference`, forward and backward: a build without it, or
     another causal alignment, must not train silently on other attention."""
     try:

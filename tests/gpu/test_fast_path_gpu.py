@@ -17,7 +17,7 @@ pytestmark = pytest.mark.gpu
 def test_varlen_kernel_passes_the_probe(head_dim):
     from dist_dpo.fast import attention
 
-    assert attention._probe(0, torch.bfloat16, head_dim) is None
+    assert attention.kernel_reason(0, torch.bfloat16, head_dim) is None
 
 
 def test_packed_and_masked_rows_give_trls_loss_on_gpu(pairs):  # noqa: F811
