@@ -248,9 +248,9 @@ class TokenizeOnEveryRankAtOnce:
         import datasets
         import trl.trainer.dpo_trainer as dpo_module
 
-        if not isinstance(dataset, datasets.Dataset) or dataset.cache_files:
+        ordered = getattr(dpo_module, "global_then_local_main_first", None)  # trl 1.16's name; gone: trl's way
+        if ordered is None or not isinstance(dataset, datasets.Dataset) or dataset.cache_files:
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        ordered = dpo_module.global_then_local_main_first
         dpo_module.global_then_local_main_first = contextlib.nullcontext
         try:
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
