@@ -96,6 +96,9 @@ def variable_rows(n: int, seed: int = 0, cap: int = 800) -> list[dict]:
 
 SETS = {  # name -> (rows builder(n, seed, cap), max_length, default number of pairs)
     "var": (lambda n, seed, cap: variable_rows(n, seed, cap or 800), 1024, 768),
+    # the same shape, 8x the pairs: an epoch long enough (~100 s on one GPU) that a multi-GPU run's fixed start-up
+    # (process group, NCCL, wrapping) does not decide its scaling - real sets have 10k-60k pairs
+    "var6k": (lambda n, seed, cap: variable_rows(n, seed, cap or 800), 1024, 6144),
     "fixed512": (lambda n, seed, cap: fixed_rows(n, cap or 512, seed), 512, 512),
     "fixed1024": (lambda n, seed, cap: fixed_rows(n, cap or 1024, seed), 1024, 128),
     "fixed2048": (lambda n, seed, cap: fixed_rows(n, cap or 2048, seed), 2048, 128),

@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_env import ROOT, environment  # noqa: E402
 PEAK_FLOPS = 790e12  # dense bf16 per H100/H200, the issue's convention
-MULTI_GPU_RESERVE_S = 80  # a 2-GPU dist-dpo row: launcher + 2 processes + a short epoch
+MULTI_GPU_RESERVE_S = 150  # a 2-GPU dist-dpo row: launcher + 2 processes + a var6k epoch (~50 s)
 GIB = 2**30
 
 
@@ -52,6 +52,7 @@ class Row:
     config: str = "ddp"  # accelerate_configs/<config>.yaml for multi-GPU rows
     shape: str = ""  # model_zoo shape; "" = --shape (the 1.5B of every ratio)
     profile_last: int = 0  # torch.profiler over the last N steps (left out of the steady rate): where a step goes
+    env: dict = field(default_factory=dict)  # more environment for the row's processes (A/B of a kernel choice)
     status: str = "pending"
     result: dict = field(default_factory=dict)
 
@@ -69,22 +70,22 @@ def default_rows() -> list[Row]:
     """The issue's table in one call (predicted for H100/H200: NOTES.md). 1-GPU rows run on lanes (one GPU each,
     `lane % GPUs`): the rows of one ratio share a lane, i.e. a card. Then the multi-GPU rows, one per free pair."""
     return [
-        # lane 0: the headline ratio case, 1.5B / variable-length / LoRA / 1 GPU, then QLoRA vs the tutorial's
-        # and what pieces of the speed path buy on it: the prompt computed twice (trl's rows), the masked shared rows
+        # lane 0: the headline ratio case, 1.5B / variable-length / LoRA / 1 GPU, then what packed rows buy on it
+        # (vs the masked shared rows), then the one-GPU baseline of the scaling rows (8x the pairs: ~100 s)
         Row("dist-dpo", "default", "var", profile_last=3), Row("trl", "best", "var"), Row("trl", "tutorial", "var"),
-        Row("dist-dpo", "noshare", "var", extra=["--prefix_sharing", "false"]),
         Row("dist-dpo", "masked", "var", extra=["--packed_rows", "false"]),
-        # lane 1: fixed 512-token pairs (and the masked rows there), 2048 tokens (MFU), QLoRA vs the tutorial's
+        Row("dist-dpo", "default", "var6k"),
+        # lane 1: fixed 512-token pairs (and the masked rows there), 2048 tokens (MFU; and K/V heads expanded per
+        # query head, what torch 2.11's varlen_attn needed before attention._FlashGQA), QLoRA vs the tutorial's
         Row("dist-dpo", "default", "fixed512", lane=1), Row("trl", "best", "fixed512", lane=1),
         Row("trl", "tutorial", "fixed512", lane=1),
         Row("dist-dpo", "masked", "fixed512", lane=1, extra=["--packed_rows", "false"]),
-        Row("dist-dpo", "default", "fixed2048", batch=8, accum=2, lane=1),
+        Row("dist-dpo", "default", "fixed2048", batch=8, accum=2, lane=1, profile_last=3),
+        Row("dist-dpo", "expandkv", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_VARLEN_GQA": "expand"}),
         Row("dist-dpo", "default", "var", "qlora", lane=1), Row("trl", "tutorial", "var", "qlora", lane=1),
-        # multi-GPU: DDP and ZeRO-2 scaling of the headline case; 7B QLoRA at 1024 tokens within a 12 GiB card
-        Row("dist-dpo", "default", "var", gpus=2),
-        Row("dist-dpo", "nobalance", "var", gpus=2, extra=["--balance_ranks", "false"],  # A/B of the rank split
-            profile_last=3),
-        Row("dist-dpo", "zero2", "var", gpus=2, config="zero2"),
+        # multi-GPU: DDP and ZeRO-2 scaling on var6k; 7B QLoRA at 1024 tokens within a 12 GiB card
+        Row("dist-dpo", "default", "var6k", gpus=2, profile_last=3),
+        Row("dist-dpo", "zero2", "var6k", gpus=2, config="zero2"),
         Row("dist-dpo", "12gib", "fixed1024", "qlora", gpus=2, batch=4, accum=4, shape=SEVEN_B,
             extra=["--gpu_memory_gib", "12"]),
     ]
@@ -101,6 +102,13 @@ def optional_rows() -> list[Row]:
         # var steps are host-bound (profile, 2026-11-28): liger's triton launches cost ~220 us of host time each
         Row("dist-dpo", "noliger", "var", extra=["--liger_kernels", "false"]),
         Row("dist-dpo", "share", "fixed512", lane=1, extra=["--prefix_sharing", "true"]),
+        # what prefix sharing buys (measured 2026-11-28: x1.52 end to end, x1.56 steady, 49.8 -> 28.3 GiB)
+        Row("dist-dpo", "noshare", "var", extra=["--prefix_sharing", "false"]),
+        # the cost-balanced rank split, off by default since it measured slower (steady scaling 0.79 vs 0.97)
+        Row("dist-dpo", "balance", "var6k", gpus=2, extra=["--balance_ranks", "true"]),
+        Row("dist-dpo", "default", "var", gpus=2),  # the 768-pair epoch: start-up is ~40 % of a 2-GPU run
+        Row("dist-dpo", "noliger", "fixed2048", batch=8, accum=2, lane=1, extra=["--liger_kernels", "false"]),
+        Row("dist-dpo", "4x4", "fixed2048", batch=4, accum=4, lane=1),
         Row("dist-dpo", "default", "var", "qlora", gpus=2),
         Row("trl", "best", "var", gpus=2),
         # dist-dpo's plain path (fast_path false) at the tutorial's 4 x 4 + checkpointing: measured 2026-11-28 at
@@ -397,7 +405,8 @@ class Bench:
             list(pool.map(one, range(lanes)))
 
     def command(self, row: Row, spec: dict, gpu_ids: list[int]) -> tuple[list[str], dict]:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]),
+        env = dict(os.environ, **row.env,
+                   PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]),
                    PYTHONUNBUFFERED="1",
                    TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                    DIST_DPO_CACHE=str(self.work / "cache"))
@@ -614,18 +623,22 @@ def ratios(rows: list[dict]) -> dict:
         out["qlora_vs_tutorial_qlora"] = q
     pieces = {}  # what one piece of the speed path buys: default row / the row without it, same lane (card)
     for ds, without, piece in (("var", "dist-dpo-noshare", "prefix_sharing"), ("var", "dist-dpo-masked", "packed_rows"),
-                               ("fixed512", "dist-dpo-masked", "packed_rows")):
+                               ("fixed512", "dist-dpo-masked", "packed_rows"),
+                               ("fixed2048", "dist-dpo-expandkv", "grouped_kv_heads"),
+                               ("fixed2048", "dist-dpo-noliger", "liger"), ("var", "dist-dpo-noliger", "liger")):
         for key, suffix in (("tokens_per_s", ""), ("steady_tokens_per_s", "_steady")):
             r = ratio(tps(f"dist-dpo/{ds}/lora/1gpu", key), tps(f"{without}/{ds}/lora/1gpu", key))
             if r:
                 pieces[f"{piece} {ds}{suffix}"] = r
     if pieces:
         out["pieces"] = pieces
-    for row, label in (("dist-dpo/var/lora/2gpu", "ddp_scaling_2gpu"), ("dist-dpo-zero2/var/lora/2gpu",
-                                                                         "zero2_scaling_2gpu"),
-                       ("dist-dpo-nobalance/var/lora/2gpu", "ddp_scaling_2gpu_equal_pairs_per_rank")):
+    for row, label in (("dist-dpo/var6k/lora/2gpu", "ddp_scaling_2gpu"),
+                       ("dist-dpo-zero2/var6k/lora/2gpu", "zero2_scaling_2gpu"),
+                       ("dist-dpo-balance/var6k/lora/2gpu", "ddp_scaling_2gpu_balance_ranks"),
+                       ("dist-dpo/var/lora/2gpu", "ddp_scaling_2gpu_768_pairs")):
+        one_row = "dist-dpo/var/lora/1gpu" if "/var/" in row else "dist-dpo/var6k/lora/1gpu"
         for key, suffix in (("tokens_per_s", ""), ("steady_tokens_per_s", "_steady")):
-            two, one = tps(row, key), tps("dist-dpo/var/lora/1gpu", key)
+            two, one = tps(row, key), tps(one_row, key)
             if two and one:
                 out[label + suffix] = round(two / (2 * one), 3)
     return out

@@ -133,11 +133,10 @@ class TrainArgs:
         "Batch pairs of similar length together so little compute goes to padding.",
     )
     balance_ranks: bool = _f(
-        True,
-        "Several GPUs with group_by_length: split each step's pairs across ranks by padded cost (fewer long pairs, "
-        "more short ones; the loss is the same mean). false: the same number of pairs on every rank. Measured on "
-        "2 x H200 in ONE call (2026-11-28, 1.5B shape, var set): steady DDP scaling 0.79 with it, 0.97 without - set "
-        "false for multi-GPU speed; the default follows once the GPU matrix has re-run that way.",
+        False,
+        "Several GPUs with group_by_length: true splits each step's pairs across ranks by padded cost (fewer long "
+        "pairs, more short ones; the loss is the same mean). false: the same number of pairs on every rank. Measured "
+        "on 2 x H200 in ONE call (2026-11-28, 1.5B shape, var set): steady DDP scaling 0.79 with it, 0.97 without.",
     )
     prefix_sharing: bool | str = _f(
         "auto",

@@ -233,26 +233,48 @@ def load_preference_data(d: DataArgs, tokenizer, max_length: int, seed: int):
     return train, test
 
 
-class TokenizeOnEveryRankAtOnce:
-    """Mixin for trl's DPOTrainer: an in-memory dataset is tokenized by all ranks at the same time.
+class TokenizeAcrossRanks:
+    """Mixin for trl's DPOTrainer: an in-memory dataset is tokenized in parts, one per rank, at once.
 
     trl runs its dataset preparation on the main process first and only then on the others
     (`global_then_local_main_first`), so that they can read the main process's cache files. A dataset read from a
     json/jsonl file (and the built-in one) lives in memory and has no cache files: the other ranks redo the same work
-    after waiting for it, so every multi-GPU start paid the tokenization twice. With a file-backed dataset trl's order
-    stays."""
+    after waiting for it, so every multi-GPU start paid the whole tokenization twice (~700 pairs/s on one CPU core).
+    Here each rank tokenizes a contiguous 1/world of the rows and the parts are gathered back in order: the same
+    dataset, in 1/world of the time. A rank whose part fails tells the others, so all raise instead of one waiting
+    forever. With a file-backed dataset trl's order stays."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         import contextlib
 
         import datasets
+        import torch.distributed as dist
         import trl.trainer.dpo_trainer as dpo_module
 
         ordered = getattr(dpo_module, "global_then_local_main_first", None)  # trl 1.16's name; gone: trl's way
         if ordered is None or not isinstance(dataset, datasets.Dataset) or dataset.cache_files:
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        sharded = 1 < world <= len(dataset)  # the same decision on every rank: they hold the same rows
+        if sharded:
+            dataset = dataset.shard(num_shards=world, index=dist.get_rank(), contiguous=True)
         dpo_module.global_then_local_main_first = contextlib.nullcontext
         try:
-            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            part = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            failed = None
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have heard of it
+            part, failed = e, f"{type(e).__name__}: {e}"
         finally:
             dpo_module.global_then_local_main_first = ordered
+        if not sharded:
+            if failed:
+                raise part
+            return part
+        parts = [None] * world
+        dist.all_gather_object(parts, failed or (part.to_dict(), part.features))
+        if failed:
+            raise part
+        errors = [p for p in parts if isinstance(p, str)]
+        if errors:
+            raise RuntimeError(f"tokenizing {dataset_name} failed on another rank: {errors[0]}")
+        return datasets.concatenate_datasets([datasets.Dataset.from_dict(d, features=f) for d, f in parts])

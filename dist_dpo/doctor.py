@@ -268,7 +268,8 @@ def packed_rows_rows(gpus: int) -> list[Row]:
     if why:
         return [Row("packed rows", WARN, f"off: {why}; training uses padded rows with a mask (slower, more memory)")]
     return [Row("packed rows", OK, "variable-length flash kernel matches sdpa on GPU 0"
-                + ("" if native_gqa() else "; K/V heads expanded (this torch's varlen_attn has no enable_gqa)"))]
+                + ("; grouped K/V heads as they are" if native_gqa() else
+                   "; K/V heads expanded per query head (the grouped kernel failed the probe here)"))]
 
 
 def communication_rows(gpus: int) -> list[Row]:

@@ -96,9 +96,9 @@ def _train(argv: list[str]) -> int:
     from dist_dpo.precision import keep_logprobs_fp32, keep_qlora_adapters_fp32, refuse_float_gathered_4bit
     from dist_dpo.run_stats import RunStats
 
-    from dist_dpo.data import TokenizeOnEveryRankAtOnce
+    from dist_dpo.data import TokenizeAcrossRanks
 
-    class Trainer(AtomicCheckpoints, TokenizeOnEveryRankAtOnce, DPOTrainer):
+    class Trainer(AtomicCheckpoints, TokenizeAcrossRanks, DPOTrainer):
         checkpoint_meta = {"world_size": rt.world_size, "strategy": rt.strategy}
 
     trainer = Trainer(

@@ -78,34 +78,80 @@ def _warn_slow(dtype) -> None:
                          "set packed_rows: false", dtype)
 
 
-def flash_varlen(q, k, v, varlen: Varlen, scale) -> torch.Tensor:
+def flash_varlen(q, k, v, varlen: Varlen, scale, gqa: str | None = None) -> torch.Tensor:
     """torch's varlen_attn, causal, across the API's versions (2.9: is_causal=; later: window_size=(-1, 0),
-    scale=, enable_gqa=)."""
+    scale=, enable_gqa=). Grouped K/V heads (`gqa`, default: what `kernel_reason` found to work) go as they are
+    ("varlen": torch's enable_gqa; "aten": torch's flash op directly, see `_FlashGQA`) or expanded per query head
+    ("expand")."""
     from torch.nn.attention.varlen import varlen_attn
 
     params = _parameters(varlen_attn)
+    grouped = k.size(1) != q.size(1)
+    if grouped and (gqa or gqa_mode()) == "aten":
+        return _FlashGQA.apply(q, k, v, varlen.cu_q, varlen.cu_k, varlen.max_q, varlen.max_k,
+                               q.size(-1) ** -0.5 if scale is None else scale)
     kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     if "scale" in params:
         kwargs["scale"] = scale
     elif scale is not None:
         q = q * (scale * q.size(-1) ** 0.5)  # the kernel's default scale is 1/sqrt(head_dim)
-    if k.size(1) != q.size(1):
-        if "enable_gqa" in params:
+    if grouped:
+        if (gqa or gqa_mode()) == "varlen":
             kwargs["enable_gqa"] = True
-        else:  # an API without GQA: one key/value head per query head
+        else:  # one key/value head per query head: 6x the K/V bytes at Qwen2.5's 12:2 heads
             k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
             v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
     return varlen_attn(q, k, v, varlen.cu_q, varlen.cu_k, varlen.max_q, varlen.max_k, **kwargs)
 
 
-def native_gqa() -> bool:
-    """Whether this torch's varlen_attn takes grouped K/V heads as they are (else they are expanded per query head:
-    more activation memory; torch 2.11 on the GPU image has no enable_gqa, 2.13 has)."""
+class _FlashGQA(torch.autograd.Function):
+    """torch's flash-attention op with grouped K/V heads as they are. Why our own: torch 2.11's varlen_attn (the
+    GPU image's) has no enable_gqa, yet the flash kernel under it takes grouped heads natively (2.13's enable_gqa
+    passes them straight through to the same op); expanding them instead cost 6x the K/V bytes per layer, saved
+    for the backward. `kernel_reason` holds it to the sdpa reference, forward and backward, before any run uses it."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale):
+        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, rng, unused)
+        ctx.max_q, ctx.max_k, ctx.scale = max_q, max_k, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, cu_q, cu_k, rng, unused = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad.contiguous(), q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, 0.0, True, rng, unused,
+            scale=ctx.scale)
+        return dq, dk, dv, None, None, None, None, None
+
+
+_GQA: dict = {}  # "mode": how grouped K/V heads run, as `kernel_reason` found on this machine
+
+
+def gqa_modes() -> list[str]:
+    """How this torch can run grouped K/V heads, best first (DIST_DPO_VARLEN_GQA=expand forces the expansion:
+    the benchmark's A/B of what the grouped kernel buys)."""
+    import os
+
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return False
-    return "enable_gqa" in _parameters(varlen_attn)
+        return ["expand"]
+    modes = ["varlen"] if "enable_gqa" in _parameters(varlen_attn) else ["aten", "expand"]
+    forced = os.environ.get("DIST_DPO_VARLEN_GQA")
+    return [forced] if forced in ("varlen", "aten", "expand") else modes
+
+
+def gqa_mode() -> str:
+    return _GQA.get("mode") or gqa_modes()[0]
+
+
+def native_gqa() -> bool:
+    """Whether grouped K/V heads reach the kernel as they are (else they are expanded per query head: more
+    activation memory)."""
+    return gqa_mode() != "expand"
 
 
 @functools.lru_cache(maxsize=None)
@@ -170,25 +216,33 @@ def kernel_reason(device_index: int, dtype: torch.dtype, head_dim: int) -> str |
     gen = torch.Generator(device="cpu").manual_seed(0)
     total, heads, kv_heads = 13, 4, 2
     q = torch.randn(total, heads, head_dim, generator=gen).to(device, dtype).requires_grad_()
-    kv = torch.randn(2, total, kv_heads, head_dim, generator=gen).to(device, dtype)
+    kv = torch.randn(2, total, kv_heads, head_dim, generator=gen).to(device, dtype).requires_grad_()
     # pair: prompt 3, chosen 4, rejected 6 -> segments (7 queries over 7 keys) and (6 queries over 3 + 6 keys)
     index = torch.tensor(list(range(7)) + [0, 1, 2] + list(range(7, 13)), device=device)
     varlen = Varlen(cu_q=torch.tensor([0, 7, 13], dtype=torch.int32, device=device),
                     cu_k=torch.tensor([0, 7, 16], dtype=torch.int32, device=device), kv_index=index, max_q=7, max_k=9)
     scale = head_dim ** -0.5
-    try:
-        k, v = kv[0].index_select(0, index), kv[1].index_select(0, index)
-        fast = flash_varlen(q, k, v, varlen, scale)
-        (g_fast,) = torch.autograd.grad(fast.float().square().sum(), q)
-        q32 = q.detach().float().requires_grad_()
-        ref = reference(q32, k.float(), v.float(), varlen, scale)
-        (g_ref,) = torch.autograd.grad(ref.square().sum(), q32)
-    except Exception as e:  # noqa: BLE001 - any failure means: keep the masked rows
-        return f"variable-length flash attention failed here ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-    def relative(a, b):
-        return ((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
 
-    err = max(relative(fast, ref), relative(g_fast, g_ref))
-    if not err < 0.03:  # bf16 rounding is ~0.4 %; another alignment or mask is off by O(1)
-        return f"variable-length flash attention disagrees with sdpa here (max error {err:.3g})"
-    return None
+    def run(fn, q, kv):  # output, and the gradients of q and of K/V (the prompt's keys gathered twice)
+        out = fn(q, kv[0].index_select(0, index), kv[1].index_select(0, index))
+        return (out, *torch.autograd.grad(out.float().square().sum(), (q, kv)))
+
+    ref = run(lambda q, k, v: reference(q, k, v, varlen, scale), q.detach().float().requires_grad_(),
+              kv.detach().float().requires_grad_())
+    why = None
+    for mode in gqa_modes():  # grouped K/V heads as they are first, expanded if that fails here
+        try:
+            fast = run(lambda q, k, v: flash_varlen(q, k, v, varlen, scale, gqa=mode), q, kv)
+        except Exception as e:  # noqa: BLE001 - any failure means: the next mode, or keep the masked rows
+            why = f"variable-length flash attention failed here ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+            continue
+        err = max(_relative(a, b) for a, b in zip(fast, ref))
+        if err < 0.03:  # bf16 rounding is ~0.4 %; another alignment or mask is off by O(1)
+            _GQA["mode"] = mode
+            return None
+        why = f"variable-length flash attention disagrees with sdpa here (max error {err:.3g}, {mode} K/V heads)"
+    return why
+
+
+def _relative(a, b) -> float:
+    return ((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()

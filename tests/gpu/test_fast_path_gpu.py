@@ -20,6 +20,37 @@ def test_varlen_kernel_passes_the_probe(head_dim):
     assert attention.kernel_reason(0, torch.bfloat16, head_dim) is None
 
 
+def test_grouped_kv_heads_run_as_they_are_and_match_the_expansion():
+    """Qwen2.5's 12 query / 2 K/V heads at a real size: the grouped kernel (torch 2.11: the flash op directly) gives
+    the expanded heads' output and gradients, and the probe picked it."""
+    from dist_dpo.fast import attention
+
+    assert attention.kernel_reason(0, torch.bfloat16, 128) is None
+    modes = attention.gqa_modes()
+    print(f"\ngrouped K/V heads: {modes} -> {attention.gqa_mode()}")
+    assert attention.gqa_mode() == modes[0] and attention.native_gqa()
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    lengths = [(300, 500, 420), (120, 900, 77)]  # (prompt, chosen, rejected) per pair, packed in one row
+    cu_q, cu_k, index, start = [0], [0], [], 0
+    for p, c, r in lengths:
+        index += list(range(start, start + p + c)) + list(range(start, start + p)) + list(
+            range(start + p + c, start + p + c + r))
+        cu_q += [cu_q[-1] + p + c, cu_q[-1] + p + c + r]
+        cu_k += [cu_k[-1] + p + c, cu_k[-1] + p + c + p + r]
+        start += p + c + r
+    varlen = attention.Varlen(torch.tensor(cu_q, dtype=torch.int32).cuda(), torch.tensor(cu_k, dtype=torch.int32).cuda(),
+                              torch.tensor(index).cuda(), max(p + c for p, c, _ in lengths),
+                              max(p + r for p, _, r in lengths))
+    q = torch.randn(start, 12, 128, generator=gen).cuda().bfloat16().requires_grad_()
+    kv = torch.randn(2, start, 2, 128, generator=gen).cuda().bfloat16().requires_grad_()
+    got = {}
+    for mode in (modes[0], "expand"):
+        out = attention.flash_varlen(q, kv[0][varlen.kv_index], kv[1][varlen.kv_index], varlen, 128 ** -0.5, gqa=mode)
+        got[mode] = (out, *torch.autograd.grad(out.float().square().sum(), (q, kv)))
+    for a, b in zip(got[modes[0]], got["expand"]):
+        assert ((a.float() - b.float()).abs().max() / b.float().abs().max()).item() < 0.02
+
+
 def test_packed_and_masked_rows_give_trls_loss_on_gpu(pairs):  # noqa: F811
     plain = build(pairs, cuda=True)
     rows = [plain.train_dataset[i] for i in range(6)]
