@@ -109,6 +109,8 @@ def optional_rows() -> list[Row]:
         Row("dist-dpo", "default", "var", gpus=2),  # the 768-pair epoch: start-up is ~40 % of a 2-GPU run
         Row("dist-dpo", "noliger", "fixed2048", batch=8, accum=2, lane=1, extra=["--liger_kernels", "false"]),
         Row("dist-dpo", "4x4", "fixed2048", batch=4, accum=4, lane=1),
+        Row("dist-dpo", "expseg", "fixed2048", batch=8, accum=2, lane=1,
+            env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
         Row("dist-dpo", "default", "var", "qlora", gpus=2),
         Row("trl", "best", "var", gpus=2),
         # dist-dpo's plain path (fast_path false) at the tutorial's 4 x 4 + checkpointing: measured 2026-11-28 at
@@ -625,7 +627,9 @@ def ratios(rows: list[dict]) -> dict:
     for ds, without, piece in (("var", "dist-dpo-noshare", "prefix_sharing"), ("var", "dist-dpo-masked", "packed_rows"),
                                ("fixed512", "dist-dpo-masked", "packed_rows"),
                                ("fixed2048", "dist-dpo-expandkv", "grouped_kv_heads"),
-                               ("fixed2048", "dist-dpo-noliger", "liger"), ("var", "dist-dpo-noliger", "liger")):
+                               ("fixed2048", "dist-dpo-noliger", "liger"), ("var", "dist-dpo-noliger", "liger"),
+                               ("fixed2048", "dist-dpo-4x4", "8x2_over_4x4"),
+                               ("fixed2048", "dist-dpo-expseg", "default_allocator_over_expandable")):
         for key, suffix in (("tokens_per_s", ""), ("steady_tokens_per_s", "_steady")):
             r = ratio(tps(f"dist-dpo/{ds}/lora/1gpu", key), tps(f"{without}/{ds}/lora/1gpu", key))
             if r:
