@@ -302,7 +302,7 @@ class Bench:
 
         self.gpus = torch.cuda.device_count()
         self.data = {}
-        for name in sorted({r.dataset for r in self.rows}):
+        for name in sorted({r.dataset for r in self.rows} | {"fixed512"}):  # fixed512: the warm-up's
             pairs = self.args.pairs.get(name) if self.args.pairs else None
             cap = None
             if self.args.smoke:  # CPU: a few short pairs (the tiny model runs ~1.5k tokens/s on 2 cores)
