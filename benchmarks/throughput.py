@@ -384,8 +384,9 @@ class Bench:
                                     timeout=timeout).returncode
             except subprocess.TimeoutExpired:
                 rc = 124
-        row.result = self.collect(row, spec, rc, time.time() - t)
-        with self.lock:
+        status, result = self.collect(row, spec, rc, time.time() - t)
+        with self.lock:  # both at once: another lane's write() must not see "ok" without its numbers
+            row.status, row.result = status, result
             self.write()
         r = row.result
         print(f"[{self.elapsed():5.0f}s] {row.name}: {row.status}"
@@ -428,19 +429,17 @@ class Bench:
     def collect(self, row: Row, spec: dict, rc: int, process_s: float) -> dict:
         ranks = [json.loads(p.read_text()) for p in sorted(Path(spec["result"]).parent.glob("result.json.rank*"))]
         if rc != 0 or not ranks:
-            row.status = "timeout" if rc == 124 else "failed"
             tail = Path(spec["log"]).read_text(errors="replace").splitlines()[-12:] if Path(spec["log"]).is_file() \
                 else []
-            return {"rc": rc, "reason": next((ln.strip()[:200] for ln in reversed(tail) if "Error" in ln or
+            return "timeout" if rc == 124 else "failed", {"rc": rc, "reason": next((ln.strip()[:200] for ln in reversed(tail) if "Error" in ln or
                                               "error" in ln), "see log"), "log_tail": tail}
-        row.status = "ok"
         r0 = next(r for r in ranks if r["rank"] == 0)
         tokens = sum(r["tokens"] for r in ranks)
         wall = r0["wall_s"]
         # profiled steps run slower (the profiler's own cost): the steady rate stops where profiling began
         steady = _steady([r["steps"][:r["profiled_from"]] if r.get("profiled_from") else r["steps"] for r in ranks])
         flops = 6 * self.params[self.shape_of(row)]
-        return {
+        return "ok", {
             "tokens": tokens, "pairs": r0["pairs"], "epoch_wall_s": round(wall, 2), "init_s": round(r0["init_s"], 2),
             "train_s": round(r0["train_s"], 2), "process_s": round(process_s, 1),
             "tokens_per_s": tokens / wall, "pairs_per_s": r0["pairs"] / wall,
@@ -605,7 +604,7 @@ def ratios(rows: list[dict]) -> dict:
     ok = {r["name"]: r for r in rows if r["status"] == "ok"}
 
     def tps(name, key="tokens_per_s"):
-        return ok[name][key] if name in ok else None
+        return ok[name].get(key) if name in ok else None
 
     def ratio(a, b):
         return round(a / b, 3) if a and b else None
