@@ -70,19 +70,20 @@ def default_rows() -> list[Row]:
     """The issue's table in one call (predicted for H100/H200: NOTES.md). 1-GPU rows run on lanes (one GPU each,
     `lane % GPUs`): the rows of one ratio share a lane, i.e. a card. Then the multi-GPU rows, one per free pair."""
     return [
-        # lane 0: the headline ratio case, 1.5B / variable-length / LoRA / 1 GPU, then what packed rows buy on it
-        # (vs the masked shared rows), then the one-GPU baseline of the scaling rows (8x the pairs: ~100 s)
+        # lane 0: the headline ratio case, 1.5B / variable-length / LoRA / 1 GPU, and what packed rows buy on it (vs
+        # the masked shared rows); QLoRA vs the tutorial's QLoRA
         Row("dist-dpo", "default", "var", profile_last=3), Row("trl", "best", "var"), Row("trl", "tutorial", "var"),
         Row("dist-dpo", "masked", "var", extra=["--packed_rows", "false"]),
-        Row("dist-dpo", "default", "var6k"),
+        Row("dist-dpo", "default", "var", "qlora"), Row("trl", "tutorial", "var", "qlora"),
         # lane 1: fixed 512-token pairs (and the masked rows there), 2048 tokens (MFU; and K/V heads expanded per
-        # query head, what torch 2.11's varlen_attn needed before attention._FlashGQA), QLoRA vs the tutorial's
+        # query head, what torch 2.11's varlen_attn needed before attention._FlashGQA), then the one-GPU baseline of
+        # the scaling rows (8x the pairs: ~100 s)
         Row("dist-dpo", "default", "fixed512", lane=1), Row("trl", "best", "fixed512", lane=1),
         Row("trl", "tutorial", "fixed512", lane=1),
         Row("dist-dpo", "masked", "fixed512", lane=1, extra=["--packed_rows", "false"]),
         Row("dist-dpo", "default", "fixed2048", batch=8, accum=2, lane=1, profile_last=3),
         Row("dist-dpo", "expandkv", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_VARLEN_GQA": "expand"}),
-        Row("dist-dpo", "default", "var", "qlora", lane=1), Row("trl", "tutorial", "var", "qlora", lane=1),
+        Row("dist-dpo", "default", "var6k", lane=1),
         # multi-GPU: DDP and ZeRO-2 scaling on var6k; 7B QLoRA at 1024 tokens within a 12 GiB card
         Row("dist-dpo", "default", "var6k", gpus=2, profile_last=3),
         Row("dist-dpo", "zero2", "var6k", gpus=2, config="zero2"),
@@ -106,9 +107,12 @@ def optional_rows() -> list[Row]:
         Row("dist-dpo", "noshare", "var", extra=["--prefix_sharing", "false"]),
         # the cost-balanced rank split, off by default since it measured slower (steady scaling 0.79 vs 0.97)
         Row("dist-dpo", "balance", "var6k", gpus=2, extra=["--balance_ranks", "true"]),
-        Row("dist-dpo", "default", "var", gpus=2),  # the 768-pair epoch: start-up is ~40 % of a 2-GPU run
+        Row("dist-dpo", "default", "var", gpus=2, profile_last=3),  # the 768-pair epoch: start-up is ~40 % of a 2-GPU run
         Row("dist-dpo", "noliger", "fixed2048", batch=8, accum=2, lane=1, extra=["--liger_kernels", "false"]),
         Row("dist-dpo", "4x4", "fixed2048", batch=4, accum=4, lane=1),
+        # peft's fp32 copy of every LoRA input kept (what fast/lora_inputs.py removes)
+        Row("dist-dpo", "lorafp32", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_LORA_INPUT_CAST": "1"}),
+        Row("dist-dpo", "lorafp32", "var", env={"DIST_DPO_LORA_INPUT_CAST": "1"}),
         Row("dist-dpo", "expseg", "fixed2048", batch=8, accum=2, lane=1,
             env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
         Row("dist-dpo", "default", "var", "qlora", gpus=2),
@@ -397,7 +401,7 @@ class Bench:
         """Two untimed steps of dist-dpo per GPU first: triton compiles liger's kernels for this shape once per
         machine (~5 s, cached on disk after), and without this the first row of each lane - dist-dpo's - paid it."""
         def one(i):
-            row = Row("dist-dpo", "warm-up", "fixed512", extra=["--max_steps", "2"])
+            row = Row("dist-dpo", f"warm-up-gpu{i}", "fixed512", extra=["--max_steps", "2"])  # own output dir
             cmd, env = self.command(row, self.spec(row), [i])
             t = time.time()
             rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT).returncode
@@ -628,6 +632,7 @@ def ratios(rows: list[dict]) -> dict:
                                ("fixed2048", "dist-dpo-expandkv", "grouped_kv_heads"),
                                ("fixed2048", "dist-dpo-noliger", "liger"), ("var", "dist-dpo-noliger", "liger"),
                                ("fixed2048", "dist-dpo-4x4", "8x2_over_4x4"),
+                               ("fixed2048", "dist-dpo-lorafp32", "lora_inputs"), ("var", "dist-dpo-lorafp32", "lora_inputs"),
                                ("fixed2048", "dist-dpo-expseg", "default_allocator_over_expandable")):
         for key, suffix in (("tokens_per_s", ""), ("steady_tokens_per_s", "_steady")):
             r = ratio(tps(f"dist-dpo/{ds}/lora/1gpu", key), tps(f"{without}/{ds}/lora/1gpu", key))

@@ -485,3 +485,39 @@ def test_flash_varlen_speaks_every_varlen_api(monkeypatch, api):
     assert attention.gqa_modes() == (["aten", "expand"] if "2.9" in api else ["varlen"])
     got = attention.flash_varlen(q, k, v, varlen, scale=0.3, gqa="expand" if "2.9" in api else None)
     assert torch.allclose(got, attention.reference(q, k, v, varlen, 0.3), atol=1e-5)
+
+
+def test_lora_inputs_skip_peft_copy_under_autocast_and_compute_the_same():
+    """bf16 base, fp32 adapters (peft's default), autocast as accelerate runs it: without peft's fp32 copy of every
+    LoRA input the loss and gradients are bitwise the same (dropout 0), with fewer copies; outside autocast the copy
+    stays (fp32 adapter weights need an fp32 input)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from dist_dpo import model_zoo
+    from dist_dpo.fast import lora_inputs
+
+    base = AutoModelForCausalLM.from_pretrained(str(model_zoo.ensure_builtin_model()), dtype=torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(0))
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    ids = torch.randint(0, 1000, (2, 48), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile() as prof:
+            out = model(input_ids=ids, labels=ids)
+            out.loss.backward()
+        copies = sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, copies
+
+    loss0, grads0, copies0 = step()
+    layers = lora_inputs.install(model)
+    loss1, grads1, copies1 = step()
+    assert layers == 2 * model.config.num_hidden_layers
+    assert torch.equal(loss0, loss1) and all(torch.equal(grads0[n], grads1[n]) for n in grads0)
+    assert copies1 < copies0
+    with torch.no_grad():  # no autocast: peft's cast is still there, so the fp32 adapters get an fp32 input
+        assert torch.isfinite(model(input_ids=ids).logits).all()

@@ -9,15 +9,17 @@ trl's `_compute_loss` on one batch); what changes is how much work a step does:
   checkpointing.py  `gradient_checkpointing: auto`: the least recompute the memory plan says fits
   microbatch.py     `merge_micro_batches: auto`: 4 x 4 accumulation as 16 x 1 when that fits (same loss)
   attention.py      packed shared-prompt rows through flash attention's variable-length kernel (no mask)
+  lora_inputs.py    LoRA layers skip peft's fp32 copy of their input where autocast recasts it anyway
 Recipe keys: fast_path, group_by_length, prefix_sharing, packed_rows, gradient_checkpointing (config.py documents them);
 liger_kernels is a DPOConfig flag (dpo_args.py).
 """
 
 from __future__ import annotations
 
+import os
 import types
 
-from dist_dpo.fast import batching, checkpointing, head, loss, microbatch
+from dist_dpo.fast import batching, checkpointing, head, lora_inputs, loss, microbatch
 from dist_dpo.logs import get_logger
 
 
@@ -91,6 +93,11 @@ def apply(trainer, recipe, rt) -> dict:
     if sharing != "false":
         report["prompt"] += ", pairs packed in one row (flash, variable length)" if not_packed is None else \
             f", padded rows with a mask (packed rows: {not_packed})"
+
+    if os.environ.get("DIST_DPO_LORA_INPUT_CAST") != "1":  # =1: peft's copy kept (the benchmark's A/B row)
+        n = lora_inputs.install(trainer.model)
+        if n:
+            report["LoRA inputs"] = f"kept in the compute dtype under autocast ({n} layers; peft copies them to fp32)"
 
     lean = loss.lean_unsupported_reason(trainer)
     if lean is None:
