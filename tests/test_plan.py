@@ -23,7 +23,7 @@ MEASURED = [
     ("seed QLoRA, dist-dpo DDP", plan.Job(SHAPE, "ddp", "4bit", gpus=2, pairs=4, seq_len=99, completion_frac=0.56,
                                           checkpoint_every=1, prepare_kbit=True, paged_optimizer=True,
                                           masked_attention=True), 1.92),
-    # dist-dpo's packed rows (benchmarks/results/throughput.json, commit 03acec9, torch 2.11: K/V expanded), one GPU,
+    # dist-dpo's packed rows (benchmarks/results/throughput_03acec9.json, torch 2.11: K/V expanded), one GPU,
     # liger; measured after the packed-row terms were written from the kernel's inputs, not fitted to these
     ("packed fixed512, 16 pairs", plan.Job(SHAPE, "single", pairs=16, seq_len=896, rows_per_pair=1, liger=True,
                                            completion_frac=768 / 896, kv_token_frac=1 + 128 / 896, repeat_kv=True),
@@ -31,6 +31,12 @@ MEASURED = [
     ("packed fixed2048, 8 pairs", plan.Job(SHAPE, "single", pairs=8, seq_len=3584, rows_per_pair=1, liger=True,
                                            completion_frac=3072 / 3584, kv_token_frac=1 + 512 / 3584,
                                            repeat_kv=True), 50.73),
+    # the same rows at commit 82e01e2 (benchmarks/results/throughput.json): grouped K/V heads as they are, LoRA inputs
+    # left in bf16 under autocast; planned before they ran
+    ("packed fixed512, grouped K/V", plan.Job(SHAPE, "single", pairs=16, seq_len=896, rows_per_pair=1, liger=True,
+                                              completion_frac=768 / 896, kv_token_frac=1 + 128 / 896), 23.55),
+    ("packed fixed2048, grouped K/V", plan.Job(SHAPE, "single", pairs=8, seq_len=3584, rows_per_pair=1, liger=True,
+                                               completion_frac=3072 / 3584, kv_token_frac=1 + 512 / 3584), 44.06),
 ]
 
 
