@@ -95,8 +95,9 @@ def apply(trainer, recipe, rt) -> dict:
             f", padded rows with a mask (packed rows: {not_packed})"
 
     if os.environ.get("DIST_DPO_LORA_INPUT_CAST") != "1":  # =1: peft's copy kept (the benchmark's A/B row)
-        n = lora_inputs.install(trainer.model)
-        if n:
+        n = lora_inputs.install(trainer.model)  # inert without autocast: fp32 runs, DeepSpeed's bf16 engine
+        a = trainer.args
+        if n and (a.bf16 or a.fp16) and not getattr(trainer, "is_deepspeed_enabled", False):
             report["LoRA inputs"] = f"kept in the compute dtype under autocast ({n} layers; peft copies them to fp32)"
 
     lean = loss.lean_unsupported_reason(trainer)
