@@ -453,7 +453,7 @@ class Bench:
             "peak_reserved_gib": max(r["peak_reserved_gib"] for r in ranks),
             "peak_device_gib": max(r.get("peak_device_gib", 0.0) for r in ranks),
             "gradient_checkpointing": r0["gradient_checkpointing"], "ckpt_layers": r0["ckpt_layers"],
-            "micro_batch": r0.get("micro_batch"),
+            "micro_batch": r0.get("micro_batch"), "varlen_gqa": r0.get("varlen_gqa"),
             "liger": r0["liger"], "speed_path": r0["speed_path"], "layout": r0["layout"], "steps": len(r0["steps"]),
             # per rank: seconds from trainer construction to the end of each step (a slow rank shows here)
             "step_end_s_per_rank": {r["rank"]: [round(t, 3) for t, _ in r["steps"]] for r in ranks},
@@ -483,12 +483,17 @@ class Bench:
             strategy = row.config if row.gpus > 1 else "single"
             if batches.get("packed"):  # one row per micro-batch, no padding, no mask (attention.py)  # a rank holds about half of the longest step's tokens where balance_ranks split it by cost
                 split = "by cost" in str((r0.get("speed_path") or {}).get("batches"))
+                from dist_dpo.fast import batching
+
+                lengths = list(zip(p, c, r))  # the trainer's grouped order (its seed: 42, run_child)
+                order = None if split else list(batching.length_grouped_sampler(
+                    [sum(x) for x in lengths], row.batch * row.accum, 42))
                 job = plan.packed_job(
                     plan.Job(shape, strategy, "4bit" if row.quant == "qlora" else "none", gpus=row.gpus, pairs=batch,
                              checkpoint_every=every, prepare_kbit=False, paged_optimizer=row.quant == "qlora",
                              liger=r0["liger"]),
-                    list(zip(p, c, r)), ranks=row.gpus if split else 1,
-                    expand_kv=not r0.get("varlen_gqa", self.varlen_gqa))
+                    lengths, ranks=row.gpus if split else 1, expand_kv=not r0.get("varlen_gqa", self.varlen_gqa),
+                    order=order)
                 return round(plan.estimate(job)["peak"], 3)
             shared = bool(batches.get("shared"))
             widths = [a + b + d for a, b, d in zip(p, c, r)] if shared else [a + max(b, d) for a, b, d in zip(p, c, r)]
@@ -703,7 +708,7 @@ def print_table(doc: dict) -> None:
         print(f"target {t['target']:28} measured {t['measured']!s:>8} goal {t['goal']:>6} met {t['met']}")
 
 
-def merge(paths: list[str], out: Path, work: Path) -> int:
+def merge(paths: list[str], out: Path, work: Path, assume_gqa: bool = False) -> int:
     """Several calls' throughput.json (a later call re-ran rows for a same-call comparison, or ran rows an earlier
     one had no time for) -> one file: a row from a later call replaces the earlier one; each row says its call.
     Planned peaks are recomputed with the current memory plan (the measured numbers are untouched)."""
@@ -718,8 +723,9 @@ def merge(paths: list[str], out: Path, work: Path) -> int:
     bench = Bench(argparse.Namespace(out=str(out), work=str(work), budget_s=0, smoke=False, pairs={}, shape=docs[0]["shape"],
                                      commit=None))
     bench.shape = docs[0]["shape"]
-    # packed rows' K/V: varlen_attn took grouped heads from torch 2.13 on (2.11, the GPU image's, expands them)
-    bench.varlen_gqa = tuple(int(x) for x in docs[-1]["versions"]["torch"].split(".")[:2]) >= (2, 13)
+    # packed rows' K/V for rows that did not record it (varlen_gqa): grouped from torch 2.13 on, expanded on 2.11
+    # before attention._FlashGQA (82e01e2 and later ran them grouped: --assume-varlen-gqa)
+    bench.varlen_gqa = assume_gqa or tuple(int(x) for x in docs[-1]["versions"]["torch"].split(".")[:2]) >= (2, 13)
     bench.data = {r["dataset"]: preference_sets.write_set(r["dataset"], work / "data") for r in rows.values()}
     bench.max_length = {n: preference_sets.SETS[n][1] for n in bench.data}
     known = {r.name: r for r in default_rows() + optional_rows()}
@@ -757,12 +763,14 @@ def main() -> int:
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler over the last 3 steps of the rows marked for it (left out of the steady rate)")
     p.add_argument("--merge", nargs="+", help="merge several calls' throughput.json into --out (later calls win)")
+    p.add_argument("--assume-varlen-gqa", action="store_true",
+                   help="--merge: rows without a varlen_gqa record ran grouped K/V heads (planned so)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         return run_child(json.loads(a.child))
     if a.merge:
-        return merge(a.merge, Path(a.out), Path(a.work))
+        return merge(a.merge, Path(a.out), Path(a.work), a.assume_varlen_gqa)
     a.pairs = {k: int(v) for k, v in (kv.split("=") for kv in a.pairs.split(",") if kv)}
     rows = default_rows()
     if a.smoke:

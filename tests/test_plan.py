@@ -115,3 +115,15 @@ def test_cli_prints_a_table_and_fails_when_nothing_fits():
     proc = subprocess.run([sys.executable, "-m", "dist_dpo", "plan", "--shape", "nope"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown model shape" in proc.stderr
+
+
+def test_packed_job_sizes_the_largest_micro_batch_of_the_samplers_order():
+    """Length grouping sorts inside random megabatches, so the longest pairs rarely share a micro-batch: given the
+    sampler's order the plan sizes the micro-batch that really has the most tokens, without it the longest pairs."""
+    job = plan.Job(SHAPE, "single", pairs=2, liger=True)
+    lengths = [(10, 100, 90), (10, 20, 20), (10, 95, 95), (10, 30, 10), (10, 60, 60), (10, 50, 50)]  # 200 50 200 50 130 110
+    top = plan.packed_job(job, lengths)  # the two 200-token pairs together
+    ordered = plan.packed_job(job, lengths, order=[0, 1, 2, 3, 4, 5])  # micro-batches of 250, 250, 240 tokens
+    assert top.seq_len == 200 and ordered.seq_len == 125
+    assert plan.estimate(ordered)["peak"] < plan.estimate(top)["peak"]
+    assert ordered.kv_token_frac == 1 + 20 / 250
