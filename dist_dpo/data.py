@@ -271,10 +271,28 @@ class TokenizeAcrossRanks:
                 raise part
             return part
         parts = [None] * world
-        dist.all_gather_object(parts, failed or (part.to_dict(), part.features))
+        dist.all_gather_object(parts, failed or _arrow_bytes(part))
         if failed:
             raise part
         errors = [p for p in parts if isinstance(p, str)]
         if errors:
             raise RuntimeError(f"tokenizing {dataset_name} failed on another rank: {errors[0]}")
-        return datasets.concatenate_datasets([datasets.Dataset.from_dict(d, features=f) for d, f in parts])
+        return datasets.concatenate_datasets([_from_arrow_bytes(b) for b in parts])
+
+
+def _arrow_bytes(ds) -> bytes:
+    """A dataset's rows as one Arrow IPC stream (its features ride in the schema): no Python objects per token."""
+    import pyarrow as pa
+
+    table = ds.flatten_indices().data.table  # trl filters rows: an indices mapping over the full table otherwise
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _from_arrow_bytes(payload: bytes):
+    import datasets
+    import pyarrow as pa
+
+    return datasets.Dataset(pa.ipc.open_stream(pa.py_buffer(payload)).read_all())

@@ -141,7 +141,11 @@ def gqa_modes() -> list[str]:
         return ["expand"]
     modes = ["varlen"] if "enable_gqa" in _parameters(varlen_attn) else ["aten", "expand"]
     forced = os.environ.get("DIST_DPO_VARLEN_GQA")
-    return [forced] if forced in ("varlen", "aten", "expand") else modes
+    if forced and forced not in ("varlen", "aten", "expand"):
+        from dist_dpo.errors import UserError
+
+        raise UserError(f"DIST_DPO_VARLEN_GQA={forced}: use varlen, aten or expand (or unset it)")
+    return [forced] if forced else modes
 
 
 def gqa_mode() -> str:
