@@ -430,13 +430,14 @@ class Bench:
             cmd = [sys.executable, *me]
         return cmd, env
 
-    def collect(self, row: Row, spec: dict, rc: int, process_s: float) -> dict:
+    def collect(self, row: Row, spec: dict, rc: int, process_s: float) -> tuple[str, dict]:
+        """(status, numbers) of a finished row."""
         ranks = [json.loads(p.read_text()) for p in sorted(Path(spec["result"]).parent.glob("result.json.rank*"))]
         if rc != 0 or not ranks:
             tail = Path(spec["log"]).read_text(errors="replace").splitlines()[-12:] if Path(spec["log"]).is_file() \
                 else []
-            return "timeout" if rc == 124 else "failed", {"rc": rc, "reason": next((ln.strip()[:200] for ln in reversed(tail) if "Error" in ln or
-                                              "error" in ln), "see log"), "log_tail": tail}
+            reason = next((ln.strip()[:200] for ln in reversed(tail) if "Error" in ln or "error" in ln), "see log")
+            return "timeout" if rc == 124 else "failed", {"rc": rc, "reason": reason, "log_tail": tail}
         r0 = next(r for r in ranks if r["rank"] == 0)
         tokens = sum(r["tokens"] for r in ranks)
         wall = r0["wall_s"]
@@ -481,7 +482,7 @@ class Bench:
             every = 0 if not layers else max(1, round(shape.layers / layers))
             batches = r0["layout"].get("batches") or {}
             strategy = row.config if row.gpus > 1 else "single"
-            if batches.get("packed"):  # one row per micro-batch, no padding, no mask (attention.py)  # a rank holds about half of the longest step's tokens where balance_ranks split it by cost
+            if batches.get("packed"):  # one row per micro-batch, no padding, no mask (attention.py)
                 split = "by cost" in str((r0.get("speed_path") or {}).get("batches"))
                 from dist_dpo.fast import batching
 
