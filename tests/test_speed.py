@@ -521,3 +521,14 @@ def test_lora_inputs_skip_peft_copy_under_autocast_and_compute_the_same():
     assert copies1 < copies0
     with torch.no_grad():  # no autocast: peft's cast is still there, so the fp32 adapters get an fp32 input
         assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+@pytest.mark.parametrize("name,value", [("DIST_DPO_LORA_INPUT_CAST", "yes"), ("DIST_DPO_VARLEN_GQA", "fast")])
+def test_a_bad_ab_switch_is_refused_in_one_line(pairs, monkeypatch, name, value):
+    """The benchmark's A/B environment switches: a mistyped value stops the run (a UserError: one line from rank 0,
+    every rank exits 2), on CPU too, instead of silently running the default."""
+    from dist_dpo.errors import UserError
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match=f"{name}={value}"):
+        build(pairs, fast=True)

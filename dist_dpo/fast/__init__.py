@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import types
 
-from dist_dpo.fast import batching, checkpointing, head, lora_inputs, loss, microbatch
+from dist_dpo.fast import attention, batching, checkpointing, head, lora_inputs, loss, microbatch
 from dist_dpo.logs import get_logger
 
 
@@ -31,6 +31,8 @@ def apply(trainer, recipe, rt) -> dict:
     from dist_dpo.strategies import strategy_for
 
     t = recipe.train
+    _env_flag("DIST_DPO_LORA_INPUT_CAST")  # the benchmark's A/B switches: a bad value stops every rank with one line,
+    attention.gqa_modes()  # here, on every device (the attention one is read only on GPUs otherwise)
     if not isinstance(trainer.train_dataset, datasets.Dataset):  # streaming: no lengths to plan or group by
         report = {"speed path": "off (streaming dataset)"}
         _log(rt, report)
@@ -94,7 +96,7 @@ def apply(trainer, recipe, rt) -> dict:
         report["prompt"] += ", pairs packed in one row (flash, variable length)" if not_packed is None else \
             f", padded rows with a mask (packed rows: {not_packed})"
 
-    if os.environ.get("DIST_DPO_LORA_INPUT_CAST") != "1":  # =1: peft's copy kept (the benchmark's A/B row)
+    if not _env_flag("DIST_DPO_LORA_INPUT_CAST"):  # 1: peft's copy kept (the benchmark's A/B row)
         n = lora_inputs.install(trainer.model)  # inert without autocast: fp32 runs, DeepSpeed's bf16 engine
         a = trainer.args
         if n and (a.bf16 or a.fp16) and not getattr(trainer, "is_deepspeed_enabled", False):
@@ -123,12 +125,21 @@ def apply(trainer, recipe, rt) -> dict:
     return report
 
 
+def _env_flag(name: str) -> bool:
+    """An A/B switch of the benchmark: unset or 0 is off, 1 is on, anything else is refused."""
+    value = os.environ.get(name, "")
+    if value not in ("", "0", "1"):
+        from dist_dpo.errors import UserError
+
+        raise UserError(f"{name}={value}: use 1 (on) or 0 (off), or unset it")
+    return value == "1"
+
+
 def _not_packed_because(trainer, base, t, sharing: str) -> str | None:
     """Why the shared rows stay padded and masked; None: they go packed (attention.py, installed here)."""
     import torch
 
     from dist_dpo.errors import UserError
-    from dist_dpo.fast import attention
 
     if sharing == "false" or t.packed_rows is False:
         return "off"
