@@ -101,7 +101,8 @@ SETS = {  # name -> (rows builder(n, seed, cap), max_length, default number of p
     "var6k": (lambda n, seed, cap: variable_rows(n, seed, cap or 800), 1024, 6144),
     "fixed512": (lambda n, seed, cap: fixed_rows(n, cap or 512, seed), 512, 512),
     "fixed1024": (lambda n, seed, cap: fixed_rows(n, cap or 1024, seed), 1024, 128),
-    "fixed2048": (lambda n, seed, cap: fixed_rows(n, cap or 2048, seed), 2048, 128),
+    # 16 steps of 16 pairs: 128 pairs (8 steps) left the steady rate 3-6 steps (54-58 % MFU across calls)
+    "fixed2048": (lambda n, seed, cap: fixed_rows(n, cap or 2048, seed), 2048, 256),
 }
 
 

@@ -3,6 +3,7 @@
     python3 benchmarks/throughput.py --out $OUT          (one machine, 1-2 GPUs, ~7 minutes; table printed last)
     python3 benchmarks/throughput.py --smoke --out /tmp/t (CPU, the built-in tiny model, ~40 s: tests/test_speed.py)
     python3 benchmarks/throughput.py --list               (the rows; --only / --add select)
+    python3 benchmarks/throughput.py --sync-probe 3 ...   (also: host syncs and collectives of 3 steps, by call site)
 
 Every row trains ONE epoch over the same pairs of a synthetic set (benchmarks/preference_sets.py) on a random-weight
 model of a real shape (Qwen2.5-1.5B, built on the GPU here). Plain-trl rows run benchmarks/plain_trl.py (trl + peft
@@ -33,6 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_env import ROOT, environment  # noqa: E402
+from sync_probe import SyncProbe  # noqa: E402
 PEAK_FLOPS = 790e12  # dense bf16 per H100/H200, the issue's convention
 MULTI_GPU_RESERVE_S = 150  # a 2-GPU dist-dpo row: launcher + 2 processes + a var6k epoch (~50 s)
 GIB = 2**30
@@ -75,14 +77,14 @@ def default_rows() -> list[Row]:
         Row("dist-dpo", "default", "var", profile_last=3), Row("trl", "best", "var"), Row("trl", "tutorial", "var"),
         Row("dist-dpo", "masked", "var", extra=["--packed_rows", "false"]),
         Row("dist-dpo", "default", "var", "qlora"), Row("trl", "tutorial", "var", "qlora"),
-        # lane 1: fixed 512-token pairs (and the masked rows there), 2048 tokens (MFU; and K/V heads expanded per
-        # query head, what torch 2.11's varlen_attn needed before attention._FlashGQA), then the one-GPU baseline of
-        # the scaling rows (8x the pairs: ~100 s)
+        # lane 1: fixed 512-token pairs (and the masked rows there), 2048 tokens (MFU; and trl's head, which
+        # computes every logits tile again in the backward: what fast/logprob.py saves), then the one-GPU baseline
+        # of the scaling rows (8x the pairs: ~100 s)
         Row("dist-dpo", "default", "fixed512", lane=1), Row("trl", "best", "fixed512", lane=1),
         Row("trl", "tutorial", "fixed512", lane=1),
         Row("dist-dpo", "masked", "fixed512", lane=1, extra=["--packed_rows", "false"]),
         Row("dist-dpo", "default", "fixed2048", batch=8, accum=2, lane=1, profile_last=3),
-        Row("dist-dpo", "expandkv", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_VARLEN_GQA": "expand"}),
+        Row("dist-dpo", "headrecompute", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_HEAD_RECOMPUTE": "1"}),
         Row("dist-dpo", "default", "var6k", lane=1),
         # multi-GPU: DDP and ZeRO-2 scaling on var6k; 7B QLoRA at 1024 tokens within a 12 GiB card
         Row("dist-dpo", "default", "var6k", gpus=2, profile_last=3),
@@ -109,6 +111,10 @@ def optional_rows() -> list[Row]:
         Row("dist-dpo", "balance", "var6k", gpus=2, extra=["--balance_ranks", "true"]),
         Row("dist-dpo", "default", "var", gpus=2, profile_last=3),  # the 768-pair epoch: start-up is ~40 % of a 2-GPU run
         Row("dist-dpo", "noliger", "fixed2048", batch=8, accum=2, lane=1, extra=["--liger_kernels", "false"]),
+        # K/V heads expanded per query head, what torch 2.11's varlen_attn needed before attention._FlashGQA
+        # (measured 2026-11-28: grouped x1.094 steady, 50.7 -> 46.4 GiB)
+        Row("dist-dpo", "expandkv", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_VARLEN_GQA": "expand"}),
+        Row("dist-dpo", "headrecompute", "var", env={"DIST_DPO_HEAD_RECOMPUTE": "1"}),
         Row("dist-dpo", "4x4", "fixed2048", batch=4, accum=4, lane=1),
         # peft's fp32 copy of every LoRA input kept (what fast/lora_inputs.py removes)
         Row("dist-dpo", "lorafp32", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_LORA_INPUT_CAST": "1"}),
@@ -162,23 +168,41 @@ def _instrument(spec: dict) -> None:
                 "DecoderLayer") and getattr(m, "gradient_checkpointing", False) is True)
 
         def on_step_begin(self, args, state, control, **kw):
-            n = spec.get("profile_last", 0)
+            n, probe = spec.get("profile_last", 0), spec.get("sync_probe", 0)
+            # the probe's window ends where the step after its N steps begins: the logging and the batch fetching
+            # between steps (outside on_step_begin..on_step_end) are in it
+            if "probe_from" in marks and len(self.steps) - marks["probe_from"] == probe:
+                self.stop_probe()
             if n and "profiler" not in marks and state.global_step == state.max_steps - n:
                 marks["profiler"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                                       torch.profiler.ProfilerActivity.CUDA])
-                marks["profiled_from"] = len(self.steps)
+                                                                       torch.profiler.ProfilerActivity.CUDA],
+                                                           record_shapes=True)
+                marks["profile_from"] = len(self.steps)
                 marks["profiler"].__enter__()
                 marks["profile_t0"] = time.perf_counter()
+            # the probe's N steps come just before the profiled ones; steps 1-2 stay warm-up
+            if probe and "probe" not in marks and state.global_step == max(2, state.max_steps - n - probe):
+                marks["probe"], marks["probe_from"] = SyncProbe(), len(self.steps)
+                marks["probe"].start()
 
         def on_step_end(self, args, state, control, **kw):
             self.steps.append((time.perf_counter() - marks["init"], self.counter.tokens))
 
+        def stop_probe(self):
+            probe = marks.get("probe")
+            if probe is not None and "sync_probe" not in marks:
+                probe.steps = len(self.steps) - marks["probe_from"]  # the last one's logging included
+                marks["sync_probe"] = probe.stop()
+
         def on_train_end(self, args, state, control, **kw):
+            self.stop_probe()  # an epoch that ended inside the probe's window
             cuda = torch.cuda.is_available()
             if cuda:
                 torch.cuda.synchronize()
             end = time.perf_counter()
             profile = _profile_summary(marks, end, len(self.steps)) if "profiler" in marks else None
+            # the steady rate stops where the first of probe and profile began (both slow a step down)
+            cut = min((marks[k] for k in ("probe_from", "profile_from") if k in marks), default=None)
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             collator = self.trainer.data_collator
             out = {
@@ -195,7 +219,7 @@ def _instrument(spec: dict) -> None:
                 "gradient_checkpointing": bool(self.trainer.args.gradient_checkpointing),
                 "micro_batch": self.trainer.args.per_device_train_batch_size,  # after merge_micro_batches
                 "ckpt_layers": marks.get("ckpt_layers"), "liger": bool(self.trainer.args.use_liger_kernel),
-                "profile": profile, "profiled_from": marks.get("profiled_from"),
+                "profile": profile, "profiled_from": cut, "sync_probe": marks.get("sync_probe"),
                 "varlen_gqa": _native_gqa(),
                 "layout": {"tokens_run": getattr(collator, "tokens_run", None),
                            "tokens_real": getattr(collator, "tokens_real", None),
@@ -241,17 +265,25 @@ def _profile_summary(marks: dict, end: float, steps: int) -> dict:
     def device_us(e):
         return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
 
-    kernels = [e for e in events if device_us(e) > 0]
+    from torch.autograd import DeviceType
+
+    # kernels only: an op's own device time is its kernels' again
+    kernels = [e for e in events if device_us(e) > 0 and getattr(e, "device_type", None) != DeviceType.CPU]
     nccl = sum(device_us(e) for e in kernels if "nccl" in e.key.lower())
     compute = sum(device_us(e) for e in kernels) - nccl
     top = sorted(kernels, key=device_us, reverse=True)[:12]
     host = sorted(events, key=lambda e: e.cpu_time_total, reverse=True)[:12]
+    # ops (not kernels: those have no input shapes) by their inputs' shapes
+    by_shape = sorted((e for e in prof.key_averages(group_by_input_shape=True) if e.input_shapes and device_us(e) > 0),
+                      key=device_us, reverse=True)[:15]
     wall = end - marks["profile_t0"]
-    return {"steps": steps - marks["profiled_from"], "wall_s": round(wall, 4),
+    return {"steps": steps - marks["profile_from"], "wall_s": round(wall, 4),
             "gpu_compute_s": round(compute / 1e6, 4), "gpu_nccl_s": round(nccl / 1e6, 4),
             "gpu_compute_busy": round(compute / 1e6 / wall, 3) if wall > 0 else None,
             "top_kernels_ms": [[e.key[:90], round(device_us(e) / 1e3, 2), e.count] for e in top],
-            "top_host_ops_ms": [[e.key[:90], round(e.cpu_time_total / 1e3, 2), e.count] for e in host]}
+            "top_host_ops_ms": [[e.key[:90], round(e.cpu_time_total / 1e3, 2), e.count] for e in host],
+            "top_device_ops_by_shape": [[e.key[:60], str(e.input_shapes)[:160], round(device_us(e) / 1e3, 2), e.count]
+                                        for e in by_shape]}
 
 
 def run_child(spec: dict) -> int:
@@ -362,7 +394,7 @@ class Bench:
                 "quant": row.quant, "model": self.models[self.shape_of(row)], "data": str(self.data[row.dataset]),
                 "system_prompt": self.system_prompt, "max_length": self.max_length[row.dataset],
                 "batch": row.batch, "accum": row.accum, "extra": row.extra, "output_dir": str(rd / "out"),
-                "profile_last": row.profile_last,
+                "profile_last": row.profile_last, "sync_probe": getattr(self.args, "sync_probe", 0),
                 "result": str(rd / "result.json"), "log": str(rd / "log.txt")}
 
     def launch(self, row: Row, gpu_ids: list[int], reserve_s: float = 0.0) -> None:
@@ -441,7 +473,7 @@ class Bench:
         r0 = next(r for r in ranks if r["rank"] == 0)
         tokens = sum(r["tokens"] for r in ranks)
         wall = r0["wall_s"]
-        # profiled steps run slower (the profiler's own cost): the steady rate stops where profiling began
+        # profiled and probed steps run slower (their own cost): the steady rate stops where the first began
         steady = _steady([r["steps"][:r["profiled_from"]] if r.get("profiled_from") else r["steps"] for r in ranks])
         flops = 6 * self.params[self.shape_of(row)]
         return "ok", {
@@ -459,6 +491,7 @@ class Bench:
             # per rank: seconds from trainer construction to the end of each step (a slow rank shows here)
             "step_end_s_per_rank": {r["rank"]: [round(t, 3) for t, _ in r["steps"]] for r in ranks},
             "profile_per_rank": {r["rank"]: r["profile"] for r in ranks if r.get("profile")} or None,
+            "sync_probe_per_rank": {r["rank"]: r["sync_probe"] for r in ranks if r.get("sync_probe")} or None,
             "startup_s": _startup(spec),
             "planned_peak_gib": self.planned_peak(row, r0),
             # the issue's MFU counts trl's tokens (prompts twice); this one counts the tokens the decoder really ran
@@ -588,7 +621,9 @@ class Bench:
             list(pool.map(worker, groups))
         self.write()
         self.write_logs()
-        print_table(json.loads((self.out / "throughput.json").read_text()))
+        doc = json.loads((self.out / "throughput.json").read_text())
+        print_table(doc)
+        print_syncs(doc)
         return 0 if all(r.status == "ok" for r in self.rows) else 1
 
 
@@ -636,6 +671,8 @@ def ratios(rows: list[dict]) -> dict:
     for ds, without, piece in (("var", "dist-dpo-noshare", "prefix_sharing"), ("var", "dist-dpo-masked", "packed_rows"),
                                ("fixed512", "dist-dpo-masked", "packed_rows"),
                                ("fixed2048", "dist-dpo-expandkv", "grouped_kv_heads"),
+                               ("fixed2048", "dist-dpo-headrecompute", "head_grad_in_forward"),
+                               ("var", "dist-dpo-headrecompute", "head_grad_in_forward"),
                                ("fixed2048", "dist-dpo-noliger", "liger"), ("var", "dist-dpo-noliger", "liger"),
                                ("fixed2048", "dist-dpo-4x4", "8x2_over_4x4"),
                                ("fixed2048", "dist-dpo-lorafp32", "lora_inputs"), ("var", "dist-dpo-lorafp32", "lora_inputs"),
@@ -709,6 +746,17 @@ def print_table(doc: dict) -> None:
         print(f"target {t['target']:28} measured {t['measured']!s:>8} goal {t['goal']:>6} met {t['met']}")
 
 
+def print_syncs(doc: dict) -> None:
+    """The sync probe's findings (--sync-probe): host syncs per step and where, the Python-level collectives."""
+    for r in doc["rows"]:
+        for rank, p in (r.get("sync_probe_per_rank") or {}).items():
+            print(f"\nsyncs {r['name']} rank {rank}: {p['syncs_per_step']} per step over {p['steps']} steps")
+            for n, site in p["sync_sites"][:6]:
+                print(f"  sync {n:5} {site}"[:200])
+            for n, name, site in p["collectives"][:4]:
+                print(f"  coll {n:5} {name} {site}"[:200])
+
+
 def merge(paths: list[str], out: Path, work: Path, assume_gqa: bool = False) -> int:
     """Several calls' throughput.json (a later call re-ran rows for a same-call comparison, or ran rows an earlier
     one had no time for) -> one file: a row from a later call replaces the earlier one; each row says its call.
@@ -763,6 +811,9 @@ def main() -> int:
     p.add_argument("--no-warm-up", action="store_true", help="skip the untimed kernel-compiling steps per GPU")
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler over the last 3 steps of the rows marked for it (left out of the steady rate)")
+    p.add_argument("--sync-probe", type=int, default=0, metavar="N",
+                   help="count host-GPU syncs and Python-level collectives (with call sites) over N steps just "
+                        "before the profiled ones, every row (left out of the steady rate; benchmarks/sync_probe.py)")
     p.add_argument("--merge", nargs="+", help="merge several calls' throughput.json into --out (later calls win)")
     p.add_argument("--assume-varlen-gqa", action="store_true",
                    help="--merge: rows without a varlen_gqa record ran grouped K/V heads (planned so)")

@@ -62,8 +62,9 @@ def build(pairs, fast=False, prefix_sharing="auto", loss_type="sigmoid", max_len
     return trainer
 
 
-def step(trainer, rows):
-    """One training micro-step's loss and LoRA gradients on `rows` (a logging step)."""
+def step(trainer, rows, logging=True):
+    """One training micro-step's loss and LoRA gradients on `rows` (a logging step, or a step that is not logged:
+    the fast path then skips the vocabulary extras and takes fast/logprob.py's head)."""
     batch = trainer.data_collator([{k: r[k] for k in KEYS} for r in rows])
     if trainer.args.device.type == "cuda":
         from accelerate.utils import send_to_device
@@ -71,7 +72,8 @@ def step(trainer, rows):
         batch = send_to_device(batch, trainer.args.device)
     trainer.model.train()
     trainer.model.zero_grad()
-    trainer.state.global_step, trainer.state.logging_steps = 0, 1  # train() sets logging_steps from the args
+    # train() sets logging_steps from the args; step 4 of every 10 is not logged
+    trainer.state.global_step, trainer.state.logging_steps = (0, 1) if logging else (3, 10)
     loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
@@ -435,7 +437,7 @@ def test_throughput_smoke_on_cpu(tmp_path):
     """The benchmark's whole path (data, plain-trl and dist-dpo children, JSON, table) at toy scale."""
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--smoke", "--profile", "--only", "dist-dpo,tutorial",
-                           "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")],
+                           "--sync-probe", "1", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     doc = json.loads((tmp_path / "out" / "throughput.json").read_text())
@@ -452,10 +454,60 @@ def test_throughput_smoke_on_cpu(tmp_path):
     assert "trainer (tokenization)" in rows["dist-dpo/var/lora/1gpu"]["startup_s"]  # from its dist_dpo_run.json
     profile = rows["dist-dpo/var/lora/1gpu"]["profile_per_rank"]["0"]  # the last step, under torch.profiler
     assert profile["steps"] == 1 and profile["wall_s"] > 0 and profile["top_host_ops_ms"]
-    tail = proc.stdout.splitlines()[-(len(doc["targets"]) + 1):]  # the table is printed last, then the targets
+    # a 3-step epoch: the probe's one step is the profiled last one (steps 1-2 stay warm-up)
+    assert rows["dist-dpo/var/lora/1gpu"]["sync_probe_per_rank"]["0"]["steps"] == 1
+    table, syncs = proc.stdout.split("\nsyncs ", 1)  # the sync probe's lines come after the table
+    assert syncs.startswith("dist-dpo/var/lora/1gpu rank 0: ")
+    tail = table.splitlines()[-(len(doc["targets"]) + 1):]  # the table is printed last, then the targets
     assert "ratios" in tail[0] and all(line.startswith("target ") for line in tail[1:])
     vs_tutorial = next(t for t in doc["targets"] if t["target"] == "vs_tutorial var")
     assert vs_tutorial["measured"] == round(doc["ratios"]["vs_tutorial"], 3) and vs_tutorial["goal"] == 4.0
+
+
+def test_sync_probe_records_collectives_with_their_call_site():
+    import socket
+
+    import torch.distributed as dist
+    from sync_probe import SyncProbe
+
+    original = dist.barrier
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        probe = SyncProbe()
+        probe.start()
+        dist.all_reduce(torch.ones(2))
+        dist.barrier()
+        probe.steps = 2
+        out = probe.stop()
+    finally:
+        dist.destroy_process_group()
+    assert dist.barrier is original and dist.distributed_c10d.barrier is original
+    sites = {name: site for _, name, site in out["collectives"]}
+    assert sites.keys() == {"all_reduce", "barrier"}
+    assert sites["barrier"].startswith("tests/test_speed.py:") and \
+        sites["barrier"].split(" <- ")[0].endswith(" test_sync_probe_records_collectives_with_their_call_site")
+    assert out["syncs"] == 0 and out["syncs_per_step"] == 0 and out["steps"] == 2
+
+
+def test_sync_probe_passes_other_warnings_on(monkeypatch):
+    import warnings
+
+    from sync_probe import SyncProbe
+
+    shown = []
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *a, **k: shown.append(str(message)))
+    probe = SyncProbe()
+    probe.start()
+    warnings.warn("x")
+    warnings.warn("called a synchronizing CUDA operation")  # what torch.cuda.set_sync_debug_mode("warn") says
+    out = probe.stop()
+    assert shown == ["x"] and out["syncs"] == 1
+    assert " test_sync_probe_passes_other_warnings_on" in out["sync_sites"][0][1].split(" <- ")[0]
+    warnings.warn("y")  # after stop(): the original again
+    assert shown[-1] == "y"
 
 
 @pytest.mark.parametrize("api", ["torch 2.9: is_causal, no scale, no GQA", "later: window_size, scale, enable_gqa"])
@@ -523,7 +575,8 @@ def test_lora_inputs_skip_peft_copy_under_autocast_and_compute_the_same():
         assert torch.isfinite(model(input_ids=ids).logits).all()
 
 
-@pytest.mark.parametrize("name,value", [("DIST_DPO_LORA_INPUT_CAST", "yes"), ("DIST_DPO_VARLEN_GQA", "fast")])
+@pytest.mark.parametrize("name,value", [("DIST_DPO_LORA_INPUT_CAST", "yes"), ("DIST_DPO_VARLEN_GQA", "fast"),
+                                        ("DIST_DPO_HEAD_RECOMPUTE", "true")])
 def test_a_bad_ab_switch_is_refused_in_one_line(pairs, monkeypatch, name, value):
     """The benchmark's A/B environment switches: a mistyped value stops the run (a UserError: one line from rank 0,
     every rank exits 2), on CPU too, instead of silently running the default."""
@@ -532,3 +585,58 @@ def test_a_bad_ab_switch_is_refused_in_one_line(pairs, monkeypatch, name, value)
     monkeypatch.setenv(name, value)
     with pytest.raises(UserError, match=f"{name}={value}"):
         build(pairs, fast=True)
+
+
+@pytest.mark.parametrize("tile", [8, 4096])
+def test_log_probs_with_gradient_in_forward_match_trls_kernel(monkeypatch, tile):
+    """fast/logprob.py against trl's ChunkedLogProbFunction and full-vocabulary log_softmax: same log-probs, same
+    hidden-state gradient; several vocabulary chunks (the last one partial) and, with tile 8, several token tiles."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    from dist_dpo.fast import logprob
+
+    monkeypatch.setattr(logprob, "TOKENS_PER_TILE", tile)
+    g = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(37, 24, generator=g) * 2).requires_grad_()
+    weight = torch.randn(50, 24, generator=g)
+    targets = torch.randint(0, 50, (37,), generator=g)
+    upstream = torch.randn(37, generator=g)
+    assert logprob.covers(hidden, weight, None, ("log_probs",))
+    ours = logprob.log_probs(hidden, weight, targets, 16)
+    (grad_ours,) = torch.autograd.grad(ours, hidden, upstream)
+    trl = ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 16, None, 1.0, ("log_probs",))[0]
+    (grad_trl,) = torch.autograd.grad(trl, hidden, upstream)
+    exact = torch.log_softmax(hidden.double() @ weight.double().T, -1).gather(1, targets[:, None]).squeeze(1)
+    (grad_exact,) = torch.autograd.grad(exact, hidden, upstream.double())
+    assert torch.allclose(ours.double(), exact, atol=1e-5) and torch.allclose(trl.double(), exact, atol=1e-5)
+    assert torch.allclose(grad_ours, grad_exact, atol=1e-5)
+    assert torch.allclose(grad_ours, grad_trl, atol=1e-5)
+
+
+def test_log_probs_with_gradient_in_forward_cover_only_what_they_can(monkeypatch):
+    from dist_dpo.fast import logprob
+
+    h, w = torch.zeros(2, 4, requires_grad=True), torch.zeros(6, 4)
+    assert logprob.covers(h, w, None, ("log_probs",))
+    assert not logprob.covers(h, w, None, ("log_probs", "entropy"))  # logging steps: trl's kernel
+    assert not logprob.covers(h.detach(), w, None, ("log_probs",))  # the reference forward
+    assert not logprob.covers(h, w.requires_grad_(), None, ("log_probs",))  # a trained head
+    assert not logprob.covers(h, torch.zeros(6, 4), torch.zeros(6), ("log_probs",))  # a head with bias
+    monkeypatch.setenv("DIST_DPO_HEAD_RECOMPUTE", "1")
+    assert not logprob.covers(h, torch.zeros(6, 4), None, ("log_probs",))
+
+
+def test_non_logging_steps_give_trls_loss_and_gradients(pairs, monkeypatch):
+    """Outside logging steps the policy's head is fast/logprob.py (no extras asked): the step is still trl's."""
+    from dist_dpo.fast import logprob
+
+    plain = build(pairs)
+    rows = [plain.train_dataset[i] for i in range(6)]
+    reference = step(plain, rows)
+    fast = build(pairs, fast=True)
+    calls = []
+    real = logprob.log_probs
+    monkeypatch.setattr(logprob, "log_probs", lambda *a: calls.append(1) or real(*a))
+    candidate = step(fast, rows, logging=False)
+    assert calls == [1]  # the policy forward only (the reference forward has no gradient)
+    assert_same(reference, candidate)

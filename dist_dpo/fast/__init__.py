@@ -5,6 +5,8 @@ trl's `_compute_loss` on one batch); what changes is how much work a step does:
   batching.py       pairs grouped by length (less padding), split across ranks by cost on several GPUs; one row
                     per pair sharing the prompt when cheaper
   head.py           trl's fused log-prob head, fed those rows, computing logging-only outputs only when asked
+  logprob.py        that head for the policy's training forward: the hidden-state gradient taken in the forward
+                    (one vocabulary matmul fewer than trl's recompute in the backward)
   loss.py           sigmoid DPO without per-micro-step host syncs; logging extras on logging steps only
   checkpointing.py  `gradient_checkpointing: auto`: the least recompute the memory plan says fits
   microbatch.py     `merge_micro_batches: auto`: 4 x 4 accumulation as 16 x 1 when that fits (same loss)
@@ -31,7 +33,8 @@ def apply(trainer, recipe, rt) -> dict:
     from dist_dpo.strategies import strategy_for
 
     t = recipe.train
-    _env_flag("DIST_DPO_LORA_INPUT_CAST")  # the benchmark's A/B switches: a bad value stops every rank with one line,
+    for switch in ("DIST_DPO_LORA_INPUT_CAST", "DIST_DPO_HEAD_RECOMPUTE"):  # the benchmark's A/B switches: a bad
+        _env_flag(switch)  # value stops every rank with one line,
     attention.gqa_modes()  # here, on every device (the attention one is read only on GPUs otherwise)
     if not isinstance(trainer.train_dataset, datasets.Dataset):  # streaming: no lengths to plan or group by
         report = {"speed path": "off (streaming dataset)"}

@@ -1,9 +1,10 @@
 """The DPO forward: trl's fused log-prob head, fed either trl's padded rows or dist-dpo's shared-prompt rows.
 
 trl (1.16) patches the model so that `model(..., labels=..., fused_lm_head=True)` returns per-token log-probs laid
-out like its padded batch ([chosen rows; rejected rows] x (L - 1)). Two things fall short there:
+out like its padded batch ([chosen rows; rejected rows] x (L - 1)). Three things fall short there:
   - the head computes entropy, mean logit and top-1 for every token of every forward (the reference forward too),
     though trl only logs them;
+  - its backward computes every logits tile a second time (`logprob.py` takes the gradient in the forward instead);
   - the backbone must run the padded [chosen; rejected] rows, so the prompt is computed twice.
 This forward keeps trl's contract (same output layout, so trl's loss code reads it unchanged) and its kernel
 (trl.kernels.ChunkedLogProbFunction), and adds: `dd_extras=` to choose the logging-only outputs per call, and the
@@ -19,6 +20,8 @@ import functools
 import types
 
 import torch
+
+from dist_dpo.fast import logprob
 
 EXTRAS = ("entropy", "mean_logits", "is_top1")  # trl's logging-only per-token outputs
 _SCALING_KEYS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
@@ -114,6 +117,8 @@ def _log_probs(model, hidden, targets, outputs):
         bias = bias.full_tensor() if bias is not None else None
     hidden, targets = hidden.to(weight.device), targets.to(weight.device)
     with maybe_gather_lm_head_ctx(weight, bias):  # ZeRO-3: gather the head for the direct weight access
+        if logprob.covers(hidden, weight, bias, outputs):  # the policy's training forward, outside logging steps
+            return logprob.log_probs(hidden, weight, targets, _CHUNKED_LOGPROB_CHUNK_SIZE), None, None, None, None
         return ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None,
                                             1.0, outputs)
 
