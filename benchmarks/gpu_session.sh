@@ -15,8 +15,9 @@
 #      benchmarks/seed_qlora_gpu.sh on GPUs 0,1 (issue 2)  make train-ddp / train-zero3, seed_qlora, 1.5B shape
 #      benchmarks/gpu_resume.py                 (issue 5)  kill -9 a rank, resume: DDP and ZeRO-3 with QLoRA
 #   2. alone: benchmarks/throughput.py          (issue 6)  1-GPU rows on one lane per GPU, then the 2-GPU rows
-# Knobs: SKIP_MATRIX=1 (phase 1 runs the GPU tests only), THROUGHPUT_ARGS="--only ... --add ... --profile" (passed
-# to throughput.py), THROUGHPUT_BUDGET_S (default 900).
+# Knobs: SKIP_MATRIX=1 (phase 1 runs the GPU tests only), MATRIX_ARGS="--only ..." (passed to gpu_matrix.py: a
+# subset of cells), THROUGHPUT_ARGS="--only ... --add ... --profile" (passed to throughput.py), THROUGHPUT_BUDGET_S
+# (default 900).
 set -uo pipefail
 S=${SESSION_DIR:-/tmp/dd_session}
 cmd=${1:?usage: $0 start|run|wait SECONDS}
@@ -33,8 +34,9 @@ run)
   gpus=$(nvidia-smi -L | wc -l)
   # Proofs first, sharing the GPUs (each job's losses and peak memory are its own; none of them is a timing):
   note "matrix + gpu tests start ($gpus GPUs)"
+  # shellcheck disable=SC2086 - MATRIX_ARGS is a list of arguments
   [ "${SKIP_MATRIX:-0}" = 1 ] || (python3 benchmarks/gpu_matrix.py --out "$S/results" --work /tmp/dd_matrix --share "${MATRIX_SHARE:-4}" \
-     > "$S/matrix.log" 2>&1; note "matrix exit $?") &
+     ${MATRIX_ARGS:-} > "$S/matrix.log" 2>&1; note "matrix exit $?") &
   (CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -s -m gpu tests/gpu/test_fast_path_gpu.py -p no:cacheprovider \
      > "$S/gputests.log" 2>&1; note "gpu tests exit $?") &
   if [ "${SESSION_EXTRAS:-0}" = 1 ]; then

@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE))
 from bench_env import ROOT, environment  # noqa: E402
 from sync_probe import SyncProbe  # noqa: E402
 PEAK_FLOPS = 790e12  # dense bf16 per H100/H200, the convention
-MULTI_GPU_RESERVE_S = 150  # a 2-GPU dist-dpo row: launcher + 2 processes + a var6k epoch (~50 s)
+MULTI_GPU_RESERVE_S = 120  # a 2-GPU row: launcher + 2 processes + epoch (var6k: 94-119 s of process, 2026-11-28)
 GIB = 2**30
 
 
@@ -187,6 +187,12 @@ def _instrument(spec: dict) -> None:
 
         def on_step_end(self, args, state, control, **kw):
             self.steps.append((time.perf_counter() - marks["init"], self.counter.tokens))
+            if "profiler" in marks and "profile" not in marks and state.global_step >= state.max_steps:
+                # before the end-of-training checkpoint that follows this callback: its copies and syncs are not
+                # a step's (2026-11-28 they were all the DDP rank-0 item() calls and the rank-1 barrier)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                marks["profile"] = _profile_summary(marks, time.perf_counter(), len(self.steps))
 
         def stop_probe(self):
             probe = marks.get("probe")
@@ -200,7 +206,9 @@ def _instrument(spec: dict) -> None:
             if cuda:
                 torch.cuda.synchronize()
             end = time.perf_counter()
-            profile = _profile_summary(marks, end, len(self.steps)) if "profiler" in marks else None
+            profile = marks.get("profile")
+            if profile is None and "profiler" in marks:
+                profile = _profile_summary(marks, end, len(self.steps))
             # the steady rate stops where the first of probe and profile began (both slow a step down)
             cut = min((marks[k] for k in ("probe_from", "profile_from") if k in marks), default=None)
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

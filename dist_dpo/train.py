@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from dist_dpo.checkpoints import RUN_MARKER, AtomicCheckpoints, complete_checkpoints, discard_staging
+from dist_dpo.checkpoints import RUN_MARKER, AtomicCheckpoints, WholeAdapterSaves, complete_checkpoints, discard_staging
 from dist_dpo.config import Recipe, parse_recipe
 from dist_dpo.errors import UserError
 from dist_dpo.logs import add_rank_file, get_logger, log_to_rank_file, setup_console
@@ -98,7 +98,7 @@ def _train(argv: list[str]) -> int:
 
     from dist_dpo.data import TokenizeAcrossRanks
 
-    class Trainer(AtomicCheckpoints, TokenizeAcrossRanks, DPOTrainer):
+    class Trainer(AtomicCheckpoints, WholeAdapterSaves, TokenizeAcrossRanks, DPOTrainer):
         checkpoint_meta = {"world_size": rt.world_size, "strategy": rt.strategy}
 
     trainer = Trainer(

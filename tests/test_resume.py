@@ -161,3 +161,43 @@ def builtin_model():
     from dist_dpo.model_zoo import ensure_builtin_model
 
     return str(ensure_builtin_model())
+
+
+@pytest.mark.parametrize("stage,peft", [(2, True), (1, True), (3, True), (2, False), (None, True)])
+def test_zero12_saves_the_adapter_without_the_whole_models_state_dict(tmp_path, builtin_model, stage, peft):
+    """Under ZeRO-1/2 a PEFT model's save goes straight to peft (no whole-model copy to CPU on every rank); ZeRO-3,
+    a plain model and no DeepSpeed keep transformers' save_model."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from dist_dpo.checkpoints import WholeAdapterSaves
+
+    model = AutoModelForCausalLM.from_pretrained(builtin_model)
+    if peft:
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
+    calls = []
+
+    class Library:  # stands in for transformers.Trainer
+        def save_model(self, output_dir=None, _internal_call=False):
+            calls.append(("transformers", output_dir))
+
+        def _save(self, output_dir, state_dict=None):
+            calls.append(("peft", output_dir, state_dict))
+
+    class Trainer(WholeAdapterSaves, Library):
+        pass
+
+    t = Trainer()
+    t.model = model
+    t.is_deepspeed_enabled = stage is not None
+    t.deepspeed = SimpleNamespace(zero_optimization_stage=lambda: stage) if stage is not None else None
+    t.args = SimpleNamespace(should_save=True, output_dir=str(tmp_path), push_to_hub=False)
+    t.save_model(str(tmp_path / "ckpt"), _internal_call=True)
+    direct = stage in (1, 2) and peft
+    assert calls == ([("peft", str(tmp_path / "ckpt"), None)] if direct else [("transformers", str(tmp_path / "ckpt"))])
+    calls.clear()
+    t.args.should_save = False  # a rank that does not write: no copy at all under ZeRO-1/2
+    t.save_model()
+    assert calls == ([] if direct else [("transformers", None)])

@@ -104,7 +104,10 @@ def _record(trainer, inputs, out, chosen_logps, rejected_logps, chosen_rewards, 
             with_extras: bool) -> None:
     zero = chosen_logps.new_zeros(())
     chosen_mask, rejected_mask = shift_mask.chunk(2, dim=0)
-    row = [chosen_rewards.new_tensor(float(chosen_rewards.numel())), chosen_rewards.sum(), rejected_rewards.sum(),
+    # torch.full, not new_tensor: a Python number copied to the GPU waits for the stream (the one host sync per
+    # micro-step the sync probe found, benchmarks/sync_probe.py); a fill kernel does not
+    row = [torch.full((), chosen_rewards.numel(), dtype=chosen_rewards.dtype, device=chosen_rewards.device),
+           chosen_rewards.sum(), rejected_rewards.sum(),
            (chosen_rewards > rejected_rewards).float().sum(), (chosen_rewards - rejected_rewards).sum(),
            chosen_logps.sum(), rejected_logps.sum(), inputs["attention_mask"].sum().float()]
     if with_extras:
