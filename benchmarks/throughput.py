@@ -480,15 +480,16 @@ class Bench:
             return "timeout" if rc == 124 else "failed", {"rc": rc, "reason": reason, "log_tail": tail}
         r0 = next(r for r in ranks if r["rank"] == 0)
         tokens = sum(r["tokens"] for r in ranks)
-        wall = r0["wall_s"]
+        # the epoch ends with its last optimizer step: the end-of-training checkpoint dist-dpo writes (plain trl's
+        # rows write none) and the profiler's own summary come after it (`train_end_wall_s` keeps them)
+        wall = r0["steps"][-1][0] if r0["steps"] else r0["wall_s"]
         # profiled and probed steps run slower (their own cost): the steady rate stops where the first began
         steady = _steady([r["steps"][:r["profiled_from"]] if r.get("profiled_from") else r["steps"] for r in ranks])
         flops = 6 * self.params[self.shape_of(row)]
         return "ok", {
-            "tokens": tokens, "pairs": r0["pairs"], "epoch_wall_s": round(wall, 2), "init_s": round(r0["init_s"], 2),
+            "tokens": tokens, "pairs": r0["pairs"], "init_s": round(r0["init_s"], 2),
             "train_s": round(r0["train_s"], 2), "process_s": round(process_s, 1),
-            "tokens_per_s": tokens / wall, "pairs_per_s": r0["pairs"] / wall,
-            "mfu": flops * tokens / wall / (PEAK_FLOPS * row.gpus),
+            "train_end_wall_s": round(r0["wall_s"], 2), **_epoch(tokens, r0["pairs"], wall, flops, row.gpus),
             "steady_tokens_per_s": steady, "steady_mfu": flops * steady / (PEAK_FLOPS * row.gpus) if steady else None,
             "peak_mem_gib": max(r["peak_alloc_gib"] for r in ranks),
             "peak_reserved_gib": max(r["peak_reserved_gib"] for r in ranks),
@@ -635,6 +636,12 @@ class Bench:
         return 0 if all(r.status == "ok" for r in self.rows) else 1
 
 
+def _epoch(tokens: int, pairs: int, wall: float, flops_per_token: float, gpus: int) -> dict:
+    """The end-to-end numbers of one epoch of `wall` seconds (trainer construction to the last optimizer step)."""
+    return {"epoch_wall_s": round(wall, 2), "tokens_per_s": tokens / wall, "pairs_per_s": pairs / wall,
+            "mfu": flops_per_token * tokens / wall / (PEAK_FLOPS * gpus)}
+
+
 def _of_tokens_run(ranks: list[dict], mfu: float) -> float | None:
     run = [r["layout"].get("tokens_run") for r in ranks]
     real = [r["layout"].get("tokens_real") for r in ranks]
@@ -765,6 +772,10 @@ def print_syncs(doc: dict) -> None:
                 print(f"  coll {n:5} {name} {site}"[:200])
 
 
+def _params_of(docs: list[dict], shape: str) -> int:
+    return next(d["params_per_shape"][shape] for d in reversed(docs) if shape in d.get("params_per_shape", {}))
+
+
 def merge(paths: list[str], out: Path, work: Path, assume_gqa: bool = False) -> int:
     """Several calls' throughput.json (a later call re-ran rows for a same-call comparison, or ran rows an earlier
     one had no time for) -> one file: a row from a later call replaces the earlier one; each row says its call.
@@ -787,6 +798,12 @@ def merge(paths: list[str], out: Path, work: Path, assume_gqa: bool = False) -> 
     bench.max_length = {n: preference_sets.SETS[n][1] for n in bench.data}
     known = {r.name: r for r in default_rows() + optional_rows()}
     for r in rows.values():
+        ends = (r.get("step_end_s_per_rank") or {}).get("0") or (r.get("step_end_s_per_rank") or {}).get(0)
+        if r["status"] == "ok" and ends and "train_end_wall_s" not in r:  # a call before the epoch ended at its
+            # last step (f811b95 and earlier measured to on_train_end): the same epoch, from its recorded step ends
+            r["train_end_wall_s"] = r["epoch_wall_s"]
+            flops = 6 * _params_of(docs, r["model"])
+            r.update(_epoch(r["tokens"], r["pairs"], ends[-1], flops, r["gpus"]))
         if r["status"] == "ok" and r["name"] in known:
             r["planned_peak_gib_at_run"] = r.get("planned_peak_gib")
             r["planned_peak_gib"] = bench.planned_peak(known[r["name"]], r)

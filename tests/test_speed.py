@@ -254,6 +254,43 @@ def test_length_grouping_keeps_ranks_disjoint():
     assert padded < 0.7 * padded_random, (padded, padded_random)
 
 
+def test_each_micro_step_is_dealt_out_across_ranks():
+    """Several ranks: each micro-step's pairs go to the ranks one by one, so no rank always holds the longest pairs of
+    the sorted megabatch; every micro-step (hence every optimizer step) trains the same pairs as before."""
+    import random
+
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    from dist_dpo.fast.batching import length_grouped_sampler
+
+    rng = random.Random(0)
+    lengths = [int(rng.lognormvariate(5, 0.8)) + 20 for _ in range(400)]
+
+    def shards(per_device, world):
+        out = []
+        for rank in range(world):
+            sampler = length_grouped_sampler(lengths, per_device * world, 42, per_device=per_device, world=world)
+            out.append(list(BatchSamplerShard(BatchSampler(sampler, per_device, False), world, rank)))
+        return out
+
+    contiguous = list(length_grouped_sampler(lengths, 16, 42))  # 1 rank: the order itself, unchanged
+    assert list(length_grouped_sampler(lengths, 16, 42, per_device=8, world=1)) == contiguous
+    dealt = shards(8, 2)
+    assert sorted(i for b in dealt[0] + dealt[1] for i in b) == list(range(400))  # disjoint and complete
+    slowest = {"dealt": 0, "contiguous": 0}  # sum over micro-steps of the busier rank's tokens (what a step waits for)
+    for k, (b0, b1) in enumerate(zip(*dealt)):
+        assert set(b0) | set(b1) == set(contiguous[16 * k:16 * (k + 1)])  # the step's pairs, as before
+        c0, c1 = sum(lengths[i] for i in b0), sum(lengths[i] for i in b1)
+        old0 = sum(lengths[i] for i in contiguous[16 * k:16 * k + 8])
+        old1 = sum(lengths[i] for i in contiguous[16 * k + 8:16 * (k + 1)])
+        assert abs(c0 - c1) <= abs(old0 - old1)  # never less even than the contiguous halves
+        slowest["dealt"] += max(c0, c1)
+        slowest["contiguous"] += max(old0, old1)
+    mean = sum(lengths) / 2
+    assert slowest["dealt"] / mean < 1.03 and slowest["contiguous"] / mean > 1.1, slowest  # 1.023 vs 1.163
+
+
 def test_several_ranks_split_each_step_by_cost_not_count():
     """Round robin of sorted batches gave rank 0 the longer batch of every step; cost-balanced splits keep each
     step's pairs and even out the ranks' padded work."""

@@ -67,12 +67,12 @@ def apply(trainer, recipe, rt) -> dict:
             ds = train_dataset if train_dataset is not None else self.train_dataset
             if ds is None or len(ds) != len(keys):
                 return original(train_dataset)
+            a = self.args
             if getattr(self, "_dd_pairs_per_rank", None):  # set below with the lean loss, which weights by it
-                a = self.args
                 return batching.rebalanced_grouped_sampler(keys, a.per_device_train_batch_size,
                                                            a.gradient_accumulation_steps, a.world_size,
                                                            a.process_index, seed, a.dataloader_drop_last)
-            return batching.length_grouped_sampler(keys, batch, seed)
+            return batching.length_grouped_sampler(keys, batch, seed, a.per_device_train_batch_size, a.world_size)
 
         trainer._get_train_sampler = types.MethodType(grouped_sampler, trainer)
         report["batches"] = "grouped by length"
