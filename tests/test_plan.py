@@ -31,7 +31,7 @@ MEASURED = [
     ("packed fixed2048, 8 pairs", plan.Job(SHAPE, "single", pairs=8, seq_len=3584, rows_per_pair=1, liger=True,
                                            completion_frac=3072 / 3584, kv_token_frac=1 + 512 / 3584,
                                            repeat_kv=True), 50.73),
-    # the same rows at commit 82e01e2 (benchmarks/results/throughput.json): grouped K/V heads as they are, LoRA inputs
+    # the same rows at commit 82e01e2 (benchmarks/results/throughput_82e01e2.json): grouped K/V heads, LoRA inputs
     # left in bf16 under autocast; planned before they ran
     ("packed fixed512, grouped K/V", plan.Job(SHAPE, "single", pairs=16, seq_len=896, rows_per_pair=1, liger=True,
                                               completion_frac=768 / 896, kv_token_frac=1 + 128 / 896), 23.55),
