@@ -161,6 +161,7 @@ def _instrument(spec: dict) -> None:
     class Timer(TrainerCallback):
         def __init__(self, trainer, counter):
             self.trainer, self.counter, self.steps = trainer, counter, []
+            self.within, self.between = [], []  # per step, host clock: inside the step, before it
 
         def on_train_begin(self, args, state, control, **kw):
             marks["train"] = time.perf_counter()
@@ -168,6 +169,9 @@ def _instrument(spec: dict) -> None:
                 "DecoderLayer") and getattr(m, "gradient_checkpointing", False) is True)
 
         def on_step_begin(self, args, state, control, **kw):
+            marks["step_begin"] = time.perf_counter()
+            if self.steps:  # the host's time between steps: logging, the next batch's fetch and collation
+                self.between.append(marks["step_begin"] - marks["init"] - self.steps[-1][0])
             n, probe = spec.get("profile_last", 0), spec.get("sync_probe", 0)
             # the probe's window ends where the step after its N steps begins: the logging and the batch fetching
             # between steps (outside on_step_begin..on_step_end) are in it
@@ -187,6 +191,7 @@ def _instrument(spec: dict) -> None:
 
         def on_step_end(self, args, state, control, **kw):
             self.steps.append((time.perf_counter() - marks["init"], self.counter.tokens))
+            self.within.append(time.perf_counter() - marks["step_begin"])  # the step itself (host view)
             if "profiler" in marks and "profile" not in marks and state.global_step >= state.max_steps:
                 # before the end-of-training checkpoint that follows this callback: its copies and syncs are not
                 # a step's (2026-11-28 they were all the DDP rank-0 item() calls and the rank-1 barrier)
@@ -228,6 +233,7 @@ def _instrument(spec: dict) -> None:
                 "micro_batch": self.trainer.args.per_device_train_batch_size,  # after merge_micro_batches
                 "ckpt_layers": marks.get("ckpt_layers"), "liger": bool(self.trainer.args.use_liger_kernel),
                 "profile": profile, "profiled_from": cut, "sync_probe": marks.get("sync_probe"),
+                "host": _host_view(_steady_part(self.within[:cut]), _steady_part(self.between[:cut])),
                 "varlen_gqa": _native_gqa(),
                 "layout": {"tokens_run": getattr(collator, "tokens_run", None),
                            "tokens_real": getattr(collator, "tokens_real", None),
@@ -246,6 +252,36 @@ def _instrument(spec: dict) -> None:
         self.add_callback(Timer(self, counter))
 
     trl.DPOTrainer.__init__ = timed_init
+
+
+def _steady_part(values: list[float]) -> list[float]:
+    """Per-step values without the warm-up steps (the first two; the first alone in a short epoch)."""
+    return values[2:] if len(values) > 3 else values[1:] or values
+
+
+def _host_view(within: list[float], between: list[float]) -> dict:
+    """Where this rank's host spends a steady step (a slow rank of a multi-GPU row shows here), and where the process
+    runs: its CPUs and their NUMA node against the GPU's (a rank far from its GPU pays more per kernel launch)."""
+    import statistics
+
+    import torch
+
+    out = {"in_step_median_s": round(statistics.median(within), 4) if within else None,
+           "between_steps_median_s": round(statistics.median(between), 4) if between else None}
+    try:
+        import psutil
+
+        cpu = psutil.Process().cpu_num()
+        out.update(cpus_allowed=len(os.sched_getaffinity(0)), cpu=cpu,
+                   cpu_numa_node=next((int(p.name[4:]) for p in Path(f"/sys/devices/system/cpu/cpu{cpu}").glob(
+                       "node[0-9]*")), None))
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(torch.cuda.current_device())
+            bus = f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+            out["gpu_numa_node"] = int(Path(f"/sys/bus/pci/devices/{bus}/numa_node").read_text())
+    except Exception as e:  # noqa: BLE001 - a diagnostic must never cost a measured row
+        out["where_error"] = repr(e)[:120]
+    return out
 
 
 def _startup(spec: dict) -> dict | None:
@@ -501,6 +537,7 @@ class Bench:
             "step_end_s_per_rank": {r["rank"]: [round(t, 3) for t, _ in r["steps"]] for r in ranks},
             "profile_per_rank": {r["rank"]: r["profile"] for r in ranks if r.get("profile")} or None,
             "sync_probe_per_rank": {r["rank"]: r["sync_probe"] for r in ranks if r.get("sync_probe")} or None,
+            "host_per_rank": {r["rank"]: r.get("host") for r in ranks},
             "startup_s": _startup(spec),
             "planned_peak_gib": self.planned_peak(row, r0),
             # the issue's MFU counts trl's tokens (prompts twice); this one counts the tokens the decoder really ran
@@ -632,6 +669,7 @@ class Bench:
         self.write_logs()
         doc = json.loads((self.out / "throughput.json").read_text())
         print_table(doc)
+        print_hosts(doc)
         print_syncs(doc)
         return 0 if all(r.status == "ok" for r in self.rows) else 1
 
@@ -759,6 +797,17 @@ def print_table(doc: dict) -> None:
     print("ratios (tokens/s, same card):", json.dumps(doc["ratios"]))
     for t in doc.get("targets", []):
         print(f"target {t['target']:28} measured {t['measured']!s:>8} goal {t['goal']:>6} met {t['met']}")
+
+
+def print_hosts(doc: dict) -> None:
+    """Each rank of the multi-GPU rows: host time inside a steady step and between steps, CPU vs GPU NUMA node."""
+    for r in doc["rows"]:
+        if r.get("gpus", 1) > 1 and r["status"] == "ok":
+            for rank, h in (r.get("host_per_rank") or {}).items():
+                h = h or {}
+                print(f"host {r['name']} rank {rank}: step {h.get('in_step_median_s')} s, between "
+                      f"{h.get('between_steps_median_s')} s, cpu node {h.get('cpu_numa_node')} / gpu node "
+                      f"{h.get('gpu_numa_node')}, {h.get('cpus_allowed')} cpus")
 
 
 def print_syncs(doc: dict) -> None:

@@ -493,6 +493,12 @@ def test_throughput_smoke_on_cpu(tmp_path):
     assert profile["steps"] == 1 and profile["wall_s"] > 0 and profile["top_host_ops_ms"]
     # a 3-step epoch: the probe's one step is the profiled last one (steps 1-2 stay warm-up)
     assert rows["dist-dpo/var/lora/1gpu"]["sync_probe_per_rank"]["0"]["steps"] == 1
+    host = rows["tutorial/var/lora/1gpu"]["host_per_rank"]["0"]  # where each rank's host time goes, and runs
+    assert host["in_step_median_s"] > 0 and host["between_steps_median_s"] >= 0 and host["cpus_allowed"] >= 1
+    # the epoch ends with its last step: dist-dpo's final checkpoint and the profile summary come after
+    dd = rows["dist-dpo/var/lora/1gpu"]
+    assert dd["epoch_wall_s"] == pytest.approx(dd["step_end_s_per_rank"]["0"][-1], abs=0.01)
+    assert dd["train_end_wall_s"] > dd["epoch_wall_s"]
     table, syncs = proc.stdout.split("\nsyncs ", 1)  # the sync probe's lines come after the table
     assert syncs.startswith("dist-dpo/var/lora/1gpu rank 0: ")
     tail = table.splitlines()[-(len(doc["targets"]) + 1):]  # the table is printed last, then the targets
