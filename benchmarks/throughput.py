@@ -893,6 +893,8 @@ def main() -> int:
                    help="--merge: rows without a varlen_gqa record ran grouped K/V heads (planned so)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.sync_probe < 0:
+        p.error(f"--sync-probe {a.sync_probe}: give a number of steps (0: no probe)")
     if a.child:
         return run_child(json.loads(a.child))
     if a.merge:

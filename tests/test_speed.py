@@ -683,3 +683,10 @@ def test_non_logging_steps_give_trls_loss_and_gradients(pairs, monkeypatch):
     candidate = step(fast, rows, logging=False)
     assert calls == [1]  # the policy forward only (the reference forward has no gradient)
     assert_same(reference, candidate)
+
+
+def test_a_negative_sync_probe_is_refused():
+    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--sync-probe", "-1", "--list"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--sync-probe -1: give a number of steps" in proc.stderr
+    assert "Traceback" not in proc.stderr

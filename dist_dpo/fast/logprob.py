@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-TOKENS_PER_TILE = 4096  # trl's TOKEN_CHUNK_SIZE: the tile's rows
+TOKENS_PER_TILE = None  # the tile's rows; None: trl's TOKEN_CHUNK_SIZE (4096), as its kernel tiles
 BLOCK = 1024  # the fold kernel's columns per load
 
 try:  # triton ships with torch's CUDA builds; without it (CPU) the tiles are folded with torch ops
@@ -49,16 +49,19 @@ def log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
 class _GradInForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size):
+        from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE, _addmm_fp32  # trl's tiling and fp32 accumulation
+
         ctx.set_materialize_grads(False)
+        rows_per_tile = TOKENS_PER_TILE or TOKEN_CHUNK_SIZE
         device = hidden.device
         compute = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
         n_all, vocab = hidden.size(0), weight.size(0)
         logps = torch.empty(n_all, device=device, dtype=torch.float32)
         # d logp / d hidden per token, fp32: the backward's product is rounded once, as trl's fp32 accumulator is
         unit = torch.empty(hidden.shape, device=device, dtype=torch.float32)
-        buf = torch.empty((min(n_all, TOKENS_PER_TILE), chunk_size), device=device, dtype=compute)
-        for t0 in range(0, n_all, TOKENS_PER_TILE):
-            t1 = min(t0 + TOKENS_PER_TILE, n_all)
+        buf = torch.empty((min(n_all, rows_per_tile), chunk_size), device=device, dtype=compute)
+        for t0 in range(0, n_all, rows_per_tile):
+            t1 = min(t0 + rows_per_tile, n_all)
             n, h, y = t1 - t0, hidden[t0:t1].to(compute), targets[t0:t1]
             running_max = torch.full((n,), float("-inf"), device=device, dtype=torch.float32)
             sum_exp = torch.zeros(n, device=device, dtype=torch.float32)
@@ -86,14 +89,6 @@ class _GradInForward(torch.autograd.Function):
             return None, None, None, None
         (unit,) = ctx.saved_tensors
         return (unit * grad.float()[:, None]).to(ctx.hidden_dtype), None, None, None
-
-
-def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b, accumulated in fp32 from bf16/fp16 inputs (trl's `_addmm_fp32`)."""
-    if acc.device.type == "cuda" and a.dtype in (torch.float16, torch.bfloat16):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
-        acc.addmm_(a.float(), b.float())
 
 
 def _fold(tile, targets, start, running_max, sum_exp, target_logit, rescale) -> None:
