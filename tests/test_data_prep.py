@@ -100,3 +100,46 @@ def test_a_part_failing_on_one_rank_fails_every_rank_instead_of_hanging(tmp_path
     ranks = _run_two_ranks(tmp_path, 1)
     assert ranks[1]["error"] == "ValueError: bad row"
     assert ranks[0]["error"] == "RuntimeError: tokenizing train failed on another rank: ValueError: bad row"
+
+
+def test_tokenize_procs_gives_each_rank_its_share_of_the_cpus_and_keeps_small_sets_in_process():
+    from dist_dpo.data import tokenize_procs
+
+    assert tokenize_procs(6144, None, cpus=32, local_ranks=2) == 8  # capped
+    assert tokenize_procs(3072, None, cpus=16, local_ranks=2) == 6  # a rank's half of var6k: 8 cpus, 6 x 500 rows
+    assert tokenize_procs(1200, None, cpus=16, local_ranks=1) == 2
+    assert tokenize_procs(6144, None, cpus=2, local_ranks=2) is None  # one core per rank: no workers
+    assert tokenize_procs(900, None, cpus=16, local_ranks=1) is None  # a worker's start costs more than it saves
+    assert tokenize_procs(100, 3, cpus=2, local_ranks=1) == 3  # the user's dataset_num_proc (dpo_extra) wins
+
+
+class _Args:
+    def __init__(self, num_proc):
+        self.dataset_num_proc, self.max_length, self.truncation_mode = num_proc, 64, "keep_start"
+
+
+def test_tokenizing_in_worker_processes_gives_trls_rows_and_leaves_the_users_args_alone(monkeypatch):
+    """trl's own tokenization, in-process vs in 2 workers (what tokenize_procs picks on a 2-core machine given
+    enough rows): the same rows in the same order."""
+    import dist_dpo.data as data
+    from dist_dpo.model_zoo import TOKENIZER_DIR
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+
+    class Real(TokenizeAcrossRanks, dpo_module.DPOTrainer):
+        def __init__(self):  # only what _prepare_dataset reads
+            self._tokenizer = tok
+
+    rows = [{"prompt": [{"role": "user", "content": f"question {i} " + "word " * (i % 7)}],
+             "chosen": [{"role": "assistant", "content": "yes " * (1 + i % 5)}],
+             "rejected": [{"role": "assistant", "content": "no " * (1 + i % 3)}]} for i in range(40)]
+    ds = datasets.Dataset.from_list(rows)
+    in_process = Real()._prepare_dataset(ds, tok, _Args(None), "train").to_list()
+    monkeypatch.setattr(data, "TOKENIZE_ROWS_PER_PROC", 20)  # 40 rows -> 2 workers
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {0, 1})
+    args = _Args(None)
+    assert data.tokenize_procs(len(ds), None) == 2
+    in_workers = Real()._prepare_dataset(ds, tok, args, "train").to_list()
+    assert args.dataset_num_proc is None
+    assert in_workers == in_process and len(in_process) == 40 and in_process[0]["chosen_ids"]
