@@ -89,6 +89,8 @@ def default_rows() -> list[Row]:
         # multi-GPU: DDP and ZeRO-2 scaling on var6k; 7B QLoRA at 1024 tokens within a 12 GiB card
         Row("dist-dpo", "default", "var6k", gpus=2, profile_last=3),
         Row("dist-dpo", "zero2", "var6k", gpus=2, config="zero2"),
+        # each rank on its own cores next to its GPU (cpu_affinity: auto) vs left to the scheduler
+        Row("dist-dpo", "unpinned", "var6k", gpus=2, extra=["--cpu_affinity", "false"]),
         Row("dist-dpo", "12gib", "fixed1024", "qlora", gpus=2, batch=4, accum=4, shape=SEVEN_B,
             extra=["--gpu_memory_gib", "12"]),
     ]
@@ -271,7 +273,13 @@ def _host_view(within: list[float], between: list[float]) -> dict:
     try:
         import psutil
 
-        cpu = psutil.Process().cpu_num()
+        proc = psutil.Process()
+        switches, times = proc.num_ctx_switches(), proc.cpu_times()
+        # a rank that other work keeps off its CPU shows involuntary switches; its threads' CPU seconds say how
+        # busy it was (the whole process life: imports, tokenization, steps)
+        out.update(involuntary_switches=switches.involuntary, voluntary_switches=switches.voluntary,
+                   cpu_user_s=round(times.user, 1), cpu_system_s=round(times.system, 1), threads=proc.num_threads())
+        cpu = proc.cpu_num()
         out.update(cpus_allowed=len(os.sched_getaffinity(0)), cpu=cpu,
                    cpu_numa_node=next((int(p.name[4:]) for p in Path(f"/sys/devices/system/cpu/cpu{cpu}").glob(
                        "node[0-9]*")), None))
@@ -739,6 +747,7 @@ def ratios(rows: list[dict]) -> dict:
     for row, label in (("dist-dpo/var6k/lora/2gpu", "ddp_scaling_2gpu"),
                        ("dist-dpo-zero2/var6k/lora/2gpu", "zero2_scaling_2gpu"),
                        ("dist-dpo-balance/var6k/lora/2gpu", "ddp_scaling_2gpu_balance_ranks"),
+                       ("dist-dpo-unpinned/var6k/lora/2gpu", "ddp_scaling_2gpu_unpinned"),
                        ("dist-dpo/var/lora/2gpu", "ddp_scaling_2gpu_768_pairs")):
         one_row = "dist-dpo/var/lora/1gpu" if "/var/" in row else "dist-dpo/var6k/lora/1gpu"
         for key, suffix in (("tokens_per_s", ""), ("steady_tokens_per_s", "_steady")):
@@ -802,12 +811,13 @@ def print_table(doc: dict) -> None:
 def print_hosts(doc: dict) -> None:
     """Each rank of the multi-GPU rows: host time inside a steady step and between steps, CPU vs GPU NUMA node."""
     for r in doc["rows"]:
-        if r.get("gpus", 1) > 1 and r["status"] == "ok":
+        if (r.get("gpus", 1) > 1 or r.get("dataset") == "var6k") and r["status"] == "ok":
             for rank, h in (r.get("host_per_rank") or {}).items():
                 h = h or {}
                 print(f"host {r['name']} rank {rank}: step {h.get('in_step_median_s')} s, between "
                       f"{h.get('between_steps_median_s')} s, cpu node {h.get('cpu_numa_node')} / gpu node "
-                      f"{h.get('gpu_numa_node')}, {h.get('cpus_allowed')} cpus")
+                      f"{h.get('gpu_numa_node')}, {h.get('cpus_allowed')} cpus, involuntary switches "
+                      f"{h.get('involuntary_switches')}, cpu {h.get('cpu_user_s')} + {h.get('cpu_system_s')} s")
 
 
 def print_syncs(doc: dict) -> None:

@@ -177,6 +177,13 @@ class TrainArgs:
         True, "Before step 1, check with one short forward that every rank holds the same model (several processes)."
     )
     dataloader_num_workers: int = _f(0, "Data-loader worker processes per rank.", min=0)
+    cpu_affinity: bool | str = _f(
+        "auto",
+        "Pin each rank to its own physical cores next to its GPU (dist_dpo/cpu_pinning.py): ranks of one machine then "
+        "never share a core, and a rank's many small kernel launches run close to its GPU. auto: on when several "
+        "processes share a machine's GPUs.",
+        bool_or_auto=True,
+    )
     dpo_extra: dict = _f({}, "Any other trl DPOConfig field, e.g. {precompute_ref_log_probs: true}.")
 
 

@@ -300,8 +300,11 @@ def tokenize_procs(rows: int, asked: int | None, cpus: int | None = None, local_
     this process (trl's default)."""
     if asked is not None:
         return asked
+    from dist_dpo import cpu_pinning
+
     cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
-    local_ranks = local_ranks if local_ranks is not None else int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if local_ranks is None:  # a pinned rank's CPUs are its own share already (cpu_pinning)
+        local_ranks = 1 if cpu_pinning.PINNED else int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     procs = min(cpus // max(local_ranks, 1), rows // TOKENIZE_ROWS_PER_PROC, TOKENIZE_MAX_PROCS)
     return procs if procs >= 2 else None
 

@@ -61,6 +61,7 @@ def _train(argv: list[str]) -> int:
     log = setup_console(rt)
     strat = strategy_for(rt.strategy)
     check_combination(recipe, rt)  # before the process group: a GPU strategy without GPUs must not reach NCCL
+    pinned = pin_cpus(recipe, rt)  # before any worker thread starts: they inherit it
     out = Path(recipe.train.output_dir)
 
     from dist_dpo import preflight
@@ -127,8 +128,9 @@ def _train(argv: list[str]) -> int:
                                             "8-bit" if m.load_in_8bit else "unquantized"))
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     log.info(  # every rank, into its own file: proves where each rank's (4-bit) model lives
-        "rank %d of %d | local rank %d | node %d of %d | %s | pid %d",
+        "rank %d of %d | local rank %d | node %d of %d | %s | pid %d | %s",
         rt.rank, rt.world_size, rt.local_rank, rt.node_rank, rt.num_nodes, model_device(trainer.model), os.getpid(),
+        f"pinned to CPUs {_ranges(pinned)}" if pinned else "CPUs not pinned",
     )
     log_header(log, recipe, rt, strat, trainer, len(train_ds), len(eval_ds))
 
@@ -154,6 +156,26 @@ def _train(argv: list[str]) -> int:
     trainer.accelerator.wait_for_everyone()
     log.info("rank %d finished at step %d", rt.rank, trainer.state.global_step)
     return 0
+
+
+def pin_cpus(recipe: Recipe, rt: Runtime) -> list[int] | None:
+    """cpu_affinity: auto pins when several processes share a machine's GPUs (dist_dpo/cpu_pinning.py)."""
+    want = recipe.train.cpu_affinity
+    if want is False or rt.device_type != "cuda" or (want == "auto" and rt.local_world_size < 2):
+        return None
+    from dist_dpo.cpu_pinning import pin_this_rank
+
+    return pin_this_rank(rt.local_rank)
+
+
+def _ranges(cpus: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'"""
+    parts, start = [], cpus[0]
+    for a, b in zip(cpus, cpus[1:] + [None]):
+        if b != a + 1:
+            parts.append(f"{start}-{a}" if a > start else str(a))
+            start = b
+    return ",".join(parts)
 
 
 class _Terminated(Exception):

@@ -110,7 +110,17 @@ def test_tokenize_procs_gives_each_rank_its_share_of_the_cpus_and_keeps_small_se
     assert tokenize_procs(1200, None, cpus=16, local_ranks=1) == 2
     assert tokenize_procs(6144, None, cpus=2, local_ranks=2) is None  # one core per rank: no workers
     assert tokenize_procs(900, None, cpus=16, local_ranks=1) is None  # a worker's start costs more than it saves
-    assert tokenize_procs(100, 3, cpus=2, local_ranks=1) == 3  # the user's dataset_num_proc (dpo_extra) wins
+    assert tokenize_procs(100, 3, cpus=2, local_ranks=1) == 3
+
+
+def test_a_pinned_rank_counts_its_own_cpus_once(monkeypatch):
+    from dist_dpo import cpu_pinning
+    from dist_dpo.data import tokenize_procs
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert tokenize_procs(3072, None, cpus=8) == 4  # 8 CPUs shared by 2 ranks
+    monkeypatch.setattr(cpu_pinning, "PINNED", list(range(8)))
+    assert tokenize_procs(3072, None, cpus=8) == 6  # these 8 are this rank's own  # the user's dataset_num_proc (dpo_extra) wins
 
 
 class _Args:
