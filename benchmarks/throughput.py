@@ -89,8 +89,7 @@ def default_rows() -> list[Row]:
         # multi-GPU: DDP and ZeRO-2 scaling on var6k; 7B QLoRA at 1024 tokens within a 12 GiB card
         Row("dist-dpo", "default", "var6k", gpus=2, profile_last=3),
         Row("dist-dpo", "zero2", "var6k", gpus=2, config="zero2"),
-        # each rank on its own cores next to its GPU (cpu_affinity: auto) vs left to the scheduler
-        Row("dist-dpo", "unpinned", "var6k", gpus=2, extra=["--cpu_affinity", "false"]),
+
         Row("dist-dpo", "12gib", "fixed1024", "qlora", gpus=2, batch=4, accum=4, shape=SEVEN_B,
             extra=["--gpu_memory_gib", "12"]),
     ]
@@ -111,6 +110,9 @@ def optional_rows() -> list[Row]:
         Row("dist-dpo", "noshare", "var", extra=["--prefix_sharing", "false"]),
         # the cost-balanced rank split, off by default since it measured slower (steady scaling 0.79 vs 0.97)
         Row("dist-dpo", "balance", "var6k", gpus=2, extra=["--balance_ranks", "true"]),
+        # each rank pinned to its own cores (cpu_affinity: true) vs left to the scheduler (the default since call E,
+        # 2026-11-28: pinned 0.718 vs unpinned 0.802 DDP scaling on the 2 x H200 VM)
+        Row("dist-dpo", "pinned", "var6k", gpus=2, extra=["--cpu_affinity", "true"]),
         Row("dist-dpo", "default", "var", gpus=2, profile_last=3),  # the 768-pair epoch: start-up is ~40 % of a 2-GPU run
         Row("dist-dpo", "noliger", "fixed2048", batch=8, accum=2, lane=1, extra=["--liger_kernels", "false"]),
         # K/V heads expanded per query head, what torch 2.11's varlen_attn needed before attention._FlashGQA
@@ -748,6 +750,7 @@ def ratios(rows: list[dict]) -> dict:
                        ("dist-dpo-zero2/var6k/lora/2gpu", "zero2_scaling_2gpu"),
                        ("dist-dpo-balance/var6k/lora/2gpu", "ddp_scaling_2gpu_balance_ranks"),
                        ("dist-dpo-unpinned/var6k/lora/2gpu", "ddp_scaling_2gpu_unpinned"),
+                       ("dist-dpo-pinned/var6k/lora/2gpu", "ddp_scaling_2gpu_pinned"),
                        ("dist-dpo/var/lora/2gpu", "ddp_scaling_2gpu_768_pairs")):
         one_row = "dist-dpo/var/lora/1gpu" if "/var/" in row else "dist-dpo/var6k/lora/1gpu"
         for key, suffix in (("tokens_per_s", ""), ("steady_tokens_per_s", "_steady")):

@@ -178,10 +178,11 @@ class TrainArgs:
     )
     dataloader_num_workers: int = _f(0, "Data-loader worker processes per rank.", min=0)
     cpu_affinity: bool | str = _f(
-        "auto",
-        "Pin each rank to its own physical cores next to its GPU (dist_dpo/cpu_pinning.py): ranks of one machine then "
-        "never share a core, and a rank's many small kernel launches run close to its GPU. auto: on when several "
-        "processes share a machine's GPUs.",
+        False,
+        "Pin each rank to its own physical cores next to its GPU (dist_dpo/cpu_pinning.py; auto/true: when several "
+        "processes share a machine's GPUs). Off by default: on a 2 x H200 VM (32 vCPUs, one NUMA node) pinned ranks "
+        "ran 2-GPU DDP steps 13 % slower than unpinned ones (benchmarks/NOTES.md, section 7). Try it on bare metal "
+        "with several NUMA nodes.",
         bool_or_auto=True,
     )
     dpo_extra: dict = _f({}, "Any other trl DPOConfig field, e.g. {precompute_ref_log_probs: true}.")

@@ -8,6 +8,12 @@ land on the two hardware threads of one core, or far from their GPU, and then th
 `accelerate launch` leave affinity alone unless ACCELERATE_CPU_AFFINITY=1, and accelerate's pinning gives every rank
 of a NUMA node the whole node, so ranks still share cores. Here the CPUs of each NUMA node are split, by whole
 physical cores, among the machine's GPUs on that node, and each rank takes its GPU's share.
+
+Measured, it did not pay where we could measure it (2 x H200 VM, 32 vCPUs shown as one NUMA node and one thread per
+core, GPUs with no NUMA node; throughput.py call E, 2026-11-28): a steady var6k DDP step took 207-214 ms per rank
+pinned to 16 vCPUs each and 183-187 ms unpinned, 2-GPU scaling 0.72 vs 0.80. A VM's vCPUs hide which of them share
+a physical core, so the split can put both ranks on sibling threads. Hence `cpu_affinity: false` by default; the
+option stays for bare-metal machines with real NUMA nodes, where the launchers' lack of pinning is known to cost.
 """
 
 from __future__ import annotations

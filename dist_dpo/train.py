@@ -159,7 +159,7 @@ def _train(argv: list[str]) -> int:
 
 
 def pin_cpus(recipe: Recipe, rt: Runtime) -> list[int] | None:
-    """cpu_affinity: auto pins when several processes share a machine's GPUs (dist_dpo/cpu_pinning.py)."""
+    """cpu_affinity: true/auto pin when several processes share a machine's GPUs (dist_dpo/cpu_pinning.py)."""
     want = recipe.train.cpu_affinity
     if want is False or rt.device_type != "cuda" or (want == "auto" and rt.local_world_size < 2):
         return None
