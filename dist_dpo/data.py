@@ -261,7 +261,7 @@ class TokenizeAcrossRanks:
         if sharded:
             dataset = dataset.shard(num_shards=world, index=dist.get_rank(), contiguous=True)
         dpo_module.global_then_local_main_first = contextlib.nullcontext
-        procs = tokenize_procs(len(dataset), getattr(args, "dataset_num_proc", None))
+        procs = tokenize_procs(text_chars(dataset), getattr(args, "dataset_num_proc", None))
         if procs is not None and procs != args.dataset_num_proc:
             args = copy.copy(args)  # the trainer's own args keep the user's value
             args.dataset_num_proc = procs
@@ -286,18 +286,40 @@ class TokenizeAcrossRanks:
         return datasets.concatenate_datasets([_from_arrow_bytes(b) for b in parts])
 
 
-# trl tokenizes row by row in Python (~700-900 pairs/s on one core: the chat template, then one encode call per text),
-# so a large in-memory dataset takes seconds that every epoch's end-to-end time pays: 6,144 pairs took 8.9 s of a
-# 94 s epoch on an H200 host (2026-11-28). trl's `dataset_num_proc` runs that map in worker processes; below
-# TOKENIZE_ROWS_PER_PROC rows per worker a worker's start costs more than its share saves.
-TOKENIZE_ROWS_PER_PROC = 500
+# trl tokenizes row by row in Python: the chat template, then one encode call per text, ~1 us per character of text
+# on one core (var6k's 6,144 pairs, 7.2 M characters: 8.9 s on an H200 host; 256 pairs of 2,048 tokens, 5.1 M
+# characters: 7.5-8.6 s), and every epoch's end-to-end time pays it. trl's `dataset_num_proc` runs that map in worker
+# processes; each costs ~0.3 s to start and feed, so a worker gets at least TOKENIZE_CHARS_PER_PROC characters.
+TOKENIZE_CHARS_PER_PROC = 400_000
 TOKENIZE_MAX_PROCS = 8
+SAMPLE_ROWS = 256
 
 
-def tokenize_procs(rows: int, asked: int | None, cpus: int | None = None, local_ranks: int | None = None) -> int | None:
-    """Worker processes for this rank's tokenization: the user's `dataset_num_proc` if set, else this rank's share
-    of the CPUs (the ranks of one machine tokenize at once), at most one per TOKENIZE_ROWS_PER_PROC rows; None = in
-    this process (trl's default)."""
+def text_chars(dataset) -> int:
+    """Characters of text in the dataset's rows (strings, chat messages), estimated from up to SAMPLE_ROWS rows
+    spread over it: what tokenizing it costs."""
+    n = len(dataset)
+    if not n:
+        return 0
+    step = max(1, n // SAMPLE_ROWS)
+    sample = dataset.select(range(0, n, step))
+
+    def chars(value) -> int:
+        if isinstance(value, str):
+            return len(value)
+        if isinstance(value, dict):
+            return sum(chars(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(chars(v) for v in value)
+        return 0
+
+    return int(sum(chars(row) for row in sample) * n / len(sample))
+
+
+def tokenize_procs(text: int, asked: int | None, cpus: int | None = None, local_ranks: int | None = None) -> int | None:
+    """Worker processes for tokenizing `text` characters on this rank: the user's `dataset_num_proc` if set, else this
+    rank's share of the CPUs (the ranks of one machine tokenize at once), at most one per TOKENIZE_CHARS_PER_PROC;
+    None = in this process (trl's default)."""
     if asked is not None:
         return asked
     from dist_dpo import cpu_pinning
@@ -305,7 +327,7 @@ def tokenize_procs(rows: int, asked: int | None, cpus: int | None = None, local_
     cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
     if local_ranks is None:  # a pinned rank's CPUs are its own share already (cpu_pinning)
         local_ranks = 1 if cpu_pinning.PINNED else int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    procs = min(cpus // max(local_ranks, 1), rows // TOKENIZE_ROWS_PER_PROC, TOKENIZE_MAX_PROCS)
+    procs = min(cpus // max(local_ranks, 1), text // TOKENIZE_CHARS_PER_PROC, TOKENIZE_MAX_PROCS)
     return procs if procs >= 2 else None
 
 

@@ -105,12 +105,15 @@ def test_a_part_failing_on_one_rank_fails_every_rank_instead_of_hanging(tmp_path
 def test_tokenize_procs_gives_each_rank_its_share_of_the_cpus_and_keeps_small_sets_in_process():
     from dist_dpo.data import tokenize_procs
 
-    assert tokenize_procs(6144, None, cpus=32, local_ranks=2) == 8  # capped
-    assert tokenize_procs(3072, None, cpus=16, local_ranks=2) == 6  # a rank's half of var6k: 8 cpus, 6 x 500 rows
-    assert tokenize_procs(1200, None, cpus=16, local_ranks=1) == 2
-    assert tokenize_procs(6144, None, cpus=2, local_ranks=2) is None  # one core per rank: no workers
-    assert tokenize_procs(900, None, cpus=16, local_ranks=1) is None  # a worker's start costs more than it saves
-    assert tokenize_procs(100, 3, cpus=2, local_ranks=1) == 3
+    var6k, fixed2048, builtin = 7_182_170, 5_087_639, 120_000  # characters of text
+    assert tokenize_procs(var6k, None, cpus=32, local_ranks=1) == 8  # capped
+    assert tokenize_procs(var6k // 2, None, cpus=32, local_ranks=2) == 8  # a rank's half: 16 cpus, 8 x 400 k chars
+    assert tokenize_procs(var6k // 2, None, cpus=8, local_ranks=2) == 4  # 8 CPUs shared by 2 ranks
+    assert tokenize_procs(fixed2048, None, cpus=16, local_ranks=1) == 8  # 256 long pairs are as much work
+    assert tokenize_procs(1_000_000, None, cpus=16, local_ranks=1) == 2
+    assert tokenize_procs(var6k, None, cpus=2, local_ranks=2) is None  # one core per rank: no workers
+    assert tokenize_procs(builtin, None, cpus=16, local_ranks=1) is None  # a worker's start costs more than it saves
+    assert tokenize_procs(100, 3, cpus=2, local_ranks=1) == 3  # the user's dataset_num_proc (dpo_extra) wins
 
 
 def test_a_pinned_rank_counts_its_own_cpus_once(monkeypatch):
@@ -118,9 +121,19 @@ def test_a_pinned_rank_counts_its_own_cpus_once(monkeypatch):
     from dist_dpo.data import tokenize_procs
 
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert tokenize_procs(3072, None, cpus=8) == 4  # 8 CPUs shared by 2 ranks
+    assert tokenize_procs(4_000_000, None, cpus=8) == 4  # 8 CPUs shared by 2 ranks
     monkeypatch.setattr(cpu_pinning, "PINNED", list(range(8)))
-    assert tokenize_procs(3072, None, cpus=8) == 6  # these 8 are this rank's own  # the user's dataset_num_proc (dpo_extra) wins
+    assert tokenize_procs(4_000_000, None, cpus=8) == 8  # these 8 are this rank's own
+
+
+def test_text_chars_counts_strings_and_chat_messages():
+    from dist_dpo.data import text_chars
+
+    rows = [{"prompt": [{"role": "user", "content": "abc"}], "chosen": "de", "rejected": [{"role": "a", "content": "f"}]}
+            for _ in range(1000)]
+    ds = datasets.Dataset.from_list(rows)
+    assert text_chars(ds) == 1000 * (3 + 4 + 2 + 1 + 1)  # role names are text too (the template renders them)
+    assert text_chars(ds.select([])) == 0
 
 
 class _Args:
@@ -146,10 +159,10 @@ def test_tokenizing_in_worker_processes_gives_trls_rows_and_leaves_the_users_arg
              "rejected": [{"role": "assistant", "content": "no " * (1 + i % 3)}]} for i in range(40)]
     ds = datasets.Dataset.from_list(rows)
     in_process = Real()._prepare_dataset(ds, tok, _Args(None), "train").to_list()
-    monkeypatch.setattr(data, "TOKENIZE_ROWS_PER_PROC", 20)  # 40 rows -> 2 workers
+    monkeypatch.setattr(data, "TOKENIZE_CHARS_PER_PROC", data.text_chars(ds) // 2)  # -> 2 workers
     monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {0, 1})
     args = _Args(None)
-    assert data.tokenize_procs(len(ds), None) == 2
+    assert data.tokenize_procs(data.text_chars(ds), None) == 2
     in_workers = Real()._prepare_dataset(ds, tok, args, "train").to_list()
     assert args.dataset_num_proc is None
     assert in_workers == in_process and len(in_process) == 40 and in_process[0]["chosen_ids"]
