@@ -181,7 +181,7 @@ class TrainArgs:
         False,
         "Pin each rank to its own physical cores next to its GPU (dist_dpo/cpu_pinning.py; auto/true: when several "
         "processes share a machine's GPUs). Off by default: on a 2 x H200 VM (32 vCPUs, one NUMA node) pinned ranks "
-        "ran 2-GPU DDP steps 13 % slower than unpinned ones (benchmarks/NOTES.md, section 7). Try it on bare metal "
+        "ran 2-GPU DDP steps 13 % slower than unpinned ones (benchmarks/NOTES.md, section 5f). Try it on bare metal "
         "with several NUMA nodes.",
         bool_or_auto=True,
     )
