@@ -119,6 +119,12 @@ def optional_rows() -> list[Row]:
         # (measured 2026-11-28: grouped x1.094 steady, 50.7 -> 46.4 GiB)
         Row("dist-dpo", "expandkv", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_VARLEN_GQA": "expand"}),
         Row("dist-dpo", "headrecompute", "var", env={"DIST_DPO_HEAD_RECOMPUTE": "1"}),
+        # torch's fused rms_norm instead of liger's Triton RMSNorm (fast/rms_norm.py): host time on the host-bound
+        # var / var6k steps, kernel time at 2048; and without liger at all on var6k
+        Row("dist-dpo", "torchnorm", "var", env={"DIST_DPO_RMSNORM": "torch"}),
+        Row("dist-dpo", "torchnorm", "var6k", lane=1, env={"DIST_DPO_RMSNORM": "torch"}),
+        Row("dist-dpo", "torchnorm", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_RMSNORM": "torch"}),
+        Row("dist-dpo", "noliger", "var6k", lane=1, extra=["--liger_kernels", "false"]),
         Row("dist-dpo", "4x4", "fixed2048", batch=4, accum=4, lane=1),
         # peft's fp32 copy of every LoRA input kept (what fast/lora_inputs.py removes)
         Row("dist-dpo", "lorafp32", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_LORA_INPUT_CAST": "1"}),
@@ -750,6 +756,10 @@ def ratios(rows: list[dict]) -> dict:
                                ("fixed2048", "dist-dpo-headrecompute", "head_grad_in_forward"),
                                ("var", "dist-dpo-headrecompute", "head_grad_in_forward"),
                                ("fixed2048", "dist-dpo-noliger", "liger"), ("var", "dist-dpo-noliger", "liger"),
+                               ("var6k", "dist-dpo-noliger", "liger"),
+                               ("var", "dist-dpo-torchnorm", "liger_rms_norm_over_torch"),
+                               ("var6k", "dist-dpo-torchnorm", "liger_rms_norm_over_torch"),
+                               ("fixed2048", "dist-dpo-torchnorm", "liger_rms_norm_over_torch"),
                                ("fixed2048", "dist-dpo-4x4", "8x2_over_4x4"),
                                ("fixed2048", "dist-dpo-lorafp32", "lora_inputs"), ("var", "dist-dpo-lorafp32", "lora_inputs"),
                                ("fixed2048", "dist-dpo-expseg", "default_allocator_over_expandable")):

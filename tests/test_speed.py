@@ -619,7 +619,7 @@ def test_lora_inputs_skip_peft_copy_under_autocast_and_compute_the_same():
 
 
 @pytest.mark.parametrize("name,value", [("DIST_DPO_LORA_INPUT_CAST", "yes"), ("DIST_DPO_VARLEN_GQA", "fast"),
-                                        ("DIST_DPO_HEAD_RECOMPUTE", "true")])
+                                        ("DIST_DPO_HEAD_RECOMPUTE", "true"), ("DIST_DPO_RMSNORM", "apex")])
 def test_a_bad_ab_switch_is_refused_in_one_line(pairs, monkeypatch, name, value):
     """The benchmark's A/B environment switches: a mistyped value stops the run (a UserError: one line from rank 0,
     every rank exits 2), on CPU too, instead of silently running the default."""
@@ -690,3 +690,50 @@ def test_a_negative_sync_probe_is_refused():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--sync-probe -1: give a number of steps" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_torch_rms_norm_is_the_models_rms_norm():
+    """fast/rms_norm.py: F.rms_norm in place of the model's RMSNorm - the same function in fp32, within one bf16
+    rounding step in bf16 (HF rounds x * rstd before the weight), input gradient too."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    from dist_dpo.fast import rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2 ** -7)):
+        own = Qwen2RMSNorm(64, eps=1e-6).to(dtype)
+        with torch.no_grad():
+            own.weight.copy_(1 + 0.1 * torch.randn(64, generator=g))
+        fused = Qwen2RMSNorm(64, eps=1e-6).to(dtype)
+        fused.load_state_dict(own.state_dict())
+        assert rms_norm.install(fused) == 1
+        x = (torch.randn(5, 7, 64, generator=g) * 3).to(dtype)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = own(xa), fused(xb)
+        up = torch.randn(ya.shape, generator=g).to(dtype)
+        (ga,), (gb,) = torch.autograd.grad(ya, xa, up), torch.autograd.grad(yb, xb, up)
+        assert yb.dtype == ya.dtype == dtype
+        assert ((ya.float() - yb.float()).abs() / ya.float().abs().clamp_min(1e-3)).max() <= tol
+        assert (ga.float() - gb.float()).abs().max() / ga.float().abs().max() <= 4 * tol
+    x32 = torch.randn(3, 64)  # a weight kept in another dtype than the input: the module's own forward
+    own32 = Qwen2RMSNorm(64).to(torch.bfloat16)
+    rms_norm.install(own32)
+    assert own32(x32).dtype == torch.float32
+
+
+def test_torch_rms_norm_switch_keeps_trls_loss(pairs, monkeypatch):
+    from dist_dpo.fast import rms_norm
+
+    plain = build(pairs)
+    rows = [plain.train_dataset[i] for i in range(6)]
+    reference = step(plain, rows)
+    monkeypatch.setenv("DIST_DPO_RMSNORM", "torch")
+    calls = []
+    real = torch.nn.functional.rms_norm
+    monkeypatch.setattr(torch.nn.functional, "rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast = build(pairs, fast=True)
+    assert fast.args.liger_kernel_config == {"rms_norm": False}  # liger keeps SwiGLU and RoPE only
+    assert "RMSNorm" in fast._dd_speed_report
+    candidate = step(fast, rows)
+    assert calls  # the switch really ran
+    assert_same(reference, candidate)

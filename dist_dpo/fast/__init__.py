@@ -12,6 +12,7 @@ trl's `_compute_loss` on one batch); what changes is how much work a step does:
   microbatch.py     `merge_micro_batches: auto`: 4 x 4 accumulation as 16 x 1 when that fits (same loss)
   attention.py      packed shared-prompt rows through flash attention's variable-length kernel (no mask)
   lora_inputs.py    LoRA layers skip peft's fp32 copy of their input where autocast recasts it anyway
+  rms_norm.py       (A/B switch DIST_DPO_RMSNORM=torch) the decoder's RMSNorm as torch's one fused op
 Recipe keys: fast_path, group_by_length, prefix_sharing, packed_rows, gradient_checkpointing (config.py documents them);
 liger_kernels is a DPOConfig flag (dpo_args.py).
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 import os
 import types
 
-from dist_dpo.fast import attention, batching, checkpointing, head, lora_inputs, loss, microbatch
+from dist_dpo.fast import attention, batching, checkpointing, head, lora_inputs, loss, microbatch, rms_norm
 from dist_dpo.logs import get_logger
 
 
@@ -35,6 +36,7 @@ def apply(trainer, recipe, rt) -> dict:
     t = recipe.train
     for switch in ("DIST_DPO_LORA_INPUT_CAST", "DIST_DPO_HEAD_RECOMPUTE"):  # the benchmark's A/B switches: a bad
         _env_flag(switch)  # value stops every rank with one line,
+    _rms_norm_choice()
     attention.gqa_modes()  # here, on every device (the attention one is read only on GPUs otherwise)
     if not isinstance(trainer.train_dataset, datasets.Dataset):  # streaming: no lengths to plan or group by
         report = {"speed path": "off (streaming dataset)"}
@@ -99,6 +101,13 @@ def apply(trainer, recipe, rt) -> dict:
         report["prompt"] += ", pairs packed in one row (flash, variable length)" if not_packed is None else \
             f", padded rows with a mask (packed rows: {not_packed})"
 
+    if _rms_norm_choice() == "torch":  # the benchmark's A/B switch (rms_norm.py): liger keeps SwiGLU and RoPE
+        n = rms_norm.install(base)
+        if trainer.ref_model is not None:  # full fine-tuning: the reference is a model of its own
+            rms_norm.install(getattr(trainer.ref_model, "module", trainer.ref_model))
+        trainer.args.liger_kernel_config = {**(trainer.args.liger_kernel_config or {}), "rms_norm": False}
+        report["RMSNorm"] = f"torch's fused rms_norm ({n} norms)"
+
     if not _env_flag("DIST_DPO_LORA_INPUT_CAST"):  # 1: peft's copy kept (the benchmark's A/B row)
         n = lora_inputs.install(trainer.model)  # inert without autocast: fp32 runs, DeepSpeed's bf16 engine
         a = trainer.args
@@ -136,6 +145,16 @@ def _env_flag(name: str) -> bool:
 
         raise UserError(f"{name}={value}: use 1 (on) or 0 (off), or unset it")
     return value == "1"
+
+
+def _rms_norm_choice() -> str:
+    """DIST_DPO_RMSNORM: unset/liger (trl's use_liger_kernel decides) or torch (rms_norm.py); others refused."""
+    value = os.environ.get("DIST_DPO_RMSNORM", "") or "liger"
+    if value not in ("liger", "torch"):
+        from dist_dpo.errors import UserError
+
+        raise UserError(f"DIST_DPO_RMSNORM={value}: use torch or liger, or unset it")
+    return value
 
 
 def _not_packed_because(trainer, base, t, sharing: str) -> str | None:

@@ -1,0 +1,43 @@
+"""The decoder's RMSNorm as one torch op instead of liger's Triton kernel: an A/B switch, not yet the default.
+
+Why look at it: the var steps are host-bound (2 x H200, 2026-11-28: the GPU computes 20-60 % of a step), so what
+a kernel costs to LAUNCH counts. In call A's profile each liger RMSNorm call took ~200 us of host time (Triton's
+Python launcher and liger's wrapper), an aten matmul 65-90 us, and a 1.5B step makes 171 RMSNorm calls (57 per
+forward: policy, reference, backward). `torch.nn.functional.rms_norm` is one aten op, on CUDA a fused kernel
+(`_fused_rms_norm`, torch >= 2.9) whose backward skips the gradient of the frozen weight; liger's backward always
+computes that gradient and sums it in a second kernel. Numerics: x * rstd * w computed in fp32 and rounded once;
+HF's Qwen2/Llama RMSNorm (and liger's "llama" mode) rounds x * rstd to the input dtype before multiplying by w - a
+difference of one rounding step of bf16.
+
+`DIST_DPO_RMSNORM=torch` turns it on (liger keeps SwiGLU and RoPE); benchmarks/throughput.py's `torchnorm` rows
+measure it against the default next to it. Unmeasured on GPUs so far, hence not the default.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+
+def install(model) -> int:
+    """Every RMSNorm module of `model` whose weight and epsilon we can read runs through F.rms_norm; returns how many.
+    A module whose weight is kept in another dtype than its input (QLoRA's fp32 norms under fp16) falls back to
+    its own forward, call by call."""
+    n = 0
+    for m in model.modules():
+        eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
+        weight = getattr(m, "weight", None)
+        if type(m).__name__.endswith("RMSNorm") and isinstance(weight, torch.Tensor) and weight.dim() == 1 and \
+                isinstance(eps, float):
+            m._dd_own_forward = m.forward
+            m.forward = types.MethodType(_forward, m)
+            n += 1
+    return n
+
+
+def _forward(self, hidden_states):
+    eps = getattr(self, "variance_epsilon", getattr(self, "eps", None))
+    if hidden_states.dtype != self.weight.dtype:
+        return self._dd_own_forward(hidden_states)
+    return torch.nn.functional.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, eps)
