@@ -111,6 +111,7 @@ def _train(argv: list[str]) -> int:
         peft_config=peft_config,
     )
     startup.mark("trainer (tokenization)")
+    ddp_gradients_in_buckets(trainer, strat)
     keep_qlora_adapters_fp32(trainer, strat)  # dist_dpo/precision.py: what trl / FSDP2 would get wrong, in order
     refuse_float_gathered_4bit(trainer.model, strat)
     keep_logprobs_fp32(trainer, strat)
@@ -156,6 +157,14 @@ def _train(argv: list[str]) -> int:
     trainer.accelerator.wait_for_everyone()
     log.info("rank %d finished at step %d", rt.rank, trainer.state.global_step)
     return 0
+
+
+def ddp_gradients_in_buckets(trainer, strat) -> None:
+    """The strategy table's ddp_gradient_as_bucket_view, on the DDP settings accelerate wraps the model with at
+    train() (transformers builds them from TrainingArguments, which have no such field)."""
+    handler = getattr(trainer.accelerator, "ddp_handler", None)
+    if strat.ddp_gradient_as_bucket_view and handler is not None:
+        handler.gradient_as_bucket_view = True
 
 
 def pin_cpus(recipe: Recipe, rt: Runtime) -> list[int] | None:

@@ -124,3 +124,20 @@ def test_merging_micro_batches_where_it_cannot_happen_is_refused(clean_launch_en
         check_combination(parse_recipe(["--merge_micro_batches", "true", "--fast_path", "false"]), rt)
     with pytest.raises(UserError, match="DeepSpeed fixes it"):
         check_combination(parse_recipe(["--merge_micro_batches", "true"]), replace(rt, strategy="zero2"))
+
+
+def test_ddp_gradients_live_in_the_all_reduce_buckets():
+    """The table's ddp_gradient_as_bucket_view reaches the DDP settings accelerate wraps the model with; other
+    strategies leave them alone. (tests/test_speed.py's 2-rank run proves the gradients stay the 1-process ones.)"""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from dist_dpo.strategies import STRATEGY_TABLE
+    from dist_dpo.train import ddp_gradients_in_buckets
+
+    for name, strat in STRATEGY_TABLE.items():
+        trainer = SimpleNamespace(accelerator=SimpleNamespace(ddp_handler=DistributedDataParallelKwargs()))
+        ddp_gradients_in_buckets(trainer, strat)
+        assert trainer.accelerator.ddp_handler.to_kwargs().get("gradient_as_bucket_view", False) is (name == "ddp")
+    ddp_gradients_in_buckets(SimpleNamespace(accelerator=SimpleNamespace(ddp_handler=None)), STRATEGY_TABLE["ddp"])
