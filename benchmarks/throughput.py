@@ -113,6 +113,8 @@ def optional_rows() -> list[Row]:
         # each rank pinned to its own cores (cpu_affinity: true) vs left to the scheduler (the default since call E,
         # 2026-11-28: pinned 0.718 vs unpinned 0.802 DDP scaling on the 2 x H200 VM)
         Row("dist-dpo", "pinned", "var6k", gpus=2, extra=["--cpu_affinity", "true"]),
+        # DDP copying every gradient into its all-reduce bucket and back (the default keeps them in the buckets)
+        Row("dist-dpo", "gradcopy", "var6k", gpus=2, env={"DIST_DPO_DDP_GRAD_COPY": "1"}),
         Row("dist-dpo", "default", "var", gpus=2, profile_last=3),  # the 768-pair epoch: start-up is ~40 % of a 2-GPU run
         Row("dist-dpo", "noliger", "fixed2048", batch=8, accum=2, lane=1, extra=["--liger_kernels", "false"]),
         # K/V heads expanded per query head, what torch 2.11's varlen_attn needed before attention._FlashGQA
@@ -774,6 +776,7 @@ def ratios(rows: list[dict]) -> dict:
                        ("dist-dpo-balance/var6k/lora/2gpu", "ddp_scaling_2gpu_balance_ranks"),
                        ("dist-dpo-unpinned/var6k/lora/2gpu", "ddp_scaling_2gpu_unpinned"),
                        ("dist-dpo-pinned/var6k/lora/2gpu", "ddp_scaling_2gpu_pinned"),
+                       ("dist-dpo-gradcopy/var6k/lora/2gpu", "ddp_scaling_2gpu_grad_copies"),
                        ("dist-dpo/var/lora/2gpu", "ddp_scaling_2gpu_768_pairs")):
         one_row = "dist-dpo/var/lora/1gpu" if "/var/" in row else "dist-dpo/var6k/lora/1gpu"
         for key, suffix in (("tokens_per_s", ""), ("steady_tokens_per_s", "_steady")):

@@ -162,8 +162,11 @@ def _train(argv: list[str]) -> int:
 def ddp_gradients_in_buckets(trainer, strat) -> None:
     """The strategy table's ddp_gradient_as_bucket_view, on the DDP settings accelerate wraps the model with at
     train() (transformers builds them from TrainingArguments, which have no such field)."""
+    from dist_dpo.fast import _env_flag
+
     handler = getattr(trainer.accelerator, "ddp_handler", None)
-    if strat.ddp_gradient_as_bucket_view and handler is not None:
+    copies = _env_flag("DIST_DPO_DDP_GRAD_COPY")  # 1: DDP's copies kept (the benchmark's A/B row)
+    if strat.ddp_gradient_as_bucket_view and handler is not None and not copies:
         handler.gradient_as_bucket_view = True
 
 

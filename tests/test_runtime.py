@@ -141,3 +141,21 @@ def test_ddp_gradients_live_in_the_all_reduce_buckets():
         ddp_gradients_in_buckets(trainer, strat)
         assert trainer.accelerator.ddp_handler.to_kwargs().get("gradient_as_bucket_view", False) is (name == "ddp")
     ddp_gradients_in_buckets(SimpleNamespace(accelerator=SimpleNamespace(ddp_handler=None)), STRATEGY_TABLE["ddp"])
+
+
+def test_ddp_gradient_copies_ab_switch(monkeypatch):
+    import pytest
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from dist_dpo.errors import UserError
+    from dist_dpo.train import ddp_gradients_in_buckets
+
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(ddp_handler=DistributedDataParallelKwargs()))
+    monkeypatch.setenv("DIST_DPO_DDP_GRAD_COPY", "1")
+    ddp_gradients_in_buckets(trainer, STRATEGY_TABLE["ddp"])
+    assert "gradient_as_bucket_view" not in trainer.accelerator.ddp_handler.to_kwargs()
+    monkeypatch.setenv("DIST_DPO_DDP_GRAD_COPY", "yes")
+    with pytest.raises(UserError, match="DIST_DPO_DDP_GRAD_COPY=yes"):
+        ddp_gradients_in_buckets(trainer, STRATEGY_TABLE["ddp"])
