@@ -111,13 +111,20 @@ def _check_existing(out: Path, meta: dict) -> Path:
     return out
 
 
+# Above this many bytes of weights a model is built one block at a time (_write_streamed): a 72B shape is 145 GB in
+# bf16, more than one H200 holds and slow to initialise on a CPU; block by block it needs one layer of memory.
+STREAM_ABOVE_BYTES = 16 * 2**30
+SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size
+
+
 def build_random_model(shape: str, out_dir: str | Path, seed: int = 0, dtype: str = "bfloat16",
-                       device: str = "cpu") -> Path:
+                       device: str = "cpu", stream: bool | None = None) -> Path:
     """Build `shape` with random init from `seed`, save it (safetensors + built-in tokenizer) to `out_dir`.
 
     The model is written into a temp dir next to `out_dir` and renamed into place, so `out_dir` is either absent or
     complete, and concurrent builders (e.g. every rank at start-up) cannot see half a model. An existing complete
-    `out_dir` is returned as is.
+    `out_dir` is returned as is. stream (None: above STREAM_ABOVE_BYTES of weights): initialise and write one block
+    (embedding, decoder layer, norm, head) at a time; other random draws than a whole-model build of the same seed.
     """
     import torch
     import transformers
@@ -149,15 +156,21 @@ def build_random_model(shape: str, out_dir: str | Path, seed: int = 0, dtype: st
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         dev = torch.device(device)
+        if stream is None:
+            stream = meta["param_count"] * torch.empty(0, dtype=getattr(torch, dtype)).element_size() > \
+                STREAM_ABOVE_BYTES
         # fork_rng: seeding must not disturb the caller's RNG streams (e.g. a trainer seeded earlier).
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(seed)
-            # Allocate and initialise directly on the device in the target dtype: for a 7B+ shape on a GPU this
-            # takes seconds, where a CPU fp32 init followed by a cast would take minutes and twice the memory.
-            with dev:
-                model = model_cls._from_config(config, dtype=getattr(torch, dtype))  # post_init -> _init_weights
-        model.save_pretrained(tmp)
-        del model
+            if stream:
+                _write_streamed(model_cls, config, getattr(torch, dtype), dev, tmp)
+            else:
+                # Allocate and initialise directly on the device in the target dtype: for a 7B shape on a GPU this
+                # takes seconds, where a CPU fp32 init followed by a cast would take minutes and twice the memory.
+                with dev:
+                    model = model_cls._from_config(config, dtype=getattr(torch, dtype))  # post_init: _init_weights
+                model.save_pretrained(tmp)
+                del model
         for f in TOKENIZER_DIR.iterdir():
             shutil.copy2(f, tmp / f.name)
         (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -173,6 +186,80 @@ def build_random_model(shape: str, out_dir: str | Path, seed: int = 0, dtype: st
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _blocks(module, prefix: str = ""):
+    """(name prefix, module) pieces that are initialised and written one at a time: an embedding, a decoder layer, a
+    norm, the head. A ModuleList or a *Model module is opened up; modules without weights are skipped."""
+    import torch
+
+    if any(True for _ in module.parameters(recurse=False)):
+        raise UserError(f"{type(module).__name__} holds weights of its own beside its blocks: no streamed build")
+    for name, child in module.named_children():
+        if not any(True for _ in child.parameters()):
+            continue
+        if isinstance(child, torch.nn.ModuleList) or type(child).__name__.endswith("Model"):
+            yield from _blocks(child, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}.", child
+
+
+def _write_streamed(model_cls, config, dtype, dev, out: Path) -> None:
+    """transformers' save_pretrained layout (safetensors shards + index, config, generation config) written block by
+    block from a model that lives on the meta device: transformers has no way to initialise and save a model larger
+    than one device's memory, short of holding all of it."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    with torch.device("meta"):
+        model = model_cls._from_config(config, dtype=dtype)
+    tied = {f"{k}" for k in getattr(model, "_tied_weights_keys", None) or {}} if config.tie_word_embeddings else set()
+    out.mkdir(parents=True)
+    shards: list[dict] = [{}]
+    size = {"total": 0, "shard": 0}
+    written = []
+
+    def flush():
+        if shards[-1]:
+            path = out / f"shard-{len(written):05d}.safetensors"
+            save_file(shards[-1], str(path), metadata={"format": "pt"})
+            written.append((path, list(shards[-1])))
+            shards.append({})
+            size["shard"] = 0
+
+    with torch.no_grad():
+        for prefix, block in _blocks(model):
+            block.to_empty(device=dev)
+            for m in block.modules():
+                model._init_weights(m)
+            for name, t in block.state_dict().items():
+                key = prefix + name
+                if key in tied:
+                    continue
+                t = t.detach().to("cpu", copy=True).contiguous()
+                if size["shard"] and size["shard"] + t.nbytes > SHARD_BYTES:
+                    flush()
+                shards[-1][key] = t
+                size["shard"] += t.nbytes
+                size["total"] += t.nbytes
+            block.to("meta")
+        flush()
+    n = len(written)
+    if n == 1:
+        written[0][0].rename(out / "model.safetensors")
+    else:
+        weight_map = {}
+        for i, (path, keys) in enumerate(written, 1):
+            final = f"model-{i:05d}-of-{n:05d}.safetensors"
+            path.rename(out / final)
+            weight_map.update({k: final for k in keys})
+        (out / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": size["total"]}, "weight_map": weight_map}, indent=2) + "\n")
+    config.dtype, config.architectures = dtype, [model_cls.__name__]  # what save_pretrained records
+    config.save_pretrained(out)
+    if model.can_generate():
+        GenerationConfig.from_model_config(config).save_pretrained(out)
 
 
 def builtin_model_dir(cache_dir: str | Path | None = None) -> Path:
@@ -208,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16", choices=_DTYPES)
     p.add_argument("--device", default="cpu", help="where to initialise: cpu, cuda, cuda:1 ...")
+    p.add_argument("--stream", default="auto", choices=("auto", "true", "false"),
+                   help="initialise and write one block at a time (auto: above 16 GiB of weights, e.g. 14B+ in bf16)")
     p.add_argument("--list", action="store_true", help="print the shapes with their parameter counts")
     a = p.parse_args(argv)
     if a.list:
@@ -219,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.shape or not a.out:
         raise UserError("build-model needs --shape and --out (or --list to see the shapes)")
     get_shape(a.shape)  # fail on a bad name before importing torch
-    path = build_random_model(a.shape, a.out, seed=a.seed, dtype=a.dtype, device=a.device)
+    path = build_random_model(a.shape, a.out, seed=a.seed, dtype=a.dtype, device=a.device,
+                              stream={"auto": None, "true": True, "false": False}[a.stream])
     print(path)
     return 0

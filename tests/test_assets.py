@@ -144,6 +144,47 @@ def test_concurrent_ensure_builtin_model(builtin_model, tmp_path):
     assert [p.name for p in (tmp_path / "models").iterdir()] == [model_zoo.BUILTIN_DIRNAME]  # no temp dirs left
 
 
+@pytest.mark.parametrize("shape", ["tiny-qwen2", {**model_zoo.SHAPES["tiny-qwen2"], "config": {
+    **model_zoo.SHAPES["tiny-qwen2"]["config"], "tie_word_embeddings": False}}], ids=["tied", "untied"])
+def test_streamed_build_is_the_same_model_one_block_at_a_time(tmp_path, monkeypatch, shape):
+    """What a 72B shape needs (145 GB in bf16: more than one GPU, slow on a CPU): initialise and write one block at
+    a time. Same files as save_pretrained (shards + index), same tensors, names, dtypes and config; transformers' init
+    (normal 0.02 for matrices, zero biases, unit norms); a tied head is left to the embedding, as transformers does."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(model_zoo, "SHARD_BYTES", 200_000)  # several shards
+    streamed = model_zoo.build_random_model(shape, tmp_path / "s", dtype="bfloat16", stream=True)
+    whole = model_zoo.build_random_model(shape, tmp_path / "w", dtype="bfloat16", stream=False)
+    index = json.loads((streamed / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and all((streamed / f).exists() for f in index["weight_map"].values())
+    assert json.loads((streamed / "config.json").read_text()) == json.loads((whole / "config.json").read_text())
+    assert (streamed / "generation_config.json").exists()
+    a, b = (AutoModelForCausalLM.from_pretrained(d) for d in (streamed, whole))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype for k in sa)
+    for k, t in sa.items():
+        t = t.float()
+        if k.endswith("norm.weight"):
+            assert torch.equal(t, torch.ones_like(t)), k
+        elif k.endswith("bias"):
+            assert not t.any(), k
+        else:
+            assert abs(t.std().item() - 0.02) < 0.002 and abs(t.mean().item()) < 0.002, k
+    tied = bool(a.config.tie_word_embeddings)
+    assert (a.lm_head.weight.data_ptr() == a.model.embed_tokens.weight.data_ptr()) is tied
+    assert ("lm_head.weight" in index["weight_map"]) is not tied
+    assert torch.isfinite(a(torch.tensor([[1, 10, 20]])).logits).all()
+
+
+def test_big_shapes_build_streamed_by_default(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(model_zoo, "_write_streamed", lambda *a: seen.setdefault("streamed", True) and 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # stopped right where the 72B build would start writing
+        model_zoo.build_random_model("qwen2.5-72b", tmp_path / "m", dtype="bfloat16")
+    assert seen == {"streamed": True} and not (tmp_path / "m").exists()  # and no half-written dir is left
+
+
 def test_param_count_matches_meta_model():
     import torch
     import transformers
