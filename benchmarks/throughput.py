@@ -113,6 +113,14 @@ def optional_rows() -> list[Row]:
         # each rank pinned to its own cores (cpu_affinity: true) vs left to the scheduler (the default since call E,
         # 2026-11-28: pinned 0.718 vs unpinned 0.802 DDP scaling on the 2 x H200 VM)
         Row("dist-dpo", "pinned", "var6k", gpus=2, extra=["--cpu_affinity", "true"]),
+        # the largest shapes on 2 x 80 GiB (issue 6, scale): QLoRA at 1024 tokens, one pair per micro-step. 32B
+        # (65 GB of bf16 weights to build: fits the 2-GPU machine's disk); 72B under FSDP (145 GB: the 4-GPU
+        # machine's 235 GB disk; build-model streams it block by block). Plan (dist-dpo plan): 32B DDP 42.5 GiB,
+        # 72B FSDP 59.1 GiB per GPU with the context.
+        Row("dist-dpo", "80gib", "fixed1024", "qlora", gpus=2, batch=1, accum=8, shape="qwen2.5-32b",
+            extra=["--gpu_memory_gib", "80"]),
+        Row("dist-dpo", "80gib-fsdp", "fixed1024", "qlora", gpus=2, batch=1, accum=8, shape="qwen2.5-72b",
+            config="fsdp", extra=["--gpu_memory_gib", "80"]),
         # DDP copying every gradient into its all-reduce bucket and back (the default keeps them in the buckets)
         Row("dist-dpo", "gradcopy", "var6k", gpus=2, env={"DIST_DPO_DDP_GRAD_COPY": "1"}),
         Row("dist-dpo", "default", "var", gpus=2, profile_last=3),  # the 768-pair epoch: start-up is ~40 % of a 2-GPU run
