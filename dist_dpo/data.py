@@ -247,24 +247,28 @@ class TokenizeAcrossRanks:
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         import contextlib
-        import copy
 
         import datasets
         import torch.distributed as dist
         import trl.trainer.dpo_trainer as dpo_module
 
         ordered = getattr(dpo_module, "global_then_local_main_first", None)  # trl 1.16's name; gone: trl's way
-        if ordered is None or not isinstance(dataset, datasets.Dataset) or dataset.cache_files:
+        if ordered is None or not isinstance(dataset, datasets.Dataset):
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if dataset.cache_files:  # trl's order: the main process tokenizes alone (the others wait, then read its
+            # cache files), so it may take every CPU of the machine
+            from dist_dpo import cpu_pinning
+
+            cpus = os.cpu_count() if cpu_pinning.PINNED else None  # every rank must pick the same: the cache names
+            procs = tokenize_procs(text_chars(dataset), getattr(args, "dataset_num_proc", None), cpus=cpus,
+                                   local_ranks=1)
+            return super()._prepare_dataset(dataset, processing_class, _with_procs(args, procs), dataset_name)
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         sharded = 1 < world <= len(dataset)  # the same decision on every rank: they hold the same rows
         if sharded:
             dataset = dataset.shard(num_shards=world, index=dist.get_rank(), contiguous=True)
         dpo_module.global_then_local_main_first = contextlib.nullcontext
-        procs = tokenize_procs(text_chars(dataset), getattr(args, "dataset_num_proc", None))
-        if procs is not None and procs != args.dataset_num_proc:
-            args = copy.copy(args)  # the trainer's own args keep the user's value
-            args.dataset_num_proc = procs
+        args = _with_procs(args, tokenize_procs(text_chars(dataset), getattr(args, "dataset_num_proc", None)))
         try:
             part = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
             failed = None
@@ -329,6 +333,17 @@ def tokenize_procs(text: int, asked: int | None, cpus: int | None = None, local_
         local_ranks = 1 if cpu_pinning.PINNED else int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     procs = min(cpus // max(local_ranks, 1), text // TOKENIZE_CHARS_PER_PROC, TOKENIZE_MAX_PROCS)
     return procs if procs >= 2 else None
+
+
+def _with_procs(args, procs: int | None):
+    """args with dataset_num_proc = procs; the trainer's own args keep the user's value."""
+    import copy
+
+    if procs is None or procs == getattr(args, "dataset_num_proc", None):
+        return args
+    args = copy.copy(args)
+    args.dataset_num_proc = procs
+    return args
 
 
 def _arrow_bytes(ds) -> bytes:

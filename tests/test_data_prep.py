@@ -40,6 +40,34 @@ def test_file_backed_dataset_keeps_trls_order(tmp_path):
     assert t.ordering is dpo_module.global_then_local_main_first
 
 
+def test_file_backed_dataset_is_tokenized_by_the_main_process_with_every_cpu(tmp_path, monkeypatch):
+    """trl's order stays (the main process alone, the others read its cache files), with workers sized for the whole
+    machine; the trainer's own args keep the user's value."""
+    import dist_dpo.data as data
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join('{"prompt": "%s", "chosen": "b", "rejected": "c"}\n' % ("a" * 50) for _ in range(40)))
+    ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "cache"))
+    seen = {}
+
+    class Recording(FakeTrl):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            seen["procs"] = args.dataset_num_proc
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    class Trainer2(TokenizeAcrossRanks, Recording):
+        pass
+
+    monkeypatch.setattr(data, "TOKENIZE_CHARS_PER_PROC", 500)  # 40 rows x ~53 characters -> 4 workers at most
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # the main process tokenizes alone: all 3 CPUs, not half
+    args = _Args(None)
+    t = Trainer2()
+    t._prepare_dataset(ds, None, args, "train")
+    assert seen["procs"] == 3 and args.dataset_num_proc is None
+    assert t.ordering is dpo_module.global_then_local_main_first
+
+
 class MappingTrl:
     """Stands in for trl's tokenization: a row-wise map (rank 1 fails on demand)."""
 
