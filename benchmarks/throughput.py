@@ -135,6 +135,11 @@ def optional_rows() -> list[Row]:
         Row("dist-dpo", "torchnorm", "var6k", lane=1, env={"DIST_DPO_RMSNORM": "torch"}),
         Row("dist-dpo", "torchnorm", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_RMSNORM": "torch"}),
         Row("dist-dpo", "noliger", "var6k", lane=1, extra=["--liger_kernels", "false"]),
+        # q/k/v as one matmul (fast/fused_qkv.py): ~200 launches fewer per 1.5B step
+        Row("dist-dpo", "fusedqkv", "var", env={"DIST_DPO_FUSED_QKV": "1"}),
+        Row("dist-dpo", "fusedqkv", "var6k", lane=1, env={"DIST_DPO_FUSED_QKV": "1"}),
+        Row("dist-dpo", "fusedqkv", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_FUSED_QKV": "1"}),
+        Row("dist-dpo", "fusedqkv", "var6k", gpus=2, env={"DIST_DPO_FUSED_QKV": "1"}),
         Row("dist-dpo", "4x4", "fixed2048", batch=4, accum=4, lane=1),
         # peft's fp32 copy of every LoRA input kept (what fast/lora_inputs.py removes)
         Row("dist-dpo", "lorafp32", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_LORA_INPUT_CAST": "1"}),
@@ -770,6 +775,9 @@ def ratios(rows: list[dict]) -> dict:
                                ("var", "dist-dpo-torchnorm", "liger_rms_norm_over_torch"),
                                ("var6k", "dist-dpo-torchnorm", "liger_rms_norm_over_torch"),
                                ("fixed2048", "dist-dpo-torchnorm", "liger_rms_norm_over_torch"),
+                               ("var", "dist-dpo-fusedqkv", "separate_over_fused_qkv"),
+                               ("var6k", "dist-dpo-fusedqkv", "separate_over_fused_qkv"),
+                               ("fixed2048", "dist-dpo-fusedqkv", "separate_over_fused_qkv"),
                                ("fixed2048", "dist-dpo-4x4", "8x2_over_4x4"),
                                ("fixed2048", "dist-dpo-lorafp32", "lora_inputs"), ("var", "dist-dpo-lorafp32", "lora_inputs"),
                                ("fixed2048", "dist-dpo-expseg", "default_allocator_over_expandable")):
@@ -785,8 +793,11 @@ def ratios(rows: list[dict]) -> dict:
                        ("dist-dpo-unpinned/var6k/lora/2gpu", "ddp_scaling_2gpu_unpinned"),
                        ("dist-dpo-pinned/var6k/lora/2gpu", "ddp_scaling_2gpu_pinned"),
                        ("dist-dpo-gradcopy/var6k/lora/2gpu", "ddp_scaling_2gpu_grad_copies"),
+                       ("dist-dpo-fusedqkv/var6k/lora/2gpu", "ddp_scaling_2gpu_fused_qkv"),
                        ("dist-dpo/var/lora/2gpu", "ddp_scaling_2gpu_768_pairs")):
         one_row = "dist-dpo/var/lora/1gpu" if "/var/" in row else "dist-dpo/var6k/lora/1gpu"
+        if "fusedqkv" in row:  # a code A/B scales against its own 1-GPU row (machine A/Bs against the default's)
+            one_row = "dist-dpo-fusedqkv/var6k/lora/1gpu"
         for key, suffix in (("tokens_per_s", ""), ("steady_tokens_per_s", "_steady")):
             r = ratio(tps(row, key), tps(one_row, key))
             if r:

@@ -619,7 +619,8 @@ def test_lora_inputs_skip_peft_copy_under_autocast_and_compute_the_same():
 
 
 @pytest.mark.parametrize("name,value", [("DIST_DPO_LORA_INPUT_CAST", "yes"), ("DIST_DPO_VARLEN_GQA", "fast"),
-                                        ("DIST_DPO_HEAD_RECOMPUTE", "true"), ("DIST_DPO_RMSNORM", "apex")])
+                                        ("DIST_DPO_HEAD_RECOMPUTE", "true"), ("DIST_DPO_RMSNORM", "apex"),
+                                        ("DIST_DPO_FUSED_QKV", "on")])
 def test_a_bad_ab_switch_is_refused_in_one_line(pairs, monkeypatch, name, value):
     """The benchmark's A/B environment switches: a mistyped value stops the run (a UserError: one line from rank 0,
     every rank exits 2), on CPU too, instead of silently running the default."""
@@ -737,3 +738,33 @@ def test_torch_rms_norm_switch_keeps_trls_loss(pairs, monkeypatch):
     candidate = step(fast, rows)
     assert calls  # the switch really ran
     assert_same(reference, candidate)
+
+
+def test_fused_qkv_is_the_three_projections(pairs, monkeypatch):
+    """fast/fused_qkv.py: one matmul for q/k/v gives trl's loss and gradients (fp32, CPU), the modules' weights are
+    views into the fused copy (no extra memory), and a base whose weights were re-allocated falls back to its own."""
+    plain = build(pairs)
+    rows = [plain.train_dataset[i] for i in range(6)]
+    reference = step(plain, rows)
+    monkeypatch.setenv("DIST_DPO_FUSED_QKV", "1")
+    calls = []
+    real = torch.nn.functional.linear
+    fast = build(pairs, fast=True)
+    assert fast._dd_speed_report["q/k/v"] == "one matmul (4 layers)"
+    attn = fast.model.get_base_model().model.layers[0].self_attn
+    fused_w = attn.q_proj.base_layer.weight
+    assert attn.k_proj.weight.data_ptr() == fused_w.data_ptr() + fused_w.numel() * fused_w.element_size()
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: calls.append(w) or real(x, w, b))
+    candidate = step(fast, rows)
+    assert_same(reference, candidate)
+    layers = fast.model.get_base_model().model.layers
+    k_weights = [layer.self_attn.k_proj.weight for layer in layers]
+    qkv_rows = attn.q_proj.base_layer.out_features + attn.k_proj.out_features + attn.v_proj.base_layer.out_features
+    assert sum(w.shape[0] == qkv_rows for w in calls) == len(layers) * 2  # policy and reference forwards, every layer one matmul
+    assert not any(w is kw for w in calls for kw in k_weights)
+    with torch.no_grad():  # a re-allocated weight (what a dtype cast does): that layer's projections on their own
+        attn.k_proj.weight.data = attn.k_proj.weight.data.clone()
+    calls.clear()
+    again = step(fast, rows)
+    assert sum(w is attn.k_proj.weight for w in calls) == 2 and not any(w is kw for w in calls for kw in k_weights[1:])
+    assert_same(reference, again)

@@ -13,6 +13,7 @@ trl's `_compute_loss` on one batch); what changes is how much work a step does:
   attention.py      packed shared-prompt rows through flash attention's variable-length kernel (no mask)
   lora_inputs.py    LoRA layers skip peft's fp32 copy of their input where autocast recasts it anyway
   rms_norm.py       (A/B switch DIST_DPO_RMSNORM=torch) the decoder's RMSNorm as torch's one fused op
+  fused_qkv.py      (A/B switch DIST_DPO_FUSED_QKV=1) each layer's q/k/v projections as one matmul
 Recipe keys: fast_path, group_by_length, prefix_sharing, packed_rows, gradient_checkpointing (config.py documents them);
 liger_kernels is a DPOConfig flag (dpo_args.py).
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 import os
 import types
 
-from dist_dpo.fast import attention, batching, checkpointing, head, lora_inputs, loss, microbatch, rms_norm
+from dist_dpo.fast import attention, batching, checkpointing, fused_qkv, head, lora_inputs, loss, microbatch, rms_norm
 from dist_dpo.logs import get_logger
 
 
@@ -34,7 +35,7 @@ def apply(trainer, recipe, rt) -> dict:
     from dist_dpo.strategies import strategy_for
 
     t = recipe.train
-    for switch in ("DIST_DPO_LORA_INPUT_CAST", "DIST_DPO_HEAD_RECOMPUTE"):  # the benchmark's A/B switches: a bad
+    for switch in ("DIST_DPO_LORA_INPUT_CAST", "DIST_DPO_HEAD_RECOMPUTE", "DIST_DPO_FUSED_QKV"):  # the benchmark's A/B switches: a bad
         _env_flag(switch)  # value stops every rank with one line,
     _rms_norm_choice()
     attention.gqa_modes()  # here, on every device (the attention one is read only on GPUs otherwise)
@@ -100,6 +101,12 @@ def apply(trainer, recipe, rt) -> dict:
     if sharing != "false":
         report["prompt"] += ", pairs packed in one row (flash, variable length)" if not_packed is None else \
             f", padded rows with a mask (packed rows: {not_packed})"
+
+    if _env_flag("DIST_DPO_FUSED_QKV"):  # the benchmark's A/B switch (fused_qkv.py)
+        n = fused_qkv.install(base)
+        if trainer.ref_model is not None:
+            fused_qkv.install(getattr(trainer.ref_model, "module", trainer.ref_model))
+        report["q/k/v"] = f"one matmul ({n} layers)"
 
     if _rms_norm_choice() == "torch":  # the benchmark's A/B switch (rms_norm.py): liger keeps SwiGLU and RoPE
         n = rms_norm.install(base)
