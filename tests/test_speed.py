@@ -722,12 +722,15 @@ def test_torch_rms_norm_is_the_models_rms_norm():
     assert own32(x32).dtype == torch.float32
 
 
-def test_torch_rms_norm_switch_keeps_trls_loss(pairs, monkeypatch):
-    from dist_dpo.fast import rms_norm
-
+def trl_step(pairs):
+    """6 pairs and plain trl's step on them: what a switch of the speed path must reproduce."""
     plain = build(pairs)
     rows = [plain.train_dataset[i] for i in range(6)]
-    reference = step(plain, rows)
+    return rows, step(plain, rows)
+
+
+def test_torch_rms_norm_switch_keeps_trls_loss(pairs, monkeypatch):
+    rows, reference = trl_step(pairs)
     monkeypatch.setenv("DIST_DPO_RMSNORM", "torch")
     calls = []
     real = torch.nn.functional.rms_norm
@@ -743,9 +746,7 @@ def test_torch_rms_norm_switch_keeps_trls_loss(pairs, monkeypatch):
 def test_fused_qkv_is_the_three_projections(pairs, monkeypatch):
     """fast/fused_qkv.py: one matmul for q/k/v gives trl's loss and gradients (fp32, CPU), the modules' weights are
     views into the fused copy (no extra memory), and a base whose weights were re-allocated falls back to its own."""
-    plain = build(pairs)
-    rows = [plain.train_dataset[i] for i in range(6)]
-    reference = step(plain, rows)
+    rows, reference = trl_step(pairs)
     monkeypatch.setenv("DIST_DPO_FUSED_QKV", "1")
     calls = []
     real = torch.nn.functional.linear
