@@ -255,20 +255,15 @@ class TokenizeAcrossRanks:
         ordered = getattr(dpo_module, "global_then_local_main_first", None)  # trl 1.16's name; gone: trl's way
         if ordered is None or not isinstance(dataset, datasets.Dataset):
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        if dataset.cache_files:  # trl's order: the main process tokenizes alone (the others wait, then read its
-            # cache files), so it may take every CPU of the machine
-            from dist_dpo import cpu_pinning
-
-            cpus = os.cpu_count() if cpu_pinning.PINNED else None  # every rank must pick the same: the cache names
-            procs = tokenize_procs(text_chars(dataset), getattr(args, "dataset_num_proc", None), cpus=cpus,
-                                   local_ranks=1)
-            return super()._prepare_dataset(dataset, processing_class, _with_procs(args, procs), dataset_name)
+        if dataset.cache_files:  # trl's order: the main process tokenizes alone, the others read its cache files
+            return super()._prepare_dataset(dataset, processing_class, _tokenize_args(args, dataset, alone=True),
+                                            dataset_name)
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         sharded = 1 < world <= len(dataset)  # the same decision on every rank: they hold the same rows
         if sharded:
             dataset = dataset.shard(num_shards=world, index=dist.get_rank(), contiguous=True)
         dpo_module.global_then_local_main_first = contextlib.nullcontext
-        args = _with_procs(args, tokenize_procs(text_chars(dataset), getattr(args, "dataset_num_proc", None)))
+        args = _tokenize_args(args, dataset)
         try:
             part = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
             failed = None
@@ -320,26 +315,28 @@ def text_chars(dataset) -> int:
     return int(sum(chars(row) for row in sample) * n / len(sample))
 
 
-def tokenize_procs(text: int, asked: int | None, cpus: int | None = None, local_ranks: int | None = None) -> int | None:
-    """Worker processes for tokenizing `text` characters on this rank: the user's `dataset_num_proc` if set, else this
-    rank's share of the CPUs (the ranks of one machine tokenize at once), at most one per TOKENIZE_CHARS_PER_PROC;
-    None = in this process (trl's default)."""
-    if asked is not None:
-        return asked
-    from dist_dpo import cpu_pinning
-
-    cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
-    if local_ranks is None:  # a pinned rank's CPUs are its own share already (cpu_pinning)
-        local_ranks = 1 if cpu_pinning.PINNED else int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+def tokenize_procs(text: int, cpus: int, local_ranks: int) -> int | None:
+    """Worker processes for tokenizing `text` characters: this rank's share of `cpus` (the `local_ranks` of one
+    machine tokenize at once), at most one per TOKENIZE_CHARS_PER_PROC; None = in this process (trl's default)."""
     procs = min(cpus // max(local_ranks, 1), text // TOKENIZE_CHARS_PER_PROC, TOKENIZE_MAX_PROCS)
     return procs if procs >= 2 else None
 
 
-def _with_procs(args, procs: int | None):
-    """args with dataset_num_proc = procs; the trainer's own args keep the user's value."""
+def _tokenize_args(args, dataset, alone: bool = False):
+    """args with trl's dataset_num_proc chosen for tokenizing `dataset` on this rank; the user's own value (dpo_extra)
+    wins, and the trainer's args keep it. alone: the machine's other ranks wait meanwhile (trl's main-process-first
+    order), so every CPU is this rank's - counted the same on every rank, since the cache files' names depend on it."""
     import copy
 
-    if procs is None or procs == getattr(args, "dataset_num_proc", None):
+    from dist_dpo import cpu_pinning
+
+    if getattr(args, "dataset_num_proc", None) is not None:
+        return args
+    pinned = bool(cpu_pinning.PINNED)  # a pinned rank's CPUs are its own share already
+    cpus = os.cpu_count() if alone and pinned else len(os.sched_getaffinity(0))
+    ranks = 1 if alone or pinned else int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    procs = tokenize_procs(text_chars(dataset), cpus, ranks)
+    if procs is None:
         return args
     args = copy.copy(args)
     args.dataset_num_proc = procs

@@ -134,24 +134,28 @@ def test_tokenize_procs_gives_each_rank_its_share_of_the_cpus_and_keeps_small_se
     from dist_dpo.data import tokenize_procs
 
     var6k, fixed2048, builtin = 7_182_170, 5_087_639, 120_000  # characters of text
-    assert tokenize_procs(var6k, None, cpus=32, local_ranks=1) == 8  # capped
-    assert tokenize_procs(var6k // 2, None, cpus=32, local_ranks=2) == 8  # a rank's half: 16 cpus, 8 x 400 k chars
-    assert tokenize_procs(var6k // 2, None, cpus=8, local_ranks=2) == 4  # 8 CPUs shared by 2 ranks
-    assert tokenize_procs(fixed2048, None, cpus=16, local_ranks=1) == 8  # 256 long pairs are as much work
-    assert tokenize_procs(1_000_000, None, cpus=16, local_ranks=1) == 2
-    assert tokenize_procs(var6k, None, cpus=2, local_ranks=2) is None  # one core per rank: no workers
-    assert tokenize_procs(builtin, None, cpus=16, local_ranks=1) is None  # a worker's start costs more than it saves
-    assert tokenize_procs(100, 3, cpus=2, local_ranks=1) == 3  # the user's dataset_num_proc (dpo_extra) wins
+    assert tokenize_procs(var6k, cpus=32, local_ranks=1) == 8  # capped
+    assert tokenize_procs(var6k // 2, cpus=32, local_ranks=2) == 8  # a rank's half: 16 cpus, 8 x 400 k chars
+    assert tokenize_procs(var6k // 2, cpus=8, local_ranks=2) == 4  # 8 CPUs shared by 2 ranks
+    assert tokenize_procs(fixed2048, cpus=16, local_ranks=1) == 8  # 256 long pairs are as much work
+    assert tokenize_procs(1_000_000, cpus=16, local_ranks=1) == 2
+    assert tokenize_procs(var6k, cpus=2, local_ranks=2) is None  # one core per rank: no workers
+    assert tokenize_procs(builtin, cpus=16, local_ranks=1) is None  # a worker's start costs more than it saves
 
 
-def test_a_pinned_rank_counts_its_own_cpus_once(monkeypatch):
+def test_tokenize_args_keep_the_users_value_and_count_a_pinned_ranks_cpus_once(monkeypatch):
+    import dist_dpo.data as data
     from dist_dpo import cpu_pinning
-    from dist_dpo.data import tokenize_procs
 
+    ds = datasets.Dataset.from_list([{"prompt": "p" * 1000}] * 40)  # 40 k characters
+    monkeypatch.setattr(data, "TOKENIZE_CHARS_PER_PROC", 5_000)  # -> 8 workers at most
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(8)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert tokenize_procs(4_000_000, None, cpus=8) == 4  # 8 CPUs shared by 2 ranks
+    assert data._tokenize_args(_Args(3), ds).dataset_num_proc == 3  # the user's dataset_num_proc (dpo_extra) wins
+    args = _Args(None)
+    assert data._tokenize_args(args, ds).dataset_num_proc == 4 and args.dataset_num_proc is None  # 8 CPUs, 2 ranks
     monkeypatch.setattr(cpu_pinning, "PINNED", list(range(8)))
-    assert tokenize_procs(4_000_000, None, cpus=8) == 8  # these 8 are this rank's own
+    assert data._tokenize_args(args, ds).dataset_num_proc == 8  # these 8 are this rank's own
 
 
 def test_text_chars_counts_strings_and_chat_messages():
@@ -190,7 +194,7 @@ def test_tokenizing_in_worker_processes_gives_trls_rows_and_leaves_the_users_arg
     monkeypatch.setattr(data, "TOKENIZE_CHARS_PER_PROC", data.text_chars(ds) // 2)  # -> 2 workers
     monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {0, 1})
     args = _Args(None)
-    assert data.tokenize_procs(data.text_chars(ds), None) == 2
+    assert data._tokenize_args(_Args(None), ds).dataset_num_proc == 2
     in_workers = Real()._prepare_dataset(ds, tok, args, "train").to_list()
     assert args.dataset_num_proc is None
     assert in_workers == in_process and len(in_process) == 40 and in_process[0]["chosen_ids"]
