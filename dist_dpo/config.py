@@ -434,3 +434,7 @@ def validate(r: Recipe) -> None:
                 raise UserError(f"dpo_extra: '{key}' is a dist-dpo key: set it directly (--{key})")
             if key == "hub_token":  # the recipe is copied into resolved_config.yaml; secrets stay in the environment
                 raise UserError("dpo_extra: 'hub_token' would be written to resolved_config.yaml: set HF_TOKEN instead")
+        procs = t.dpo_extra.get("dataset_num_proc")  # dist-dpo reads it too (data.py): a typo must not reach datasets
+        if procs is not None and (type(procs) is not int or procs < 1):
+            raise UserError(f"dpo_extra: 'dataset_num_proc' must be a whole number >= 1 (tokenizing workers), "
+                            f"got {procs!r}")

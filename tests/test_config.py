@@ -56,6 +56,8 @@ def test_flat_yaml_is_accepted(tmp_path):
         ("", ["--report_to", "wandb,none"], "mixes 'none'"),
         ("", ["--dpo_extra", "{precompute_ref_logprobs: true}"], "did you mean 'precompute_ref_log_probs'"),
         ("", ["--dpo_extra", "{beta: 0.3}"], "is a dist-dpo key"),
+        ("", ["--dpo_extra", "{dataset_num_proc: x}"], "'dataset_num_proc' must be a whole number >= 1"),
+        ("", ["--dpo_extra", "{dataset_num_proc: 0}"], "got 0"),
         ("", ["--resume", "/no/such/ckpt"], "is not a checkpoint directory"),
     ],
 )
