@@ -209,42 +209,33 @@ def _write_streamed(model_cls, config, dtype, dev, out: Path) -> None:
     block from a model that lives on the meta device: transformers has no way to initialise and save a model larger
     than one device's memory, short of holding all of it."""
     import torch
-    from safetensors.torch import save_file
     from transformers import GenerationConfig
 
     with torch.device("meta"):
         model = model_cls._from_config(config, dtype=dtype)
-    tied = {f"{k}" for k in getattr(model, "_tied_weights_keys", None) or {}} if config.tie_word_embeddings else set()
+    tied = set(getattr(model, "_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()
+
+    def tensors():  # (name, CPU tensor), one block on `dev` at a time; a tied head is the embedding's
+        with torch.no_grad():
+            for prefix, block in _blocks(model):
+                block.to_empty(device=dev)
+                for m in block.modules():
+                    model._init_weights(m)
+                for name, t in block.state_dict().items():
+                    if prefix + name not in tied:
+                        yield prefix + name, t.detach().to("cpu", copy=True).contiguous()
+                block.to("meta")
+
     out.mkdir(parents=True)
-    shards: list[dict] = [{}]
-    size = {"total": 0, "shard": 0}
-    written = []
-
-    def flush():
-        if shards[-1]:
-            path = out / f"shard-{len(written):05d}.safetensors"
-            save_file(shards[-1], str(path), metadata={"format": "pt"})
-            written.append((path, list(shards[-1])))
-            shards.append({})
-            size["shard"] = 0
-
-    with torch.no_grad():
-        for prefix, block in _blocks(model):
-            block.to_empty(device=dev)
-            for m in block.modules():
-                model._init_weights(m)
-            for name, t in block.state_dict().items():
-                key = prefix + name
-                if key in tied:
-                    continue
-                t = t.detach().to("cpu", copy=True).contiguous()
-                if size["shard"] and size["shard"] + t.nbytes > SHARD_BYTES:
-                    flush()
-                shards[-1][key] = t
-                size["shard"] += t.nbytes
-                size["total"] += t.nbytes
-            block.to("meta")
-        flush()
+    written, shard, shard_bytes, total = [], {}, 0, 0
+    for key, t in tensors():
+        if shard and shard_bytes + t.nbytes > SHARD_BYTES:
+            written.append(_save_shard(out, len(written), shard))
+            shard, shard_bytes = {}, 0
+        shard[key] = t
+        shard_bytes += t.nbytes
+        total += t.nbytes
+    written.append(_save_shard(out, len(written), shard))
     n = len(written)
     if n == 1:
         written[0][0].rename(out / "model.safetensors")
@@ -255,11 +246,19 @@ def _write_streamed(model_cls, config, dtype, dev, out: Path) -> None:
             path.rename(out / final)
             weight_map.update({k: final for k in keys})
         (out / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": size["total"]}, "weight_map": weight_map}, indent=2) + "\n")
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
     config.dtype, config.architectures = dtype, [model_cls.__name__]  # what save_pretrained records
     config.save_pretrained(out)
     if model.can_generate():
         GenerationConfig.from_model_config(config).save_pretrained(out)
+
+
+def _save_shard(out: Path, i: int, tensors: dict) -> tuple[Path, list[str]]:
+    from safetensors.torch import save_file
+
+    path = out / f"shard-{i:05d}.safetensors"  # renamed model-0000i-of-0000N once N is known
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path, list(tensors)
 
 
 def builtin_model_dir(cache_dir: str | Path | None = None) -> Path:

@@ -30,14 +30,13 @@ def install(model) -> int:
         weight = getattr(m, "weight", None)
         if type(m).__name__.endswith("RMSNorm") and isinstance(weight, torch.Tensor) and weight.dim() == 1 and \
                 isinstance(eps, float):
-            m._dd_own_forward = m.forward
+            m._dd_own_forward, m._dd_eps = m.forward, eps
             m.forward = types.MethodType(_forward, m)
             n += 1
     return n
 
 
 def _forward(self, hidden_states):
-    eps = getattr(self, "variance_epsilon", getattr(self, "eps", None))
     if hidden_states.dtype != self.weight.dtype:
         return self._dd_own_forward(hidden_states)
-    return torch.nn.functional.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, eps)
+    return torch.nn.functional.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, self._dd_eps)
