@@ -61,6 +61,9 @@ def _train(argv: list[str]) -> int:
     log = setup_console(rt)
     strat = strategy_for(rt.strategy)
     check_combination(recipe, rt)  # before the process group: a GPU strategy without GPUs must not reach NCCL
+    from dist_dpo.fast import check_switches
+
+    check_switches()  # the benchmark's A/B environment switches: a typo stops here, not after tokenization
     pinned = pin_cpus(recipe, rt)  # before any worker thread starts: they inherit it
     out = Path(recipe.train.output_dir)
 
@@ -162,10 +165,10 @@ def _train(argv: list[str]) -> int:
 def ddp_gradients_in_buckets(trainer, strat) -> None:
     """The strategy table's ddp_gradient_as_bucket_view, on the DDP settings accelerate wraps the model with at
     train() (transformers builds them from TrainingArguments, which have no such field)."""
-    from dist_dpo.fast import _env_flag
+    from dist_dpo.fast import env_flag
 
     handler = getattr(trainer.accelerator, "ddp_handler", None)
-    copies = _env_flag("DIST_DPO_DDP_GRAD_COPY")  # 1: DDP's copies kept (the benchmark's A/B row)
+    copies = env_flag("DIST_DPO_DDP_GRAD_COPY")  # 1: DDP's copies kept (the benchmark's A/B row)
     if strat.ddp_gradient_as_bucket_view and handler is not None and not copies:
         handler.gradient_as_bucket_view = True
 

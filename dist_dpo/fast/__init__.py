@@ -35,10 +35,7 @@ def apply(trainer, recipe, rt) -> dict:
     from dist_dpo.strategies import strategy_for
 
     t = recipe.train
-    for switch in ("DIST_DPO_LORA_INPUT_CAST", "DIST_DPO_HEAD_RECOMPUTE", "DIST_DPO_FUSED_QKV"):  # the benchmark's A/B switches: a bad
-        _env_flag(switch)  # value stops every rank with one line,
-    _rms_norm_choice()
-    attention.gqa_modes()  # here, on every device (the attention one is read only on GPUs otherwise)
+    check_switches()
     if not isinstance(trainer.train_dataset, datasets.Dataset):  # streaming: no lengths to plan or group by
         report = {"speed path": "off (streaming dataset)"}
         _log(rt, report)
@@ -102,7 +99,7 @@ def apply(trainer, recipe, rt) -> dict:
         report["prompt"] += ", pairs packed in one row (flash, variable length)" if not_packed is None else \
             f", padded rows with a mask (packed rows: {not_packed})"
 
-    if _env_flag("DIST_DPO_FUSED_QKV"):  # the benchmark's A/B switch (fused_qkv.py)
+    if env_flag("DIST_DPO_FUSED_QKV"):  # the benchmark's A/B switch (fused_qkv.py)
         n = fused_qkv.install(base)
         if trainer.ref_model is not None:
             fused_qkv.install(getattr(trainer.ref_model, "module", trainer.ref_model))
@@ -115,7 +112,7 @@ def apply(trainer, recipe, rt) -> dict:
         trainer.args.liger_kernel_config = {**(trainer.args.liger_kernel_config or {}), "rms_norm": False}
         report["RMSNorm"] = f"torch's fused rms_norm ({n} norms)"
 
-    if not _env_flag("DIST_DPO_LORA_INPUT_CAST"):  # 1: peft's copy kept (the benchmark's A/B row)
+    if not env_flag("DIST_DPO_LORA_INPUT_CAST"):  # 1: peft's copy kept (the benchmark's A/B row)
         n = lora_inputs.install(trainer.model)  # inert without autocast: fp32 runs, DeepSpeed's bf16 engine
         a = trainer.args
         if n and (a.bf16 or a.fp16) and not getattr(trainer, "is_deepspeed_enabled", False):
@@ -144,7 +141,21 @@ def apply(trainer, recipe, rt) -> dict:
     return report
 
 
-def _env_flag(name: str) -> bool:
+# The benchmark's A/B switches (environment, read where they act): on/off ones here, DIST_DPO_RMSNORM and
+# DIST_DPO_VARLEN_GQA (attention.gqa_modes) with values of their own.
+AB_SWITCHES = ("DIST_DPO_LORA_INPUT_CAST", "DIST_DPO_HEAD_RECOMPUTE", "DIST_DPO_FUSED_QKV", "DIST_DPO_DDP_GRAD_COPY")
+
+
+def check_switches() -> None:
+    """A mistyped A/B switch stops the run with one line (a UserError) before any heavy work, on every device,
+    instead of silently running the default. train.py calls it before the process group; apply again."""
+    for name in AB_SWITCHES:
+        env_flag(name)
+    _rms_norm_choice()
+    attention.gqa_modes()
+
+
+def env_flag(name: str) -> bool:
     """An A/B switch of the benchmark: unset or 0 is off, 1 is on, anything else is refused."""
     value = os.environ.get(name, "")
     if value not in ("", "0", "1"):
