@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import gc
 import json
 import os
 import shlex
@@ -141,6 +142,10 @@ def optional_rows() -> list[Row]:
         Row("dist-dpo", "fusedqkv", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_FUSED_QKV": "1"}),
         Row("dist-dpo", "fusedqkv", "var6k", gpus=2, env={"DIST_DPO_FUSED_QKV": "1"}),
         Row("dist-dpo", "4x4", "fixed2048", batch=4, accum=4, lane=1),
+        # Python's garbage collector as it comes (fast/steady_gc.py freezes the set-up's objects out of it)
+        Row("dist-dpo", "gcplain", "var", env={"DIST_DPO_GC_PLAIN": "1"}),
+        Row("dist-dpo", "gcplain", "var6k", lane=1, env={"DIST_DPO_GC_PLAIN": "1"}),
+        Row("dist-dpo", "gcplain", "var6k", gpus=2, env={"DIST_DPO_GC_PLAIN": "1"}),
         # peft's fp32 copy of every LoRA input kept (what fast/lora_inputs.py removes)
         Row("dist-dpo", "lorafp32", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_LORA_INPUT_CAST": "1"}),
         Row("dist-dpo", "lorafp32", "var", env={"DIST_DPO_LORA_INPUT_CAST": "1"}),
@@ -182,6 +187,15 @@ def _instrument(spec: dict) -> None:
 
     original = trl.DPOTrainer.__init__
     marks: dict = {}
+    collections: list = []  # (start, generation, seconds) of every garbage collection in this process
+
+    def on_gc(phase, info):
+        if phase == "start":
+            marks["gc_start"] = time.perf_counter()
+        else:
+            collections.append((marks["gc_start"], info["generation"], time.perf_counter() - marks["gc_start"]))
+
+    gc.callbacks.append(on_gc)
 
     class Timer(TrainerCallback):
         def __init__(self, trainer, counter):
@@ -260,6 +274,8 @@ def _instrument(spec: dict) -> None:
                 "profile": profile, "profiled_from": cut, "sync_probe": marks.get("sync_probe"),
                 "host": _host_view(_steady_part(self.within[:cut]), _steady_part(self.between[:cut])),
                 "varlen_gqa": _native_gqa(),
+                # a full collection stalls this rank for ~0.2 s at a time of its own (dist_dpo/fast/steady_gc.py)
+                "gc_in_training": _gc_view([c for c in collections if c[0] >= marks["train"]]),
                 "layout": {"tokens_run": getattr(collator, "tokens_run", None),
                            "tokens_real": getattr(collator, "tokens_real", None),
                            "batches": getattr(collator, "batches", None)},
@@ -277,6 +293,15 @@ def _instrument(spec: dict) -> None:
         self.add_callback(Timer(self, counter))
 
     trl.DPOTrainer.__init__ = timed_init
+
+
+def _gc_view(collections: list) -> dict:
+    """Per generation: how many collections, their total and longest milliseconds."""
+    out = {}
+    for gen in (0, 1, 2):
+        ms = [c[2] * 1000 for c in collections if c[1] == gen]
+        out[f"gen{gen}"] = {"n": len(ms), "total_ms": round(sum(ms), 1), "max_ms": round(max(ms, default=0.0), 1)}
+    return out
 
 
 def _steady_part(values: list[float]) -> list[float]:
@@ -569,6 +594,7 @@ class Bench:
             "profile_per_rank": {r["rank"]: r["profile"] for r in ranks if r.get("profile")} or None,
             "sync_probe_per_rank": {r["rank"]: r["sync_probe"] for r in ranks if r.get("sync_probe")} or None,
             "host_per_rank": {r["rank"]: r.get("host") for r in ranks},
+            "gc_per_rank": {r["rank"]: r.get("gc_in_training") for r in ranks},
             "startup_s": _startup(spec),
             "planned_peak_gib": self.planned_peak(row, r0),
             # the issue's MFU counts trl's tokens (prompts twice); this one counts the tokens the decoder really ran
@@ -779,6 +805,7 @@ def ratios(rows: list[dict]) -> dict:
                                ("var6k", "dist-dpo-fusedqkv", "separate_over_fused_qkv"),
                                ("fixed2048", "dist-dpo-fusedqkv", "separate_over_fused_qkv"),
                                ("fixed2048", "dist-dpo-4x4", "8x2_over_4x4"),
+                               ("var6k", "dist-dpo-gcplain", "frozen_gc"), ("var", "dist-dpo-gcplain", "frozen_gc"),
                                ("fixed2048", "dist-dpo-lorafp32", "lora_inputs"), ("var", "dist-dpo-lorafp32", "lora_inputs"),
                                ("fixed2048", "dist-dpo-expseg", "default_allocator_over_expandable")):
         for key, suffix in (("tokens_per_s", ""), ("steady_tokens_per_s", "_steady")):
@@ -794,10 +821,12 @@ def ratios(rows: list[dict]) -> dict:
                        ("dist-dpo-pinned/var6k/lora/2gpu", "ddp_scaling_2gpu_pinned"),
                        ("dist-dpo-gradcopy/var6k/lora/2gpu", "ddp_scaling_2gpu_grad_copies"),
                        ("dist-dpo-fusedqkv/var6k/lora/2gpu", "ddp_scaling_2gpu_fused_qkv"),
+                       ("dist-dpo-gcplain/var6k/lora/2gpu", "ddp_scaling_2gpu_gc_plain"),
                        ("dist-dpo/var/lora/2gpu", "ddp_scaling_2gpu_768_pairs")):
         one_row = "dist-dpo/var/lora/1gpu" if "/var/" in row else "dist-dpo/var6k/lora/1gpu"
-        if "fusedqkv" in row:  # a code A/B scales against its own 1-GPU row (machine A/Bs against the default's)
-            one_row = "dist-dpo-fusedqkv/var6k/lora/1gpu"
+        code_ab = next((ab for ab in ("fusedqkv", "gcplain") if ab in row), None)
+        if code_ab:  # a code A/B scales against its own 1-GPU row (machine A/Bs against the default's)
+            one_row = f"dist-dpo-{code_ab}/var6k/lora/1gpu"
         for key, suffix in (("tokens_per_s", ""), ("steady_tokens_per_s", "_steady")):
             r = ratio(tps(row, key), tps(one_row, key))
             if r:
@@ -936,6 +965,8 @@ def main() -> int:
     p.add_argument("--only", default="", help="comma-separated substrings: run only matching rows")
     p.add_argument("--add", default="", help="comma-separated substrings of optional rows to add (--list)")
     p.add_argument("--pairs", default="", help="pairs per set, e.g. var=512,fixed512=256")
+    p.add_argument("--lane", default="", help="1-GPU rows matching a substring on another lane (GPU), e.g. "
+                   "fixed2048=0: rows of one ratio must stay on one lane")
     p.add_argument("--budget-s", type=float, default=450,
                    help="seconds for the whole run (rows are cut at the end; rows that cannot start are skipped)")
     p.add_argument("--commit", default=None, help="git commit to record (default: $GIT_COMMIT or git rev-parse)")
@@ -966,6 +997,13 @@ def main() -> int:
         rows += [r for r in optional_rows() if any(k in r.name for k in a.add.split(","))]
     if a.only:
         rows = [r for r in rows if any(k in r.name for k in a.only.split(","))]
+    for spec in filter(None, a.lane.split(",")):
+        key, _, lane = spec.partition("=")
+        if not lane.isdigit():
+            p.error(f"--lane {spec}: give SUBSTRING=LANE, e.g. fixed2048=0")
+        for r in rows:
+            if key in r.name and r.gpus == 1:
+                r.lane = int(lane)
     if a.list:
         for r in default_rows() + optional_rows():
             print(f"{r.name:40} lane {r.lane} {' '.join(r.extra)}")

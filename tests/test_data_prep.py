@@ -186,10 +186,11 @@ def test_tokenizing_in_worker_processes_gives_trls_rows_and_leaves_the_users_arg
         def __init__(self):  # only what _prepare_dataset reads
             self._tokenizer = tok
 
-    rows = [{"prompt": [{"role": "user", "content": f"question {i} " + "word " * (i % 7)}],
-             "chosen": [{"role": "assistant", "content": "yes " * (1 + i % 5)}],
-             "rejected": [{"role": "assistant", "content": "no " * (1 + i % 3)}]} for i in range(40)]
+    # plain-text pairs: trl's own tokenization (tokenize_pairs covers chat messages only)
+    rows = [{"prompt": f"question {i} " + "word " * (i % 7), "chosen": "yes " * (1 + i % 5),
+             "rejected": "no " * (1 + i % 3)} for i in range(40)]
     ds = datasets.Dataset.from_list(rows)
+    assert data.tokenize_pairs(ds, tok, _Args(None)) is None
     in_process = Real()._prepare_dataset(ds, tok, _Args(None), "train").to_list()
     monkeypatch.setattr(data, "TOKENIZE_CHARS_PER_PROC", data.text_chars(ds) // 2)  # -> 2 workers
     monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {0, 1})
@@ -198,3 +199,60 @@ def test_tokenizing_in_worker_processes_gives_trls_rows_and_leaves_the_users_arg
     in_workers = Real()._prepare_dataset(ds, tok, args, "train").to_list()
     assert args.dataset_num_proc is None
     assert in_workers == in_process and len(in_process) == 40 and in_process[0]["chosen_ids"]
+
+
+def test_batched_tokenization_gives_trls_rows(monkeypatch):
+    """data.tokenize_pairs (three batched tokenizer calls) vs trl's own row-by-row map on chat pairs: the same
+    columns, values, types and rows dropped (prompts at or over max_length), with and without a system prompt; the
+    tokenizer's threads are on only during the calls."""
+    import os
+
+    import dist_dpo.data as data
+    from dist_dpo.model_zoo import TOKENIZER_DIR
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+
+    class Plain(dpo_module.DPOTrainer):
+        def __init__(self):  # only what _prepare_dataset reads
+            self._tokenizer = tok
+
+    def row(i):
+        system = [{"role": "system", "content": "be brief " * (i % 3)}] if i % 2 else []
+        return {"prompt": system + [{"role": "user", "content": f"question {i} " + "word " * (i * 3 % 40)}],
+                "chosen": [{"role": "assistant", "content": "yes, " * (1 + i % 5)}],
+                "rejected": [{"role": "assistant", "content": "no. " * (1 + i % 3)}], "id": i}
+
+    ds = datasets.Dataset.from_list([row(i) for i in range(30)])
+    threads = []
+    real = tok.apply_chat_template
+    monkeypatch.setattr(tok, "apply_chat_template",
+                        lambda *a, **k: threads.append(os.environ.get("TOKENIZERS_PARALLELISM")) or real(*a, **k))
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    ours = data.tokenize_pairs(ds, tok, _Args(None))
+    assert threads == ["true"] * 3 and os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    monkeypatch.setattr(tok, "apply_chat_template", real)
+    theirs = Plain()._prepare_dataset(ds, tok, _Args(None), "train")
+    assert 0 < len(theirs) < len(ds)  # max_length 64 drops the long prompts
+    assert ours.to_list() == theirs.to_list()
+    assert ours.features == theirs.features
+
+
+def test_pairs_whose_prompt_fills_max_length_are_dropped_by_their_token_count():
+    """data._drop_overlong measures every prompt in one batched call: the rows kept are those whose prompt (chat
+    template with the generation prompt, or plain text) leaves MIN_ANSWER_TOKENS inside max_length, per row."""
+    from dist_dpo.data import MIN_ANSWER_TOKENS, _drop_overlong, to_chat
+    from dist_dpo.model_zoo import TOKENIZER_DIR
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    plain = [{"prompt": "word " * n, "chosen": "a", "rejected": "b"} for n in (1, 30, 5, 60, 12)]
+    for rows in (plain, [to_chat(r, "sys") for r in plain]):
+        ds = datasets.Dataset.from_list(rows).select([4, 3, 2, 1, 0])  # an indices mapping, as after a split
+        lengths = [len(tok.apply_chat_template(r["prompt"], tokenize=True, return_dict=True,
+                                               add_generation_prompt=True)["input_ids"])
+                   if isinstance(r["prompt"], list) else len(tok(r["prompt"])["input_ids"]) for r in ds]
+        max_length = sorted(lengths)[2] + MIN_ANSWER_TOKENS  # the 3 shortest prompts fit
+        kept = _drop_overlong(ds, tok, max_length, "set")
+        assert kept.to_list() == [r for r, n in zip(ds, lengths) if n <= max_length - MIN_ANSWER_TOKENS]
+        assert len(kept) == 3

@@ -14,6 +14,8 @@ trl's `_compute_loss` on one batch); what changes is how much work a step does:
   lora_inputs.py    LoRA layers skip peft's fp32 copy of their input where autocast recasts it anyway
   rms_norm.py       (A/B switch DIST_DPO_RMSNORM=torch) the decoder's RMSNorm as torch's one fused op
   fused_qkv.py      (A/B switch DIST_DPO_FUSED_QKV=1) each layer's q/k/v projections as one matmul
+  steady_gc.py      the set-up's Python objects frozen out of the garbage collector while training (no 200 ms
+                    full collections on one rank while the others wait; A/B switch DIST_DPO_GC_PLAIN=1)
 Recipe keys: fast_path, group_by_length, prefix_sharing, packed_rows, gradient_checkpointing (config.py documents them);
 liger_kernels is a DPOConfig flag (dpo_args.py).
 """
@@ -23,7 +25,8 @@ from __future__ import annotations
 import os
 import types
 
-from dist_dpo.fast import attention, batching, checkpointing, fused_qkv, head, lora_inputs, loss, microbatch, rms_norm
+from dist_dpo.fast import (attention, batching, checkpointing, fused_qkv, head, lora_inputs, loss, microbatch, rms_norm,
+                           steady_gc)
 from dist_dpo.logs import get_logger
 
 
@@ -53,6 +56,8 @@ def apply(trainer, recipe, rt) -> dict:
         report["fast_path"] = "off (plain trl)"
         _log(rt, report)
         return report
+    if not env_flag("DIST_DPO_GC_PLAIN"):
+        report["garbage collector"] = steady_gc.install(trainer)
 
     sharing = {True: "true", False: "false"}.get(t.prefix_sharing, "auto")
     if t.group_by_length:
@@ -143,7 +148,8 @@ def apply(trainer, recipe, rt) -> dict:
 
 # The benchmark's A/B switches (environment, read where they act): on/off ones here, DIST_DPO_RMSNORM and
 # DIST_DPO_VARLEN_GQA (attention.gqa_modes) with values of their own.
-AB_SWITCHES = ("DIST_DPO_LORA_INPUT_CAST", "DIST_DPO_HEAD_RECOMPUTE", "DIST_DPO_FUSED_QKV", "DIST_DPO_DDP_GRAD_COPY")
+AB_SWITCHES = ("DIST_DPO_LORA_INPUT_CAST", "DIST_DPO_HEAD_RECOMPUTE", "DIST_DPO_FUSED_QKV", "DIST_DPO_DDP_GRAD_COPY",
+               "DIST_DPO_GC_PLAIN")
 
 
 def check_switches() -> None:
