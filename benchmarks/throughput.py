@@ -130,22 +130,18 @@ def optional_rows() -> list[Row]:
         # (measured 2026-11-28: grouped x1.094 steady, 50.7 -> 46.4 GiB)
         Row("dist-dpo", "expandkv", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_VARLEN_GQA": "expand"}),
         Row("dist-dpo", "headrecompute", "var", env={"DIST_DPO_HEAD_RECOMPUTE": "1"}),
-        # torch's fused rms_norm instead of liger's Triton RMSNorm (fast/rms_norm.py): host time on the host-bound
-        # var / var6k steps, kernel time at 2048; and without liger at all on var6k
-        Row("dist-dpo", "torchnorm", "var", env={"DIST_DPO_RMSNORM": "torch"}),
-        Row("dist-dpo", "torchnorm", "var6k", lane=1, env={"DIST_DPO_RMSNORM": "torch"}),
-        Row("dist-dpo", "torchnorm", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_RMSNORM": "torch"}),
+        # liger's Triton RMSNorm instead of torch's fused rms_norm (the default since 2026-11-28: +9 % e2e on var6k,
+        # steady +12.5 %, in call G); and without liger at all on var6k
+        Row("dist-dpo", "lignorm", "var", env={"DIST_DPO_RMSNORM": "liger"}),
+        Row("dist-dpo", "lignorm", "var6k", lane=1, env={"DIST_DPO_RMSNORM": "liger"}),
+        Row("dist-dpo", "lignorm", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_RMSNORM": "liger"}),
         Row("dist-dpo", "noliger", "var6k", lane=1, extra=["--liger_kernels", "false"]),
-        # q/k/v as one matmul (fast/fused_qkv.py): ~200 launches fewer per 1.5B step
-        Row("dist-dpo", "fusedqkv", "var", env={"DIST_DPO_FUSED_QKV": "1"}),
-        Row("dist-dpo", "fusedqkv", "var6k", lane=1, env={"DIST_DPO_FUSED_QKV": "1"}),
-        Row("dist-dpo", "fusedqkv", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_FUSED_QKV": "1"}),
-        Row("dist-dpo", "fusedqkv", "var6k", gpus=2, env={"DIST_DPO_FUSED_QKV": "1"}),
+        # q/k/v as three matmuls (one fused matmul is the default since 2026-11-28: var6k +7 % e2e in call G)
+        Row("dist-dpo", "separateqkv", "var", env={"DIST_DPO_FUSED_QKV": "0"}),
+        Row("dist-dpo", "separateqkv", "var6k", lane=1, env={"DIST_DPO_FUSED_QKV": "0"}),
+        Row("dist-dpo", "separateqkv", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_FUSED_QKV": "0"}),
+        Row("dist-dpo", "separateqkv", "var6k", gpus=2, env={"DIST_DPO_FUSED_QKV": "0"}),
         Row("dist-dpo", "4x4", "fixed2048", batch=4, accum=4, lane=1),
-        # Python's garbage collector as it comes (fast/steady_gc.py freezes the set-up's objects out of it)
-        Row("dist-dpo", "gcplain", "var", env={"DIST_DPO_GC_PLAIN": "1"}),
-        Row("dist-dpo", "gcplain", "var6k", lane=1, env={"DIST_DPO_GC_PLAIN": "1"}),
-        Row("dist-dpo", "gcplain", "var6k", gpus=2, env={"DIST_DPO_GC_PLAIN": "1"}),
         # peft's fp32 copy of every LoRA input kept (what fast/lora_inputs.py removes)
         Row("dist-dpo", "lorafp32", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_LORA_INPUT_CAST": "1"}),
         Row("dist-dpo", "lorafp32", "var", env={"DIST_DPO_LORA_INPUT_CAST": "1"}),
@@ -274,7 +270,7 @@ def _instrument(spec: dict) -> None:
                 "profile": profile, "profiled_from": cut, "sync_probe": marks.get("sync_probe"),
                 "host": _host_view(_steady_part(self.within[:cut]), _steady_part(self.between[:cut])),
                 "varlen_gqa": _native_gqa(),
-                # a full collection stalls this rank for ~0.2 s at a time of its own (dist_dpo/fast/steady_gc.py)
+                # a full collection stalls this rank for ~0.3 s at a time of its own (none inside training so far)
                 "gc_in_training": _gc_view([c for c in collections if c[0] >= marks["train"]]),
                 "layout": {"tokens_run": getattr(collator, "tokens_run", None),
                            "tokens_real": getattr(collator, "tokens_real", None),
@@ -804,8 +800,11 @@ def ratios(rows: list[dict]) -> dict:
                                ("var", "dist-dpo-fusedqkv", "separate_over_fused_qkv"),
                                ("var6k", "dist-dpo-fusedqkv", "separate_over_fused_qkv"),
                                ("fixed2048", "dist-dpo-fusedqkv", "separate_over_fused_qkv"),
+                               ("var", "dist-dpo-lignorm", "torch_rms_norm"), ("var6k", "dist-dpo-lignorm", "torch_rms_norm"),
+                               ("fixed2048", "dist-dpo-lignorm", "torch_rms_norm"),
+                               ("var", "dist-dpo-separateqkv", "fused_qkv"), ("var6k", "dist-dpo-separateqkv", "fused_qkv"),
+                               ("fixed2048", "dist-dpo-separateqkv", "fused_qkv"),
                                ("fixed2048", "dist-dpo-4x4", "8x2_over_4x4"),
-                               ("var6k", "dist-dpo-gcplain", "frozen_gc"), ("var", "dist-dpo-gcplain", "frozen_gc"),
                                ("fixed2048", "dist-dpo-lorafp32", "lora_inputs"), ("var", "dist-dpo-lorafp32", "lora_inputs"),
                                ("fixed2048", "dist-dpo-expseg", "default_allocator_over_expandable")):
         for key, suffix in (("tokens_per_s", ""), ("steady_tokens_per_s", "_steady")):
@@ -821,10 +820,10 @@ def ratios(rows: list[dict]) -> dict:
                        ("dist-dpo-pinned/var6k/lora/2gpu", "ddp_scaling_2gpu_pinned"),
                        ("dist-dpo-gradcopy/var6k/lora/2gpu", "ddp_scaling_2gpu_grad_copies"),
                        ("dist-dpo-fusedqkv/var6k/lora/2gpu", "ddp_scaling_2gpu_fused_qkv"),
-                       ("dist-dpo-gcplain/var6k/lora/2gpu", "ddp_scaling_2gpu_gc_plain"),
+                       ("dist-dpo-separateqkv/var6k/lora/2gpu", "ddp_scaling_2gpu_separate_qkv"),
                        ("dist-dpo/var/lora/2gpu", "ddp_scaling_2gpu_768_pairs")):
         one_row = "dist-dpo/var/lora/1gpu" if "/var/" in row else "dist-dpo/var6k/lora/1gpu"
-        code_ab = next((ab for ab in ("fusedqkv", "gcplain") if ab in row), None)
+        code_ab = next((ab for ab in ("fusedqkv", "separateqkv") if ab in row), None)
         if code_ab:  # a code A/B scales against its own 1-GPU row (machine A/Bs against the default's)
             one_row = f"dist-dpo-{code_ab}/var6k/lora/1gpu"
         for key, suffix in (("tokens_per_s", ""), ("steady_tokens_per_s", "_steady")):

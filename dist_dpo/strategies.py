@@ -62,6 +62,10 @@ class Strategy:
     # from the bf16-adapter single-GPU run, 0.0048 on ONE GPU too), and under FSDP2 bf16 adapters made every tensor of
     # a layer bf16, the case that sends packed 4-bit bytes through a float copy (see fsdp_4bit_gather_as_stored).
     qlora_adapters_fp32: bool = True
+    # Whether each layer's q/k/v projections may run as one matmul over a fused copy of their frozen weights
+    # (fast/fused_qkv.py). Only where every rank holds whole weights: FSDP2 / ZeRO-3 shard them after the speed path
+    # is installed, so the fused copy would stay whole beside the shards.
+    fuses_qkv: bool = True
     # Whether the recipe's micro-batches x accumulation may run as fewer, larger micro-batches (merge_micro_batches):
     # the Trainer reads both at train() time; a DeepSpeed engine fixes them in its config when it is built.
     merges_micro_batches: bool = True
@@ -114,6 +118,7 @@ STRATEGY_TABLE: dict[str, Strategy] = {
         runs_on_cpu=False,
         fsdp_uncast_outputs=True,
         fsdp_4bit_gather_as_stored=True,
+        fuses_qkv=False,  # weights sharded after the speed path is installed
     ),
     "zero2": Strategy(
         name="zero2",
@@ -144,6 +149,7 @@ STRATEGY_TABLE: dict[str, Strategy] = {
         runs_on_cpu=False,
         merges_micro_batches=False,  # DeepSpeed: train_micro_batch_size_per_gpu is set at engine init
         qlora_adapters_fp32=False,  # DeepSpeed's engine holds bf16 working copies and fp32 masters itself
+        fuses_qkv=False,  # weights partitioned (zero.Init at load)
     ),
 }
 

@@ -620,7 +620,7 @@ def test_lora_inputs_skip_peft_copy_under_autocast_and_compute_the_same():
 
 @pytest.mark.parametrize("name,value", [("DIST_DPO_LORA_INPUT_CAST", "yes"), ("DIST_DPO_VARLEN_GQA", "fast"),
                                         ("DIST_DPO_HEAD_RECOMPUTE", "true"), ("DIST_DPO_RMSNORM", "apex"),
-                                        ("DIST_DPO_FUSED_QKV", "on"), ("DIST_DPO_GC_PLAIN", "yes")])
+                                        ("DIST_DPO_FUSED_QKV", "on")])
 def test_a_bad_ab_switch_is_refused_in_one_line(pairs, monkeypatch, name, value):
     """The benchmark's A/B environment switches: a mistyped value stops the run (a UserError: one line from rank 0,
     every rank exits 2), on CPU too, instead of silently running the default."""
@@ -771,32 +771,29 @@ def test_fused_qkv_is_the_three_projections(pairs, monkeypatch):
     assert_same(reference, again)
 
 
-def test_set_up_heap_is_frozen_only_while_training(pairs, monkeypatch):
-    """fast/steady_gc.py: training begins with the set-up's objects frozen out of Python's collector (a full
-    collection no longer walks them) and ends with them back; DIST_DPO_GC_PLAIN=1 leaves the collector alone."""
-    import gc
 
-    from transformers.trainer_callback import TrainerControl, TrainerState
-
-    from dist_dpo.fast.steady_gc import FrozenSetUpHeap
+def test_fused_qkv_and_torch_rms_norm_are_the_default_where_weights_are_whole(pairs, monkeypatch):
+    """The speed path's defaults since the 2026-11-28 A/B rows (q/k/v one matmul, torch's fused RMSNorm); each A/B
+    switch turns its piece off; strategies that shard weights after the speed path (FSDP2, ZeRO-3: the strategy
+    table's fuses_qkv) keep q/k/v apart."""
+    import dist_dpo.fast as speed
+    from dist_dpo.strategies import STRATEGY_TABLE, strategy_for
 
     rows, reference = trl_step(pairs)
     fast = build(pairs, fast=True)
-    assert "gc.freeze" in fast._dd_speed_report["garbage collector"]
-    heap = [cb for cb in fast.callback_handler.callbacks if isinstance(cb, FrozenSetUpHeap)]
-    assert len(heap) == 1
-    assert gc.get_freeze_count() == 0
-    fast.callback_handler.on_train_begin(fast.args, TrainerState(), TrainerControl())
-    try:
-        frozen = gc.get_freeze_count()
-        assert frozen > 10_000  # torch, transformers, the model and the datasets' Python objects
-        tracked = len(gc.get_objects())
-        assert tracked < frozen  # what a full collection walks now: the objects made after the freeze
-        assert_same(reference, step(fast, rows))  # trains while frozen, the same step
-    finally:
-        fast.callback_handler.on_train_end(fast.args, TrainerState(), TrainerControl())
-    assert gc.get_freeze_count() == 0
-    monkeypatch.setenv("DIST_DPO_GC_PLAIN", "1")
-    plain = build(pairs, fast=True)
-    assert "garbage collector" not in plain._dd_speed_report
-    assert not any(isinstance(cb, FrozenSetUpHeap) for cb in plain.callback_handler.callbacks)
+    report = fast._dd_speed_report
+    assert report["q/k/v"] == "one matmul (4 layers)" and report["RMSNorm"].startswith("torch's fused rms_norm")
+    assert_same(reference, step(fast, rows))
+    monkeypatch.setenv("DIST_DPO_FUSED_QKV", "0")
+    monkeypatch.setenv("DIST_DPO_RMSNORM", "liger")
+    plain = build(pairs, fast=True)._dd_speed_report
+    assert "q/k/v" not in plain and "RMSNorm" not in plain
+    monkeypatch.delenv("DIST_DPO_FUSED_QKV")
+    assert {n for n, s in STRATEGY_TABLE.items() if not s.fuses_qkv} == {"fsdp", "zero3"}
+    monkeypatch.setattr("dist_dpo.strategies.strategy_for",
+                        lambda name: strategy_for("zero3"))  # what apply() asks for a ZeRO-3 run
+    sharded = build(pairs, fast=True)
+    assert "q/k/v" not in sharded._dd_speed_report
+    attn = sharded.model.get_base_model().model.layers[0].self_attn
+    assert not hasattr(attn.k_proj, "_dd_own_forward")  # no fused copy made
+    assert speed.env_flag("DIST_DPO_FUSED_QKV", default=True)

@@ -12,10 +12,8 @@ trl's `_compute_loss` on one batch); what changes is how much work a step does:
   microbatch.py     `merge_micro_batches: auto`: 4 x 4 accumulation as 16 x 1 when that fits (same loss)
   attention.py      packed shared-prompt rows through flash attention's variable-length kernel (no mask)
   lora_inputs.py    LoRA layers skip peft's fp32 copy of their input where autocast recasts it anyway
-  rms_norm.py       (A/B switch DIST_DPO_RMSNORM=torch) the decoder's RMSNorm as torch's one fused op
-  fused_qkv.py      (A/B switch DIST_DPO_FUSED_QKV=1) each layer's q/k/v projections as one matmul
-  steady_gc.py      the set-up's Python objects frozen out of the garbage collector while training (no 200 ms
-                    full collections on one rank while the others wait; A/B switch DIST_DPO_GC_PLAIN=1)
+  rms_norm.py       the decoder's RMSNorm as torch's one fused op (A/B switch DIST_DPO_RMSNORM=liger)
+  fused_qkv.py      each layer's q/k/v projections as one matmul where weights are whole (A/B DIST_DPO_FUSED_QKV=0)
 Recipe keys: fast_path, group_by_length, prefix_sharing, packed_rows, gradient_checkpointing (config.py documents them);
 liger_kernels is a DPOConfig flag (dpo_args.py).
 """
@@ -25,8 +23,7 @@ from __future__ import annotations
 import os
 import types
 
-from dist_dpo.fast import (attention, batching, checkpointing, fused_qkv, head, lora_inputs, loss, microbatch, rms_norm,
-                           steady_gc)
+from dist_dpo.fast import attention, batching, checkpointing, fused_qkv, head, lora_inputs, loss, microbatch, rms_norm
 from dist_dpo.logs import get_logger
 
 
@@ -56,8 +53,6 @@ def apply(trainer, recipe, rt) -> dict:
         report["fast_path"] = "off (plain trl)"
         _log(rt, report)
         return report
-    if not env_flag("DIST_DPO_GC_PLAIN"):
-        report["garbage collector"] = steady_gc.install(trainer)
 
     sharing = {True: "true", False: "false"}.get(t.prefix_sharing, "auto")
     if t.group_by_length:
@@ -104,13 +99,15 @@ def apply(trainer, recipe, rt) -> dict:
         report["prompt"] += ", pairs packed in one row (flash, variable length)" if not_packed is None else \
             f", padded rows with a mask (packed rows: {not_packed})"
 
-    if env_flag("DIST_DPO_FUSED_QKV"):  # the benchmark's A/B switch (fused_qkv.py)
+    # q/k/v as one matmul where every rank holds whole weights (the strategy table); DIST_DPO_FUSED_QKV=0: the A/B row
+    if strategy_for(rt.strategy).fuses_qkv and env_flag("DIST_DPO_FUSED_QKV", default=True):
         n = fused_qkv.install(base)
         if trainer.ref_model is not None:
             fused_qkv.install(getattr(trainer.ref_model, "module", trainer.ref_model))
-        report["q/k/v"] = f"one matmul ({n} layers)"
+        if n:
+            report["q/k/v"] = f"one matmul ({n} layers)"
 
-    if _rms_norm_choice() == "torch":  # the benchmark's A/B switch (rms_norm.py): liger keeps SwiGLU and RoPE
+    if _rms_norm_choice() == "torch":  # DIST_DPO_RMSNORM=liger: the A/B row (rms_norm.py); liger keeps SwiGLU, RoPE
         n = rms_norm.install(base)
         if trainer.ref_model is not None:  # full fine-tuning: the reference is a model of its own
             rms_norm.install(getattr(trainer.ref_model, "module", trainer.ref_model))
@@ -148,8 +145,7 @@ def apply(trainer, recipe, rt) -> dict:
 
 # The benchmark's A/B switches (environment, read where they act): on/off ones here, DIST_DPO_RMSNORM and
 # DIST_DPO_VARLEN_GQA (attention.gqa_modes) with values of their own.
-AB_SWITCHES = ("DIST_DPO_LORA_INPUT_CAST", "DIST_DPO_HEAD_RECOMPUTE", "DIST_DPO_FUSED_QKV", "DIST_DPO_DDP_GRAD_COPY",
-               "DIST_DPO_GC_PLAIN")
+AB_SWITCHES = ("DIST_DPO_LORA_INPUT_CAST", "DIST_DPO_HEAD_RECOMPUTE", "DIST_DPO_FUSED_QKV", "DIST_DPO_DDP_GRAD_COPY")
 
 
 def check_switches() -> None:
@@ -161,19 +157,19 @@ def check_switches() -> None:
     attention.gqa_modes()
 
 
-def env_flag(name: str) -> bool:
-    """An A/B switch of the benchmark: unset or 0 is off, 1 is on, anything else is refused."""
+def env_flag(name: str, default: bool = False) -> bool:
+    """An A/B switch of the benchmark: 1 is on, 0 is off, unset is `default`, anything else is refused."""
     value = os.environ.get(name, "")
     if value not in ("", "0", "1"):
         from dist_dpo.errors import UserError
 
         raise UserError(f"{name}={value}: use 1 (on) or 0 (off), or unset it")
-    return value == "1"
+    return default if value == "" else value == "1"
 
 
 def _rms_norm_choice() -> str:
-    """DIST_DPO_RMSNORM: unset/liger (trl's use_liger_kernel decides) or torch (rms_norm.py); others refused."""
-    value = os.environ.get("DIST_DPO_RMSNORM", "") or "liger"
+    """DIST_DPO_RMSNORM: unset/torch (rms_norm.py) or liger (liger's kernel when use_liger_kernel); others refused."""
+    value = os.environ.get("DIST_DPO_RMSNORM", "") or "torch"
     if value not in ("liger", "torch"):
         from dist_dpo.errors import UserError
 

@@ -1,6 +1,10 @@
-"""The decoder's RMSNorm as one torch op instead of liger's Triton kernel: an A/B switch, not yet the default.
+"""The decoder's RMSNorm as one torch op instead of liger's Triton kernel: the default; DIST_DPO_RMSNORM=liger is the
+benchmark's A/B row with liger's.
 
-Why look at it: the var steps are host-bound (2 x H200, 2026-11-28: the GPU computes 20-60 % of a step), so what
+Measured (2 x H200, 2026-11-28, call G, one card, rows run one after the other): var6k on one GPU 21,571 vs 19,742
+tokens/s end to end (+9 %), steady 23,393 vs 20,794 (+12.5 %); host time of a steady step 184 vs 207 ms.
+
+Why: the var steps are host-bound (2 x H200, 2026-11-28: the GPU computes 20-60 % of a step), so what
 a kernel costs to LAUNCH counts. In call A's profile each liger RMSNorm call took ~200 us of host time (Triton's
 Python launcher and liger's wrapper), an aten matmul 65-90 us, and a 1.5B step makes 171 RMSNorm calls (57 per
 forward: policy, reference, backward). `torch.nn.functional.rms_norm` is one aten op, on CUDA a fused kernel
@@ -9,8 +13,7 @@ computes that gradient and sums it in a second kernel. Numerics: x * rstd * w co
 HF's Qwen2/Llama RMSNorm (and liger's "llama" mode) rounds x * rstd to the input dtype before multiplying by w - a
 difference of one rounding step of bf16.
 
-`DIST_DPO_RMSNORM=torch` turns it on (liger keeps SwiGLU and RoPE); benchmarks/throughput.py's `torchnorm` rows
-measure it against the default next to it. Unmeasured on GPUs so far, hence not the default.
+Liger keeps SwiGLU and RoPE; benchmarks/throughput.py's `lignorm` rows measure liger's RMSNorm next to the default.
 """
 
 from __future__ import annotations
