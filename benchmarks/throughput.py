@@ -142,6 +142,9 @@ def optional_rows() -> list[Row]:
         Row("dist-dpo", "separateqkv", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_FUSED_QKV": "0"}),
         Row("dist-dpo", "separateqkv", "var6k", gpus=2, env={"DIST_DPO_FUSED_QKV": "0"}),
         Row("dist-dpo", "4x4", "fixed2048", batch=4, accum=4, lane=1),
+        # the 1-GPU row with the intra-op threads the launcher gives each rank of a 2-GPU row (1; a plain process
+        # keeps torch's default, one per core): call H's 1-GPU var6k steps were slower than each 2-GPU rank's
+        Row("dist-dpo", "omp1", "var6k", lane=1, env={"OMP_NUM_THREADS": "1"}),
         # peft's fp32 copy of every LoRA input kept (what fast/lora_inputs.py removes)
         Row("dist-dpo", "lorafp32", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_LORA_INPUT_CAST": "1"}),
         Row("dist-dpo", "lorafp32", "var", env={"DIST_DPO_LORA_INPUT_CAST": "1"}),
@@ -805,6 +808,7 @@ def ratios(rows: list[dict]) -> dict:
                                ("var", "dist-dpo-separateqkv", "fused_qkv"), ("var6k", "dist-dpo-separateqkv", "fused_qkv"),
                                ("fixed2048", "dist-dpo-separateqkv", "fused_qkv"),
                                ("fixed2048", "dist-dpo-4x4", "8x2_over_4x4"),
+                               ("var6k", "dist-dpo-omp1", "torch_threads_over_one"),
                                ("fixed2048", "dist-dpo-lorafp32", "lora_inputs"), ("var", "dist-dpo-lorafp32", "lora_inputs"),
                                ("fixed2048", "dist-dpo-expseg", "default_allocator_over_expandable")):
         for key, suffix in (("tokens_per_s", ""), ("steady_tokens_per_s", "_steady")):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +245,13 @@ class TokenizeAcrossRanks:
     stays."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        start = time.perf_counter()
+        try:
+            return self._prepare_parts(dataset, processing_class, args, dataset_name)
+        finally:  # train.py logs it as its own part of the trainer's construction
+            self._dd_tokenize_s = getattr(self, "_dd_tokenize_s", 0.0) + time.perf_counter() - start
+
+    def _prepare_parts(self, dataset, processing_class, args, dataset_name):
         import datasets
         import torch.distributed as dist
         import trl.trainer.dpo_trainer as dpo_module

@@ -16,12 +16,21 @@ class StartUp:
 
     def __init__(self) -> None:
         self.points: list[tuple[str, float]] = [("process start", _process_start())]
+        self.parts: list[tuple[int, str, float]] = []  # a named share ("of which ...") of the interval just marked
 
     def mark(self, name: str) -> None:
         self.points.append((name, time.time()))
 
+    def part(self, name: str, seconds: float | None) -> None:
+        if seconds is not None:
+            self.parts.append((len(self.points) - 1, name, seconds))
+
     def seconds(self) -> dict[str, float]:
-        return {name: round(t - self.points[i][1], 2) for i, (name, t) in enumerate(self.points[1:])}
+        out = {}
+        for i, (name, t) in enumerate(self.points[1:], 1):
+            out[name] = round(t - self.points[i - 1][1], 2)
+            out.update({part: round(s, 2) for at, part, s in self.parts if at == i})
+        return out
 
 
 def _process_start() -> float:

@@ -114,6 +114,7 @@ def _train(argv: list[str]) -> int:
         peft_config=peft_config,
     )
     startup.mark("trainer (tokenization)")
+    startup.part("of which tokenizing", getattr(trainer, "_dd_tokenize_s", None))  # the rest: trl, peft, accelerate
     ddp_gradients_in_buckets(trainer, strat)
     keep_qlora_adapters_fp32(trainer, strat)  # dist_dpo/precision.py: what trl / FSDP2 would get wrong, in order
     refuse_float_gathered_4bit(trainer.model, strat)

@@ -47,6 +47,9 @@ def test_two_processes_trained_and_finished(demo_run):
     startup = marker["startup_s"]  # where the start went, in order, process start to the end of step 1
     assert list(startup)[0] == "python imports" and list(startup)[-1] == "step 1"
     assert "trainer (tokenization)" in startup and all(v >= 0 for v in startup.values())
+    keys = list(startup)  # the trainer's own tokenization, listed as a share of its construction
+    assert keys[keys.index("trainer (tokenization)") + 1] == "of which tokenizing"
+    assert 0 < startup["of which tokenizing"] <= startup["trainer (tokenization)"]
     assert combined_has(proc, "start-up: python imports")
 
 
