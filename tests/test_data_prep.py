@@ -4,6 +4,7 @@ prepare an in-memory dataset (which has no cache files) at once, and keeps trl's
 import contextlib
 
 import datasets
+import pytest
 import trl.trainer.dpo_trainer as dpo_module
 
 from dist_dpo.data import TokenizeAcrossRanks
@@ -201,10 +202,11 @@ def test_tokenizing_in_worker_processes_gives_trls_rows_and_leaves_the_users_arg
     assert in_workers == in_process and len(in_process) == 40 and in_process[0]["chosen_ids"]
 
 
-def test_batched_tokenization_gives_trls_rows(monkeypatch):
-    """data.tokenize_pairs (three batched tokenizer calls) vs trl's own row-by-row map on chat pairs: the same
-    columns, values, types and rows dropped (prompts at or over max_length), with and without a system prompt; the
-    tokenizer's threads are on only during the calls."""
+@pytest.mark.parametrize("chunk_rows", [4096, 7])
+def test_batched_tokenization_gives_trls_rows(monkeypatch, chunk_rows):
+    """data.tokenize_pairs (three batched tokenizer calls per chunk of rows) vs trl's own row-by-row map on chat
+    pairs: the same columns, values, types and rows dropped (prompts at or over max_length), with and without a
+    system prompt, in one chunk or several; the tokenizer's threads are on only during the calls."""
     import os
 
     import dist_dpo.data as data
@@ -224,13 +226,14 @@ def test_batched_tokenization_gives_trls_rows(monkeypatch):
                 "rejected": [{"role": "assistant", "content": "no. " * (1 + i % 3)}], "id": i}
 
     ds = datasets.Dataset.from_list([row(i) for i in range(30)])
+    monkeypatch.setattr(data, "TOKENIZE_CHUNK_ROWS", chunk_rows)
     threads = []
     real = tok.apply_chat_template
     monkeypatch.setattr(tok, "apply_chat_template",
                         lambda *a, **k: threads.append(os.environ.get("TOKENIZERS_PARALLELISM")) or real(*a, **k))
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     ours = data.tokenize_pairs(ds, tok, _Args(None))
-    assert threads == ["true"] * 3 and os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    assert threads == ["true"] * 3 * -(-30 // chunk_rows) and os.environ["TOKENIZERS_PARALLELISM"] == "false"
     monkeypatch.setattr(tok, "apply_chat_template", real)
     theirs = Plain()._prepare_dataset(ds, tok, _Args(None), "train")
     assert 0 < len(theirs) < len(ds)  # max_length 64 drops the long prompts
@@ -238,14 +241,17 @@ def test_batched_tokenization_gives_trls_rows(monkeypatch):
     assert ours.features == theirs.features
 
 
-def test_pairs_whose_prompt_fills_max_length_are_dropped_by_their_token_count():
+@pytest.mark.parametrize("chunk_rows", [4096, 2])
+def test_pairs_whose_prompt_fills_max_length_are_dropped_by_their_token_count(monkeypatch, chunk_rows):
     """data._drop_overlong measures every prompt in one batched call: the rows kept are those whose prompt (chat
     template with the generation prompt, or plain text) leaves MIN_ANSWER_TOKENS inside max_length, per row."""
+    import dist_dpo.data as data
     from dist_dpo.data import MIN_ANSWER_TOKENS, _drop_overlong, to_chat
     from dist_dpo.model_zoo import TOKENIZER_DIR
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    monkeypatch.setattr(data, "TOKENIZE_CHUNK_ROWS", chunk_rows)
     plain = [{"prompt": "word " * n, "chosen": "a", "rejected": "b"} for n in (1, 30, 5, 60, 12)]
     for rows in (plain, [to_chat(r, "sys") for r in plain]):
         ds = datasets.Dataset.from_list(rows).select([4, 3, 2, 1, 0])  # an indices mapping, as after a split
