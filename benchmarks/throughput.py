@@ -143,7 +143,7 @@ def optional_rows() -> list[Row]:
         Row("dist-dpo", "separateqkv", "var6k", gpus=2, env={"DIST_DPO_FUSED_QKV": "0"}),
         Row("dist-dpo", "4x4", "fixed2048", batch=4, accum=4, lane=1),
         # the 1-GPU row with the intra-op threads the launcher gives each rank of a 2-GPU row (1; a plain process
-        # keeps torch's default, one per core): call H's 1-GPU var6k steps were slower than each 2-GPU rank's
+        # leaves OMP_NUM_THREADS unset and torch picks): call H's 1-GPU var6k steps were slower than each 2-GPU rank's
         Row("dist-dpo", "omp1", "var6k", lane=1, env={"OMP_NUM_THREADS": "1"}),
         # peft's fp32 copy of every LoRA input kept (what fast/lora_inputs.py removes)
         Row("dist-dpo", "lorafp32", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_LORA_INPUT_CAST": "1"}),
@@ -764,6 +764,15 @@ class _Rate(float):
         return rate
 
 
+# A/B recipe (a row without one piece of the speed path) -> the piece its ratio to the default row measures
+PIECES = {"noshare": "prefix_sharing", "masked": "packed_rows", "expandkv": "grouped_kv_heads",
+          "headrecompute": "head_grad_in_forward", "noliger": "liger", "lorafp32": "lora_inputs",
+          "lignorm": "torch_rms_norm", "separateqkv": "fused_qkv", "4x4": "8x2_over_4x4",
+          "omp1": "torch_threads_over_one", "expseg": "default_allocator_over_expandable",
+          # call G (2026-11-28): the same two switches the other way round, before they became the default
+          "torchnorm": "liger_rms_norm_over_torch", "fusedqkv": "separate_over_fused_qkv"}
+
+
 def ratios(rows: list[dict]) -> dict:
     ok = {r["name"]: r for r in rows if r["status"] == "ok"}
 
@@ -790,31 +799,14 @@ def ratios(rows: list[dict]) -> dict:
     if q:
         out["qlora_vs_tutorial_qlora"] = q
     pieces = {}  # what one piece of the speed path buys: default row / the row without it, same lane (card)
-    for ds, without, piece in (("var", "dist-dpo-noshare", "prefix_sharing"), ("var", "dist-dpo-masked", "packed_rows"),
-                               ("fixed512", "dist-dpo-masked", "packed_rows"),
-                               ("fixed2048", "dist-dpo-expandkv", "grouped_kv_heads"),
-                               ("fixed2048", "dist-dpo-headrecompute", "head_grad_in_forward"),
-                               ("var", "dist-dpo-headrecompute", "head_grad_in_forward"),
-                               ("fixed2048", "dist-dpo-noliger", "liger"), ("var", "dist-dpo-noliger", "liger"),
-                               ("var6k", "dist-dpo-noliger", "liger"),
-                               ("var", "dist-dpo-torchnorm", "liger_rms_norm_over_torch"),
-                               ("var6k", "dist-dpo-torchnorm", "liger_rms_norm_over_torch"),
-                               ("fixed2048", "dist-dpo-torchnorm", "liger_rms_norm_over_torch"),
-                               ("var", "dist-dpo-fusedqkv", "separate_over_fused_qkv"),
-                               ("var6k", "dist-dpo-fusedqkv", "separate_over_fused_qkv"),
-                               ("fixed2048", "dist-dpo-fusedqkv", "separate_over_fused_qkv"),
-                               ("var", "dist-dpo-lignorm", "torch_rms_norm"), ("var6k", "dist-dpo-lignorm", "torch_rms_norm"),
-                               ("fixed2048", "dist-dpo-lignorm", "torch_rms_norm"),
-                               ("var", "dist-dpo-separateqkv", "fused_qkv"), ("var6k", "dist-dpo-separateqkv", "fused_qkv"),
-                               ("fixed2048", "dist-dpo-separateqkv", "fused_qkv"),
-                               ("fixed2048", "dist-dpo-4x4", "8x2_over_4x4"),
-                               ("var6k", "dist-dpo-omp1", "torch_threads_over_one"),
-                               ("fixed2048", "dist-dpo-lorafp32", "lora_inputs"), ("var", "dist-dpo-lorafp32", "lora_inputs"),
-                               ("fixed2048", "dist-dpo-expseg", "default_allocator_over_expandable")):
+    for r in ok.values():
+        piece, ds = PIECES.get(r["recipe"]), r["dataset"]
+        if r["runner"] != "dist-dpo" or piece is None or r["name"] != f"dist-dpo-{r['recipe']}/{ds}/lora/1gpu":
+            continue
         for key, suffix in (("tokens_per_s", ""), ("steady_tokens_per_s", "_steady")):
-            r = ratio(tps(f"dist-dpo/{ds}/lora/1gpu", key), tps(f"{without}/{ds}/lora/1gpu", key))
-            if r:
-                pieces[f"{piece} {ds}{suffix}"] = r
+            rate = ratio(tps(f"dist-dpo/{ds}/lora/1gpu", key), tps(r["name"], key))
+            if rate:
+                pieces[f"{piece} {ds}{suffix}"] = rate
     if pieces:
         out["pieces"] = pieces
     for row, label in (("dist-dpo/var6k/lora/2gpu", "ddp_scaling_2gpu"),
@@ -1004,9 +996,11 @@ def main() -> int:
         key, _, lane = spec.partition("=")
         if not lane.isdigit():
             p.error(f"--lane {spec}: give SUBSTRING=LANE, e.g. fixed2048=0")
-        for r in rows:
-            if key in r.name and r.gpus == 1:
-                r.lane = int(lane)
+        moved = [r for r in rows if key in r.name and r.gpus == 1]
+        if not moved:
+            p.error(f"--lane {spec}: no selected 1-GPU row matches '{key}'")
+        for r in moved:
+            r.lane = int(lane)
     if a.list:
         for r in default_rows() + optional_rows():
             print(f"{r.name:40} lane {r.lane} {' '.join(r.extra)}")

@@ -183,13 +183,7 @@ def _drop_overlong(ds, tokenizer, max_length: int, where: str):
     lengths = []
     for begin in range(0, len(ds), TOKENIZE_CHUNK_ROWS):  # batched calls (one per row: ~0.2 ms each in Python)
         prompts = ds[begin:begin + TOKENIZE_CHUNK_ROWS]["prompt"]
-        with _tokenizer_threads():
-            if _is_messages(prompts[0]):
-                ids = tokenizer.apply_chat_template(prompts, tokenize=True, return_dict=True,
-                                                    add_generation_prompt=True)
-            else:
-                ids = tokenizer(prompts)
-        lengths += [len(p) for p in ids["input_ids"]]
+        lengths += [len(p) for p in _token_ids(tokenizer, prompts, add_generation_prompt=True)]
     keep = [i for i, n in enumerate(lengths) if n <= max_length - MIN_ANSWER_TOKENS]
     if not keep:
         raise UserError(
@@ -299,12 +293,12 @@ def tokenize_pairs(dataset, tokenizer, args):
     rejected through the chat template, the completion from where they diverge, pairs whose prompt fills max_length
     dropped), with the same tokenizer call made once per column for TOKENIZE_CHUNK_ROWS rows at a time instead of
     three times per row: 0.38 instead of 0.75 s per 1,000 var6k pairs on this project's 2-core box, and no worker
-    processes to start. None
-    where trl's own is needed: plain-text pairs (trl appends EOS), tool or template arguments per row, processors."""
+    processes to start. None where trl's own is needed: plain-text pairs (trl appends EOS), tool or template
+    arguments per row, processors."""
     import datasets
     import pyarrow as pa
     from transformers import PreTrainedTokenizerBase
-    from trl.data_utils import common_prefix_length, is_conversational
+    from trl.data_utils import is_conversational
 
     columns = set(dataset.column_names)
     if (not isinstance(tokenizer, PreTrainedTokenizerBase) or not {"prompt", "chosen", "rejected"} <= columns
@@ -316,8 +310,9 @@ def tokenize_pairs(dataset, tokenizer, args):
     table = _table(dataset)
     parts, warned = [], False
     for begin in range(0, len(dataset), TOKENIZE_CHUNK_ROWS):  # token ids as Python ints: ~36 bytes each, so in chunks
-        chunk = table.slice(begin, TOKENIZE_CHUNK_ROWS).select(["prompt", "chosen", "rejected"]).to_pydict()
-        prompt_ids, chosen_ids, rejected_ids, starts = _tokenize_chunk(tokenizer, chunk, common_prefix_length)
+        part = table.slice(begin, TOKENIZE_CHUNK_ROWS)
+        prompt_ids, chosen_ids, rejected_ids, starts = _tokenize_chunk(tokenizer, part.select(
+            ["prompt", "chosen", "rejected"]).to_pydict())
         diverged = next((i for i, (n, p) in enumerate(zip(starts, prompt_ids)) if n < len(p)), None)
         if diverged is not None and not warned:  # trl's warning, once
             warned = True
@@ -326,7 +321,6 @@ def tokenize_pairs(dataset, tokenizer, args):
                 "renders the prompt alone differently, or tokens merge across the boundary); the completion starts "
                 "where they diverge and %r is left out of the training sequence", begin + diverged,
                 tokenizer.decode(prompt_ids[diverged][starts[diverged]:]))
-        part = table.slice(begin, TOKENIZE_CHUNK_ROWS)
         part = part.append_column("prompt_ids", pa.array([p[:n] for p, n in zip(prompt_ids, starts)], ints))
         part = part.append_column("chosen_ids", pa.array(chosen_ids, ints))
         part = part.append_column("rejected_ids", pa.array(rejected_ids, ints))
@@ -342,22 +336,28 @@ def tokenize_pairs(dataset, tokenizer, args):
 TOKENIZE_CHUNK_ROWS = 4096  # pairs per batched call: bounded memory for 100k-pair sets, threads still kept busy
 
 
-def _tokenize_chunk(tokenizer, chunk: dict, common_prefix_length):
+def _tokenize_chunk(tokenizer, chunk: dict):
     """prompt ids, chosen ids, rejected ids (the completions after the common prefix) and that prefix's length, per
     pair of `chunk` (columns of chat messages)."""
+    from trl.data_utils import common_prefix_length
+
     prompts, chosen, rejected = chunk["prompt"], chunk["chosen"], chunk["rejected"]
-
-    def ids(conversations, **kwargs):
-        return tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True, **kwargs)["input_ids"]
-
-    with _tokenizer_threads():
-        prompt_ids = ids(prompts, add_generation_prompt=True)
-        prompt_chosen = ids([p + c for p, c in zip(prompts, chosen)])
-        prompt_rejected = ids([p + r for p, r in zip(prompts, rejected)])
+    prompt_ids = _token_ids(tokenizer, prompts, add_generation_prompt=True)
+    prompt_chosen = _token_ids(tokenizer, [p + c for p, c in zip(prompts, chosen)])
+    prompt_rejected = _token_ids(tokenizer, [p + r for p, r in zip(prompts, rejected)])
     starts = [min(common_prefix_length(p, c), common_prefix_length(p, r))
               for p, c, r in zip(prompt_ids, prompt_chosen, prompt_rejected)]
     return (prompt_ids, [c[n:] for c, n in zip(prompt_chosen, starts)],
             [r[n:] for r, n in zip(prompt_rejected, starts)], starts)
+
+
+def _token_ids(tokenizer, texts: list, **template_kwargs) -> list[list[int]]:
+    """One batched tokenizer call, the Rust tokenizer's threads on: chat messages through the chat template (what
+    trl's `_tokenize` calls per row), plain strings as they are."""
+    with _tokenizer_threads():
+        if _is_messages(texts[0]):
+            return tokenizer.apply_chat_template(texts, tokenize=True, return_dict=True, **template_kwargs)["input_ids"]
+        return tokenizer(texts)["input_ids"]
 
 
 @contextlib.contextmanager

@@ -797,3 +797,10 @@ def test_fused_qkv_and_torch_rms_norm_are_the_default_where_weights_are_whole(pa
     attn = sharded.model.get_base_model().model.layers[0].self_attn
     assert not hasattr(attn.k_proj, "_dd_own_forward")  # no fused copy made
     assert speed.env_flag("DIST_DPO_FUSED_QKV", default=True)
+
+
+@pytest.mark.parametrize("lane,message", [("fixed2048", "give SUBSTRING=LANE"), ("nosuch=0", "no selected 1-GPU row")])
+def test_throughput_refuses_a_bad_lane_in_one_line(lane, message):
+    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--lane", lane, "--list"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr

@@ -84,9 +84,8 @@ def apply(trainer, recipe, rt) -> dict:
         _log(rt, report)
         return report
     state = head.HeadState(head.EXTRAS + (("log_sum_sq_probs",) if trainer.use_weighting else ()))
-    head.install(base, state)
-    if trainer.ref_model is not None:  # full fine-tuning; already wrapped for inference (a DeepSpeed engine: .module)
-        head.install(getattr(trainer.ref_model, "module", trainer.ref_model), state)
+    for m in _with_reference(trainer, base):
+        head.install(m, state)
 
     sharing = sharing if head.shared_layout_ok(base) else "false"
     not_packed = _not_packed_because(trainer, base, t, sharing)
@@ -101,16 +100,12 @@ def apply(trainer, recipe, rt) -> dict:
 
     # q/k/v as one matmul where every rank holds whole weights (the strategy table); DIST_DPO_FUSED_QKV=0: the A/B row
     if strategy_for(rt.strategy).fuses_qkv and env_flag("DIST_DPO_FUSED_QKV", default=True):
-        n = fused_qkv.install(base)
-        if trainer.ref_model is not None:
-            fused_qkv.install(getattr(trainer.ref_model, "module", trainer.ref_model))
+        n = [fused_qkv.install(m) for m in _with_reference(trainer, base)][0]
         if n:
             report["q/k/v"] = f"one matmul ({n} layers)"
 
     if _rms_norm_choice() == "torch":  # DIST_DPO_RMSNORM=liger: the A/B row (rms_norm.py); liger keeps SwiGLU, RoPE
-        n = rms_norm.install(base)
-        if trainer.ref_model is not None:  # full fine-tuning: the reference is a model of its own
-            rms_norm.install(getattr(trainer.ref_model, "module", trainer.ref_model))
+        n = [rms_norm.install(m) for m in _with_reference(trainer, base)][0]
         trainer.args.liger_kernel_config = {**(trainer.args.liger_kernel_config or {}), "rms_norm": False}
         report["RMSNorm"] = f"torch's fused rms_norm ({n} norms)"
 
@@ -192,10 +187,16 @@ def _not_packed_because(trainer, base, t, sharing: str) -> str | None:
         raise UserError(f"packed_rows: true, but packed rows cannot run here: {why}. Set packed_rows: auto")
     if why:
         return why
-    attention.install(base)
-    if trainer.ref_model is not None:
-        attention.install(getattr(trainer.ref_model, "module", trainer.ref_model))
+    for m in _with_reference(trainer, base):
+        attention.install(m)
     return None
+
+
+def _with_reference(trainer, base) -> list:
+    """The models a piece of the speed path goes on: the policy's base, and under full fine-tuning the reference,
+    a model of its own (already wrapped for inference: a DeepSpeed engine's .module)."""
+    ref = trainer.ref_model
+    return [base] if ref is None else [base, getattr(ref, "module", ref)]
 
 
 def _head_model(trainer):
