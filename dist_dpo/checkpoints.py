@@ -7,8 +7,10 @@ this (callbacks run after the save; `save_only_model` etc. don't change where fi
 overrides `_save_checkpoint` around the library's own saving code:
 
   1. the Trainer saves into `<output_dir>/.incomplete/checkpoint-N` (it asks `_get_output_dir` where to write);
-  2. every rank fsyncs what it wrote (ZeRO/FSDP ranks write their own shards), then all meet at a barrier;
-  3. the saving rank writes `dist_dpo_checkpoint.json` (step, world size, every file with its size), fsyncs it,
+  2. every rank adds the checkpoint's portable state (dist_dpo/portable.py: gathered from the shards, so all take
+     part) and fsyncs what it wrote (ZeRO/FSDP ranks write their own shards), then all meet at a barrier;
+  3. the saving rank writes `dist_dpo_checkpoint.json` (step, world size, strategy, global batch, every file with its
+     size), fsyncs it,
      renames the directory to `<output_dir>/checkpoint-N` (atomic within one file system) and fsyncs output_dir;
   4. only then are old complete checkpoints rotated away, and all ranks meet again.
 
@@ -120,21 +122,14 @@ def last_complete_checkpoint(output_dir: Path) -> Path | None:
     return None
 
 
-def check_resumable(ckpt: Path, world_size: int | None) -> None:
-    """A checkpoint from another process count is refused: its RNG files, data position (and ZeRO/FSDP optimizer
-    shards) are per rank, so the run would silently not be the one that was interrupted. world_size None: a
-    one-process dry run before the launcher, which cannot know the job's size; only completeness is checked."""
+def check_resumable(ckpt: Path) -> dict:
+    """The checkpoint's marker, if it is complete. Whether this run's layout can resume it is portable.choose."""
     problem = why_incomplete(ckpt)
     if problem:
         raise UserError(
             f"checkpoint '{ckpt}' is incomplete ({problem}); pass --resume auto to use the last complete one"
         )
-    saved = read_marker(ckpt).get("world_size")
-    if world_size is not None and saved != world_size:
-        raise UserError(
-            f"checkpoint '{ckpt}' was written by {saved} processes and this run has {world_size}: relaunch with "
-            f"{saved} processes to resume exactly, or start over with --resume never (or a new output_dir)"
-        )
+    return read_marker(ckpt)
 
 
 def discard_staging(output_dir: Path) -> None:
@@ -179,6 +174,9 @@ class AtomicCheckpoints:
             super()._save_checkpoint(model, trial)  # everything transformers saves: model, optimizer, RNG, state
         finally:
             self._staging_root = None
+        from dist_dpo import portable
+
+        portable.save(self, staged)  # the same state in a form any world size and strategy can resume from
         if staged.is_dir():
             fsync_tree(staged)
         self.accelerator.wait_for_everyone()  # every rank's shards are on disk
@@ -187,7 +185,9 @@ class AtomicCheckpoints:
             if best and Path(best).parent == staging_root:  # transformers named the staging path
                 self.state.best_model_checkpoint = str(run_dir / Path(best).name)
                 self.state.save_to_json(str(staged / "trainer_state.json"))
-            publish(staged, final, {"global_step": self.state.global_step, **self.checkpoint_meta})
+            a = self.args
+            batch = a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
+            publish(staged, final, {"global_step": self.state.global_step, "global_batch": batch, **self.checkpoint_meta})
             try:
                 staging_root.rmdir()  # only if empty: never hide what is left of another save
             except OSError:

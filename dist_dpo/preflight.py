@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dist_dpo.checkpoints import RUN_MARKER, check_resumable, last_complete_checkpoint, read_marker
+from dist_dpo.checkpoints import RUN_MARKER, check_resumable, last_complete_checkpoint
 from dist_dpo.config import Recipe
 from dist_dpo.errors import UserError
 from dist_dpo.logs import get_logger
@@ -39,6 +39,8 @@ class Plan:
     train_ds: Any
     eval_ds: Any
     resume: str | None = None  # rank 0's choice, shared with every rank
+    resume_portable: bool = False  # from the checkpoint's portable state (another world size or strategy)
+    resume_accumulation: int | None = None  # the accumulation that keeps the checkpoint's global batch here
     params: int = 0  # rank 0 only, from the skeleton
     trainable: int = 0
     disk_need: int = 0
@@ -53,14 +55,15 @@ def run(r: Recipe, rt: Runtime) -> Plan:
         error = str(e)
     except Exception as e:  # a bug on this rank must not leave the others waiting either
         error, bug = f"{type(e).__name__}: {e}".splitlines()[0], e
-    reports = agree(rt, error, plan.resume if plan is not None and rt.is_main else None)
+    shared = (plan.resume, plan.resume_portable, plan.resume_accumulation) if plan is not None and rt.is_main else None
+    reports = agree(rt, error, shared)
     if bug is not None:
         raise bug  # its traceback, on this rank; the others exit 2 with the line below
     failed = [(rank, host, err) for rank, host, err, _ in reports if err]
     if failed:
         rank, host, err = failed[0]
         raise UserError(err if rank == rt.rank or rank == 0 else f"rank {rank} on {host}: {err}")
-    plan.resume = reports[0][3]
+    plan.resume, plan.resume_portable, plan.resume_accumulation = reports[0][3]
     return plan
 
 
@@ -100,7 +103,9 @@ def _rank_zero(r: Recipe, rt: Runtime, plan: Plan) -> None:
     plan.params, plan.trainable = skeleton_counts(r, plan.model_path)
     check_trackers(r.train.report_to)
     out = Path(r.train.output_dir)
-    plan.resume = check_output_dir(r, rt, out)
+    choice = check_output_dir(r, rt, out, len(plan.train_ds) if hasattr(plan.train_ds, "__len__") else None)
+    if choice is not None:
+        plan.resume, plan.resume_portable, plan.resume_accumulation = choice.path, choice.portable, choice.accumulation
     check_writable(out)
     plan.disk_need = checkpoint_disk_need(r, plan.trainable)
     plan.disk_free = free_bytes(out)
@@ -166,8 +171,9 @@ def check_trackers(report_to: list[str]) -> None:
     )
 
 
-def check_output_dir(r: Recipe, rt: Runtime, out: Path) -> str | None:
-    """Refuse to clobber a finished run; pick the complete checkpoint to resume from (same process count only)."""
+def check_output_dir(r: Recipe, rt: Runtime, out: Path, pairs: int | None = None):
+    """Refuse to clobber a finished run; pick the complete checkpoint to resume from and how (portable.choose):
+    a `portable.ResumeChoice`, or None to start afresh."""
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir '{out}' is a file: choose a directory")
     if (out / RUN_MARKER).exists() and not r.train.overwrite_output_dir and r.train.resume != "never":
@@ -184,9 +190,16 @@ def check_output_dir(r: Recipe, rt: Runtime, out: Path) -> str | None:
         ckpt = None
     if ckpt is None:
         return None
-    check_resumable(ckpt, None if r.dry_run and not rt.distributed else rt.world_size)
-    get_logger().info("resuming from %s (written by %s processes)", ckpt, read_marker(ckpt).get("world_size"))
-    return str(ckpt)
+    from dist_dpo.portable import ResumeChoice, choose
+
+    marker = check_resumable(ckpt)
+    if r.dry_run and not rt.distributed:  # a one-process dry run before the launcher cannot know the job's size
+        choice = ResumeChoice(str(ckpt), False, None, f"resuming from {ckpt} (written by "
+                                                      f"{marker.get('world_size')} processes under {marker.get('strategy')})")
+    else:
+        choice = choose(ckpt, marker, rt.world_size, rt.strategy, r.train.per_device_train_batch_size, pairs)
+    get_logger().info("%s", choice.line)
+    return choice
 
 
 def _existing_ancestor(path: Path) -> Path:

@@ -69,6 +69,12 @@ class Strategy:
     # Whether the recipe's micro-batches x accumulation may run as fewer, larger micro-batches (merge_micro_batches):
     # the Trainer reads both at train() time; a DeepSpeed engine fixes them in its config when it is built.
     merges_micro_batches: bool = True
+    # How a checkpoint's portable state (dist_dpo/portable.py) reads and writes the whole adapter and its AdamW
+    # moments, by parameter name. "local": every rank holds them whole (the optimizer is torch's). "dtensor": FSDP2
+    # shards each parameter and its moments as DTensors (full_tensor() gathers, distribute_tensor() scatters).
+    # "deepspeed": the ZeRO optimizer owns fp32 masters and moments in flat partitions; only
+    # deepspeed.utils.safe_{get,set}_full_{fp32_param,optimizer_state} see them per parameter.
+    portable_state: str = "local"
     # What the GPU matrix measured against this strategy with QLoRA that a user should know before choosing it
     # (benchmarks/results/gpu_matrix.json); train warns and doctor lists it. None: nothing to add.
     qlora_caveat: str | None = None
@@ -119,6 +125,7 @@ STRATEGY_TABLE: dict[str, Strategy] = {
         fsdp_uncast_outputs=True,
         fsdp_4bit_gather_as_stored=True,
         fuses_qkv=False,  # weights sharded after the speed path is installed
+        portable_state="dtensor",
     ),
     "zero2": Strategy(
         name="zero2",
@@ -134,6 +141,7 @@ STRATEGY_TABLE: dict[str, Strategy] = {
         runs_on_cpu=False,
         merges_micro_batches=False,  # DeepSpeed: train_micro_batch_size_per_gpu is set at engine init
         qlora_adapters_fp32=False,  # DeepSpeed's engine holds bf16 working copies and fp32 masters itself
+        portable_state="deepspeed",
     ),
     "zero3": Strategy(
         name="zero3",
@@ -150,6 +158,7 @@ STRATEGY_TABLE: dict[str, Strategy] = {
         merges_micro_batches=False,  # DeepSpeed: train_micro_batch_size_per_gpu is set at engine init
         qlora_adapters_fp32=False,  # DeepSpeed's engine holds bf16 working copies and fp32 masters itself
         fuses_qkv=False,  # weights partitioned (zero.Init at load)
+        portable_state="deepspeed",
     ),
 }
 

@@ -77,6 +77,9 @@ def _train(argv: list[str]) -> int:
     startup.mark("preflight (data read and checked)")
     if recipe.dry_run:
         return dry_run_report(recipe, rt, plan)
+    if plan.resume_accumulation not in (None, recipe.train.gradient_accumulation_steps):
+        recipe.train.gradient_accumulation_steps = plan.resume_accumulation  # the checkpoint's global batch, here
+        args = build_dpo_config(recipe, rt, strat)
     if rt.device_type == "cuda":
         from dist_dpo.plan import cap_gpu_memory
 
@@ -101,9 +104,11 @@ def _train(argv: list[str]) -> int:
     from dist_dpo.run_stats import RunStats
 
     from dist_dpo.data import TokenizeAcrossRanks
+    from dist_dpo.portable import PortableResume
 
-    class Trainer(AtomicCheckpoints, WholeAdapterSaves, TokenizeAcrossRanks, DPOTrainer):
+    class Trainer(AtomicCheckpoints, PortableResume, WholeAdapterSaves, TokenizeAcrossRanks, DPOTrainer):
         checkpoint_meta = {"world_size": rt.world_size, "strategy": rt.strategy}
+        portable_resume = plan.resume_portable
 
     trainer = Trainer(
         model=model,

@@ -59,7 +59,8 @@ def apply(trainer, recipe, rt) -> dict:
         p, c, r = lengths
         keys = [a + b + d for a, b, d in zip(p, c, r)] if sharing != "false" else \
             [a + max(b, d) for a, b, d in zip(p, c, r)]
-        batch = trainer.args.train_batch_size * trainer.args.gradient_accumulation_steps
+        # the global batch: the grouped order is then the same on any number of processes (a resume on another count)
+        batch = trainer.args.train_batch_size * trainer.args.gradient_accumulation_steps * trainer.args.world_size
         seed = trainer.args.data_seed if trainer.args.data_seed is not None else trainer.args.seed
         original = trainer._get_train_sampler
 

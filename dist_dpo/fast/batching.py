@@ -48,12 +48,22 @@ def length_grouped_sampler(lengths: list[int], batch_size: int, seed: int, per_d
     the pairs of each micro-step are dealt out one by one instead of in contiguous runs: the order is sorted
     longest first within a megabatch, and accelerate gives rank r the r-th run of `per_device` pairs, so rank 0
     held the longest pairs of every step (3.8 % more tokens on var6k, every step; the others waited). Dealt out,
-    the ranks' shares differ by 0.3 %. Each step trains the same pairs either way."""
+    the ranks' shares differ by 0.3 %. Each step trains the same pairs either way.
+    Each epoch's order comes from (seed, epoch) alone, as in `rebalanced_grouped_sampler`: a run resumed in epoch e
+    builds a fresh sampler, which must draw epoch e's order, not continue a generator from epoch 0."""
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    grouped = LengthGroupedSampler(batch_size, lengths=lengths, generator=generator)
+    class EpochSeeded(LengthGroupedSampler):
+        epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:  # accelerate's DataLoaderShard.set_epoch calls it
+            self.epoch = epoch
+
+        def __iter__(self):
+            self.generator.manual_seed(seed + self.epoch)
+            return super().__iter__()
+
+    grouped = EpochSeeded(batch_size, lengths=lengths, generator=torch.Generator())
     return RanksDealt(grouped, per_device, world) if world > 1 and per_device > 1 else grouped
 
 
@@ -66,6 +76,9 @@ class RanksDealt(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.base)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
 
     def __iter__(self):
         order, block = list(self.base), self.per_device * self.world
