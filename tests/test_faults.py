@@ -180,15 +180,19 @@ def test_resume_published_atomically(resumed):
     assert why_incomplete(out / "checkpoint-6") and why_incomplete(out / "checkpoint-7")
 
 
-def test_resume_with_another_process_count_is_refused(killed, tmp_path):
+def test_resume_on_another_process_count_that_cannot_keep_the_global_batch_is_refused(killed, tmp_path):
+    """Another process count resumes from the portable state (tests/test_portable.py) when the global batch can be
+    kept; 8 pairs x 1 x 2 processes cannot be kept by 1 process with 3 pairs per micro-batch."""
     out = tmp_path / "run"
     shutil.copytree(killed["pristine"], out)
     before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
-    cmd = [sys.executable, "-m", "dist_dpo", "train", *ARGS, "--output_dir", str(out)]
+    cmd = [sys.executable, "-m", "dist_dpo", "train", *ARGS, "--output_dir", str(out),
+           "--per_device_train_batch_size", "3"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = re.findall(r"^dist-dpo: error: .*$", proc.stderr, re.M)
-    assert len(lines) == 1 and "was written by 2 processes and this run has 1" in lines[0], proc.stderr[-2000:]
+    assert len(lines) == 1 and "global batch of 16 pairs; 1 process x per_device_train_batch_size 3 cannot keep " \
+        "it" in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
 

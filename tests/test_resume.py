@@ -99,15 +99,91 @@ def test_rotation_counts_complete_checkpoints_only(tmp_path):
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-6"]
 
 
-def test_resume_refuses_another_process_count_and_torn_checkpoints(tmp_path):
-    ckpt = make_ckpt(tmp_path, 4, world_size=2)
-    check_resumable(ckpt, 2)
-    check_resumable(ckpt, None)  # a one-process dry run before the launcher: it cannot know the job's size
-    with pytest.raises(UserError, match="written by 2 processes and this run has 4: relaunch with 2 processes"):
-        check_resumable(ckpt, 4)
+def test_resume_refuses_torn_checkpoints_and_another_layout_without_portable_state(tmp_path):
+    from dist_dpo.portable import choose
+
+    ckpt = make_ckpt(tmp_path, 4, world_size=2)  # an older marker: no global batch, no portable state
+    marker = check_resumable(ckpt)
+    same = choose(ckpt, {**marker, "strategy": "ddp"}, 2, "ddp", per_device=8, pairs=400)
+    assert not same.portable and same.accumulation is None and same.line.startswith(f"resuming from {ckpt}")
+    with pytest.raises(UserError, match="written by 2 processes under ddp without portable state .* this run has "
+                                        "4 processes under ddp: relaunch that way"):
+        choose(ckpt, {**marker, "strategy": "ddp"}, 4, "ddp", per_device=8, pairs=400)
     torn = make_ckpt(tmp_path, 6, complete=False)
     with pytest.raises(UserError, match="is incomplete"):
-        check_resumable(torn, 2)
+        check_resumable(torn)
+
+
+def test_the_global_batch_is_kept_or_the_resume_is_refused_with_what_would_work(tmp_path):
+    from dist_dpo.portable import PORTABLE, STATE, choose
+
+    ckpt = make_ckpt(tmp_path, 40, world_size=2)
+    marker = {"world_size": 2, "strategy": "ddp", "global_batch": 32}
+    same = choose(ckpt, marker, 2, "ddp", per_device=4, pairs=400)  # the same layout, a smaller micro-batch
+    assert (same.portable, same.accumulation) == (False, 4)
+    with pytest.raises(UserError, match="without portable state"):  # another layout needs it
+        choose(ckpt, marker, 1, "single", per_device=8, pairs=400)
+    (ckpt / PORTABLE).mkdir()
+    (ckpt / PORTABLE / STATE).write_text(json.dumps(
+        {"data": {"pairs": 400, "global_batch": 32, "epoch": 3, "pairs_trained_in_epoch": 160}}))
+    moved = choose(ckpt, marker, 1, "single", per_device=8, pairs=400)
+    assert (moved.portable, moved.accumulation) == (True, 4)
+    assert moved.line.startswith("resuming checkpoint-40 written by 2 processes under ddp on 1 process under single")
+    assert "160 of 400 pairs of epoch 3" in moved.line
+    with pytest.raises(UserError, match="1 process x per_device_train_batch_size 5 cannot keep it: "
+                                        "per_device_train_batch_size 1, 2, 4, 8, 16, 32 would keep it"):
+        choose(ckpt, marker, 1, "single", per_device=5, pairs=400)
+    with pytest.raises(UserError, match="no per-device batch splits 32 pairs over 3 processes"):
+        choose(ckpt, marker, 3, "ddp", per_device=2, pairs=400)
+    with pytest.raises(UserError, match="trained on 400 preference pairs and this run has 399"):
+        choose(ckpt, marker, 1, "single", per_device=8, pairs=399)
+
+
+def test_the_library_internals_portable_resume_relies_on_are_there():
+    """dist_dpo/portable.py: transformers 5.17's Trainer loads a DeepSpeed checkpoint through the module-level
+    deepspeed_load_checkpoint (swapped out for a portable resume), and the three loading methods it overrides."""
+    import inspect
+
+    import transformers.trainer as hf
+
+    assert callable(hf.deepspeed_load_checkpoint)
+    assert "deepspeed_load_checkpoint(" in inspect.getsource(hf.Trainer._prepare_for_training)
+    for name in ("_load_from_checkpoint", "_load_optimizer_and_scheduler", "_load_rng_state"):
+        assert name in inspect.getsource(hf.Trainer._prepare_for_training) + inspect.getsource(hf.Trainer.train) + \
+            inspect.getsource(hf.Trainer._run_epoch), name
+    import deepspeed.utils as ds
+
+    for name in ("safe_get_full_fp32_param", "safe_get_full_optimizer_state", "safe_set_full_fp32_param",
+                 "safe_set_full_optimizer_state"):
+        assert callable(getattr(ds, name)), name
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    assert hasattr(DeepSpeedZeroOptimizer, "_lazy_init_hp_params_optimizer_state")
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_the_grouped_order_is_drawn_per_epoch_through_accelerates_loader(world):
+    """A resumed run builds a fresh sampler: epoch e's order must come from (seed, e), reached by set_epoch through
+    accelerate's loader, with or without the dealing-out across ranks."""
+    import random
+
+    from accelerate.data_loader import BatchSamplerShard, DataLoaderShard
+    from torch.utils.data import BatchSampler
+
+    from dist_dpo.fast.batching import length_grouped_sampler
+
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 300) for _ in range(200)]
+
+    def order(epoch: int) -> list[int]:
+        sampler = length_grouped_sampler(lengths, 16, 42, per_device=8, world=world)
+        batches = BatchSampler(sampler, 8, False)
+        shard = BatchSamplerShard(batches, world, 0) if world > 1 else batches
+        loader = DataLoaderShard(list(range(200)), batch_sampler=shard)
+        loader.set_epoch(epoch)
+        return [i for b in loader for i in b.tolist()]
+
+    assert order(0) != order(1) and order(1) == order(1)  # each epoch its own, and the same on every build
 
 
 def test_a_save_cut_off_midway_leaves_no_checkpoint(tmp_path, builtin_model):
