@@ -11,7 +11,7 @@ checkpoint at step 4, no dropout:
   single->zero2   single's checkpoint-4 resumed under ZeRO-2 on one process (safe_set_full_*): steps 5-8 vs single's
 The layouts differ in precision (DeepSpeed trains bf16 working copies of the adapter, the single GPU fp32 adapters),
 so the bound is bf16-sized: 3 x the two straight runs' largest loss difference over steps 1-4, at least 2e-3 (the
-kill-and-resume benchmark's tolerance). Two runs share the GPU at a time (about 3 minutes on one H200).
+kill-and-resume benchmark's tolerance). Two runs share the GPU at a time, to keep the whole check short.
 """
 
 from __future__ import annotations
