@@ -295,14 +295,9 @@ def _convert(key: str, value: Any, where: str) -> Any:
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        hint = ""
-        recipes = Path(__file__).resolve().parent.parent / "recipes"
-        if recipes.is_dir():
-            names = sorted(x.name for x in recipes.glob("*.yaml"))
-            hint = f"; recipes shipped: {', '.join(names)}"
-        raise UserError(f"recipe file '{path}' does not exist{hint}")
+    from dist_dpo.packaged import resolve_recipe
+
+    p = resolve_recipe(path)  # a file, or a packaged recipe by name
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -353,7 +348,7 @@ def build_parser(prog: str = "dist-dpo train") -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument("--config", help="Recipe YAML (see recipes/).", default=None)
+    parser.add_argument("--config", help="Recipe YAML file, or a packaged recipe by name (demo, seed_lora, seed_qlora).", default=None)
     parser.add_argument("--local_rank", "--local-rank", type=int, help="Set by the deepspeed launcher; ignored.")
     parser.add_argument(
         "--dry_run", action="store_true", default=False,
