@@ -200,7 +200,7 @@ def worker_env(job: Job, environ) -> dict[str, str]:
         # NVLink SHARP off: on shared or virtualised hosts its multicast objects may fail to allocate and NCCL
         # aborts at init; LoRA's small all-reduces gain nothing from it.
         wanted["NCCL_NVLS_ENABLE"] = "0"
-    env = {k: v for k, v in wanted.items() if k not in environ}  # what the user set wins
+    env = {k: v for k, v in wanted.items() if not environ.get(k)}  # what the user set wins
     if job.strategy == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # the same CPU run on a GPU machine too
     return env
