@@ -68,8 +68,15 @@ class DataArgs:
         BUILTIN_DATASET,
         "Hub id, local dir or json/jsonl/csv/parquet file of preference data. 'builtin:bad-boy' is the bundled set.",
     )
-    dataset_config: str | None = _f(None, "Hub dataset configuration name.")
-    train_split: str = _f("train", "Split to train on.")
+    dataset_config: str | None = _f(
+        None, "Dataset configuration name: a hub set's, or one a local dir's README.md declares (datasets' `name`).")
+    data_files: dict | None = _f(
+        None,
+        "Which files make each split, where datasets cannot tell from the layout: {train: data/train-*.parquet, "
+        "test: data/test-*.parquet} (globs relative to a local dataset_name dir; datasets' `data_files`). With "
+        "dataset_name json, csv or parquet the files alone are the set.",
+    )
+    train_split: str = _f("train", "Split to train on (e.g. train_prefs for UltraFeedback).")
     test_split: str = _f("test", "Split to evaluate on; made from train (test_size) when the data has none.")
     test_size: float = _f(0.1, "Fraction of train held out when the data has no test split.", min=0.01, max=0.5)
     system_prompt: str | None = _f(None, "System prompt put before every prompt when the chat template is applied.")
@@ -408,6 +415,10 @@ def validate(r: Recipe) -> None:
     unknown = set(t.report_to) - {"none", "tensorboard", "wandb"}
     if unknown:
         raise UserError(f"report_to: unknown tracker(s) {sorted(unknown)}; use tensorboard, wandb or none")
+    files = r.data.data_files or {}
+    for split, pattern in files.items():
+        if not (isinstance(pattern, str) or isinstance(pattern, list) and all(isinstance(x, str) for x in pattern)):
+            raise UserError(f"data_files: split '{split}' must name a file or glob (or a list of them), got {pattern!r}")
     if t.resume not in ("auto", "never") and not Path(t.resume).is_dir():
         raise UserError(f"resume '{t.resume}' is not a checkpoint directory; use auto, never or a checkpoint path")
     # Names transformers only checks inside DPOConfig, with an 800-character list of choices: check them here.
