@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         faulthandler.dump_traceback_later(seconds, repeat=True)
     # bitsandbytes warns on every CPU process that an optional hub kernel is missing; nothing for users to do.
     logging.getLogger("bitsandbytes.backends.cpu").setLevel(logging.ERROR)
+    if command in ("train", "launch"):  # library chatter goes to the rank file, from the first import on
+        from dist_dpo.logs import hold_library_records
+
+        hold_library_records()
     try:
         code = getattr(importlib.import_module(module), func)(rest)
     except UserError as e:
