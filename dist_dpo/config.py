@@ -395,8 +395,10 @@ def parse_recipe(argv: list[str]) -> Recipe:
     sections = {name: {} for name in SECTIONS}
     for key, value in values.items():
         sections[KEYS[key][0]][key] = value
-    recipe = Recipe(**{name: SECTIONS[name](**kw) for name, kw in sections.items()}, source=config_path or "defaults",
-                    dry_run=dry_run)
+    from dist_dpo.packaged import resolve_recipe
+
+    source = str(resolve_recipe(config_path)) if config_path else "defaults"  # a packaged name: its file
+    recipe = Recipe(**{name: SECTIONS[name](**kw) for name, kw in sections.items()}, source=source, dry_run=dry_run)
     validate(recipe)
     return recipe
 
