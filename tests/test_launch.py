@@ -151,3 +151,20 @@ def test_two_slurm_nodes_bad_input_is_one_line(tmp_path):
     lines = [line for p in (node0, node1) for line in (p.stdout + p.stderr).splitlines() if line.strip()]
     assert lines == ["dist-dpo: error: command line: 'learning_rate' must be a number, got 'fast'"], lines
     assert not (tmp_path / "run").exists()
+
+
+def test_sbatch_example_is_a_valid_launch_under_slurm():
+    import shlex
+
+    path = ROOT / "launch" / "slurm.sbatch"
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    text = path.read_text()
+    assert "#SBATCH --ntasks-per-node=1" in text
+    (line,) = [x for x in text.splitlines() if x.startswith("srun ")]
+    words = shlex.split(line.replace("$PWD", "/shared").replace("$SLURM_JOB_ID", "9"))
+    argv = words[words.index("launch") + 1:]
+    env = {"SLURM_JOB_ID": "9", "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS": "2", "SLURM_NODEID": "1",
+           "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_GPUS_ON_NODE": "8"}
+    job, _, _ = launch.parse(argv, env)
+    assert (job.nnodes, job.node_rank, job.master_addr, job.gpus) == (2, 1, "gpu01", 8)
+    assert job.overrides == ["--output_dir", "/shared/outputs/slurm-9"]
