@@ -16,6 +16,8 @@ from dist_dpo.errors import EXIT_USER_ERROR, UserError
 # command -> (module, function, one-line help). Each function takes argv (the words after the command).
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "doctor": ("dist_dpo.doctor", "main", "Is this machine ready? Driver, CUDA, versions, GPUs, NCCL, disk, recipe."),
+    "launch": ("dist_dpo.launch", "main", "Start training on N GPUs / nodes with a packaged strategy; prints the command."),
+    "configs": ("dist_dpo.packaged", "main", "Copy the packaged accelerate/DeepSpeed configs and recipes out for editing."),
     "train": ("dist_dpo.train", "run", "Train a LoRA/QLoRA DPO adapter (any launcher, any strategy)."),
     "build-model": ("dist_dpo.model_zoo", "main", "Write a random-weight model of a real shape (offline)."),
     "plan": ("dist_dpo.plan", "main", "Peak GPU memory per rank for a shape/strategy/batch, and what fits fastest."),
@@ -80,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         faulthandler.dump_traceback_later(seconds, repeat=True)
     # bitsandbytes warns on every CPU process that an optional hub kernel is missing; nothing for users to do.
     logging.getLogger("bitsandbytes.backends.cpu").setLevel(logging.ERROR)
+    if command in ("train", "launch"):  # library chatter goes to the rank file, from the first import on
+        from dist_dpo.logs import hold_library_records
+
+        hold_library_records()
     try:
         code = getattr(importlib.import_module(module), func)(rest)
     except UserError as e:

@@ -68,8 +68,15 @@ class DataArgs:
         BUILTIN_DATASET,
         "Hub id, local dir or json/jsonl/csv/parquet file of preference data. 'builtin:bad-boy' is the bundled set.",
     )
-    dataset_config: str | None = _f(None, "Hub dataset configuration name.")
-    train_split: str = _f("train", "Split to train on.")
+    dataset_config: str | None = _f(
+        None, "Dataset configuration name: a hub set's, or one a local dir's README.md declares (datasets' `name`).")
+    data_files: dict | None = _f(
+        None,
+        "Which files make each split, where datasets cannot tell from the layout: {train: data/train-*.parquet, "
+        "test: data/test-*.parquet} (globs relative to a local dataset_name dir; datasets' `data_files`). With "
+        "dataset_name json, csv or parquet the files alone are the set.",
+    )
+    train_split: str = _f("train", "Split to train on (e.g. train_prefs for UltraFeedback).")
     test_split: str = _f("test", "Split to evaluate on; made from train (test_size) when the data has none.")
     test_size: float = _f(0.1, "Fraction of train held out when the data has no test split.", min=0.01, max=0.5)
     system_prompt: str | None = _f(None, "System prompt put before every prompt when the chat template is applied.")
@@ -295,14 +302,9 @@ def _convert(key: str, value: Any, where: str) -> Any:
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        hint = ""
-        recipes = Path(__file__).resolve().parent.parent / "recipes"
-        if recipes.is_dir():
-            names = sorted(x.name for x in recipes.glob("*.yaml"))
-            hint = f"; recipes shipped: {', '.join(names)}"
-        raise UserError(f"recipe file '{path}' does not exist{hint}")
+    from dist_dpo.packaged import resolve_recipe
+
+    p = resolve_recipe(path)  # a file, or a packaged recipe by name
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -353,7 +355,7 @@ def build_parser(prog: str = "dist-dpo train") -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument("--config", help="Recipe YAML (see recipes/).", default=None)
+    parser.add_argument("--config", help="Recipe YAML file, or a packaged recipe by name (demo, seed_lora, seed_qlora).", default=None)
     parser.add_argument("--local_rank", "--local-rank", type=int, help="Set by the deepspeed launcher; ignored.")
     parser.add_argument(
         "--dry_run", action="store_true", default=False,
@@ -393,8 +395,10 @@ def parse_recipe(argv: list[str]) -> Recipe:
     sections = {name: {} for name in SECTIONS}
     for key, value in values.items():
         sections[KEYS[key][0]][key] = value
-    recipe = Recipe(**{name: SECTIONS[name](**kw) for name, kw in sections.items()}, source=config_path or "defaults",
-                    dry_run=dry_run)
+    from dist_dpo.packaged import resolve_recipe
+
+    source = str(resolve_recipe(config_path)) if config_path else "defaults"  # a packaged name: its file
+    recipe = Recipe(**{name: SECTIONS[name](**kw) for name, kw in sections.items()}, source=source, dry_run=dry_run)
     validate(recipe)
     return recipe
 
@@ -413,6 +417,10 @@ def validate(r: Recipe) -> None:
     unknown = set(t.report_to) - {"none", "tensorboard", "wandb"}
     if unknown:
         raise UserError(f"report_to: unknown tracker(s) {sorted(unknown)}; use tensorboard, wandb or none")
+    files = r.data.data_files or {}
+    for split, pattern in files.items():
+        if not (isinstance(pattern, str) or isinstance(pattern, list) and all(isinstance(x, str) for x in pattern)):
+            raise UserError(f"data_files: split '{split}' must name a file or glob (or a list of them), got {pattern!r}")
     if t.resume not in ("auto", "never") and not Path(t.resume).is_dir():
         raise UserError(f"resume '{t.resume}' is not a checkpoint directory; use auto, never or a checkpoint path")
     # Names transformers only checks inside DPOConfig, with an 800-character list of choices: check them here.

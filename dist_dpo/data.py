@@ -1,5 +1,6 @@
-"""Preference data: load (built-in, local json/jsonl/csv/parquet, or hub), validate with errors that name the
-file, row and field, and shape it for trl (standard strings -> chat messages when a chat template applies).
+"""Preference data: load (built-in, a local file, a local directory or hub set through `datasets.load_dataset`, a
+`save_to_disk` directory), validate with errors that name the file, row and field, and shape it for trl (only the
+columns it reads; standard strings -> chat messages when a chat template applies).
 
 trl validates nothing until it is deep inside tokenization, where a bad row surfaces as a KeyError on N ranks;
 so we check every row up front.
@@ -79,11 +80,11 @@ class _Records(list):
 
 
 def _split_files(directory: Path) -> dict[str, Path]:
-    found = {}
-    for f in sorted(directory.iterdir()):
-        if f.suffix in _SUFFIX_LOADER:
-            found[f.stem.split(".")[0].split("-")[0]] = f
-    return found
+    """The built-in set's files: <split>.jsonl."""
+    return {f.stem: f for f in sorted(directory.glob("*.jsonl"))}
+
+
+FILE_BUILDERS = ("json", "csv", "parquet", "arrow")  # datasets' loaders for `data_files` alone
 
 
 def load_raw(d: DataArgs) -> dict[str, Any]:
@@ -101,19 +102,43 @@ def load_raw(d: DataArgs) -> dict[str, Any]:
             raise UserError(f"{p}: unsupported data file type; use .json, .jsonl, .csv or .parquet")
         return {d.train_split: _load_file(p)}
     if p.is_dir():
-        files = _split_files(p)
-        if files:
-            return {split: _load_file(f) for split, f in files.items()}
-        try:
-            return dict(datasets.load_from_disk(str(p)))
-        except Exception:
-            raise UserError(f"{p}: no train/test .jsonl/.json/.csv/.parquet files and not a saved dataset") from None
+        if (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():  # written by save_to_disk
+            saved = datasets.load_from_disk(str(p))
+            return dict(saved) if isinstance(saved, datasets.DatasetDict) else {d.train_split: saved}
+        return _load_dir(p, d)
+    if name in FILE_BUILDERS and d.data_files:
+        return _load_dir(name, d)
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise UserError(f"dataset '{name}' does not exist: pass a local file/dir, a hub id, or {BUILTIN_DATASET}")
     try:
-        return dict(datasets.load_dataset(name, d.dataset_config))
+        return dict(datasets.load_dataset(name, d.dataset_config, data_files=d.data_files))
     except Exception as e:
         raise UserError(f"cannot load dataset '{name}' from the hub or its cache: {str(e).splitlines()[0]}") from None
+
+
+def _load_dir(path, d: DataArgs) -> dict[str, Any]:
+    """A local directory the way datasets reads it: a hub snapshot (data/<split>-00000-of-00001.parquet, README.md
+    configs), <split>.jsonl files, any split names, or `data_files`. When datasets fails, our own reader names the
+    file and line it cannot read."""
+    import datasets
+
+    try:
+        return dict(datasets.load_dataset(str(path), d.dataset_config, data_files=d.data_files))
+    except Exception as e:  # noqa: BLE001 - pyarrow, json and datasets errors have many types
+        failure = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    try:
+        files = datasets.load_dataset_builder(str(path), d.dataset_config, data_files=d.data_files).config.data_files
+    except Exception:  # noqa: BLE001
+        files = None
+    if not files:
+        raise UserError(f"{path}: no data files datasets can read ({failure}); a local set is train/test "
+                        ".jsonl/.json/.csv/.parquet files (also under data/, as hub downloads have them), a "
+                        "save_to_disk directory, or name its files with data_files") from None
+    for split_files in files.values():
+        for f in split_files:
+            if Path(f).suffix in _SUFFIX_LOADER:
+                _load_file(Path(f))  # raises the UserError that names the file, line or field
+    raise UserError(f"{path}: datasets cannot load it: {failure}") from None
 
 
 def _is_messages(value: Any) -> bool:
@@ -166,6 +191,41 @@ def validate_rows(ds, where: str) -> None:
         get_logger().warning("%s: %d row(s) have chosen == rejected; they add no signal", where, identical)
 
 
+TRL_COLUMNS = ("prompt", "chosen", "rejected", "images", "tools", "chat_template_kwargs")  # what trl's DPO reads
+
+
+def _trl_columns(ds, where: str):
+    """Validated rows with only the columns trl reads: scores, ids and message copies (UltraFeedback's
+    score_chosen, prompt_id, messages) never reach tokenization."""
+    if {"prompt", "chosen", "rejected"} <= set(ds.column_names) and _implicit_prompt_layout(ds):
+        ds = ds.map(_split_implicit_prompt, remove_columns=[c for c in ds.column_names if c not in TRL_COLUMNS])
+    validate_rows(ds, where)
+    extra = [c for c in ds.column_names if c not in TRL_COLUMNS]
+    return ds.remove_columns(extra) if extra else ds
+
+
+def _implicit_prompt_layout(ds) -> bool:
+    """A plain-text prompt beside chosen/rejected conversations (HuggingFaceH4/ultrafeedback_binarized)."""
+    import datasets
+
+    prompt, chosen = ds.features["prompt"], ds.features["chosen"]
+    return (isinstance(prompt, datasets.Value) and prompt.dtype in ("string", "large_string")
+            and isinstance(chosen, (list, datasets.List, datasets.LargeList)))
+
+
+def _split_implicit_prompt(row: dict) -> dict:
+    """The conversations repeat the prompt: their shared turns become the prompt (trl's extract_prompt), the rest
+    the answers. Conversations of assistant turns only take the plain-text prompt as the user turn."""
+    from trl.data_utils import extract_prompt
+
+    chosen, rejected = row["chosen"], row["rejected"]
+    whole = _is_messages(chosen) and _is_messages(rejected) and chosen and rejected
+    if whole and chosen[0].get("role") != "assistant":
+        return {**row, **extract_prompt({"chosen": chosen, "rejected": rejected})}
+    # assistant turns only; a broken row too, so the column keeps one type and validate_rows names the row
+    return {**row, "prompt": [{"role": "user", "content": row["prompt"]}]}
+
+
 def to_chat(row: dict, system_prompt: str | None) -> dict:
     """Standard strings -> chat messages, so trl renders them with the tokenizer's chat template."""
     prompt = [{"role": "system", "content": system_prompt}] if system_prompt else []
@@ -202,12 +262,11 @@ def load_preference_data(d: DataArgs, tokenizer, max_length: int, seed: int):
     """(train, test) datasets, validated and in the format trl expects."""
     splits = load_raw(d)
     if d.train_split not in splits:
-        raise UserError(f"dataset '{d.dataset_name}' has no split '{d.train_split}'; it has {sorted(splits)}")
-    train = splits[d.train_split]
-    validate_rows(train, f"{d.dataset_name} [{d.train_split}]")
+        raise UserError(f"dataset '{d.dataset_name}' has no split '{d.train_split}'; it has {sorted(splits)} "
+                        "(set train_split / test_split)")
+    train = _trl_columns(splits[d.train_split], f"{d.dataset_name} [{d.train_split}]")
     if d.test_split in splits:
-        test = splits[d.test_split]
-        validate_rows(test, f"{d.dataset_name} [{d.test_split}]")
+        test = _trl_columns(splits[d.test_split], f"{d.dataset_name} [{d.test_split}]")
     else:
         if len(train) < 2:
             raise UserError(f"{d.dataset_name}: need at least 2 rows to hold out a test split")

@@ -24,9 +24,9 @@ from pathlib import Path
 import yaml
 
 from dist_dpo.errors import UserError
+from dist_dpo.packaged import ACCELERATE_CONFIGS, DS_CONFIGS
 
-ROOT = Path(__file__).resolve().parent.parent
-ACCELERATE_CONFIGS = ROOT / "accelerate_configs"
+ROOT = Path(__file__).resolve().parent.parent  # in a checkout: constraints.txt, pyproject.toml (an installed wheel has neither)
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "deepspeed", "bitsandbytes")
 OK, WARN, FAIL, INFO = "ok", "warn", "FAIL", "-"
 EXIT_NOT_READY = 1
@@ -300,7 +300,7 @@ def _environ(values: dict[str, str]):
 
 
 def runtime_for(name: str, gpus: int):
-    """The Runtime a worker of `accelerate launch --config_file accelerate_configs/<name>.yaml` would resolve here:
+    """The Runtime a worker of `dist-dpo launch <name>` (accelerate, the packaged yaml) would resolve here:
     the launch environment accelerate hands its workers, read by runtime.py like in a real run."""
     from dist_dpo.runtime import resolve_runtime
 
@@ -315,7 +315,8 @@ def runtime_for(name: str, gpus: int):
     kind = cfg.get("distributed_type")
     if kind == "DEEPSPEED":
         env.update(ACCELERATE_USE_DEEPSPEED="true",
-                   ACCELERATE_DEEPSPEED_CONFIG_FILE=str(ROOT / cfg["deepspeed_config"]["deepspeed_config_file"]))
+                   ACCELERATE_DEEPSPEED_CONFIG_FILE=str(  # the packaged JSON, as `dist-dpo launch` passes it
+                       DS_CONFIGS / Path(cfg["deepspeed_config"]["deepspeed_config_file"]).name))
     elif kind == "FSDP":
         env["ACCELERATE_USE_FSDP"] = "true"
     with _environ(env):

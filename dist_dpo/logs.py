@@ -1,11 +1,15 @@
 """Rank-aware logging: global rank 0 speaks INFO on the console, other ranks only WARNING and up; every rank
 writes `<output_dir>/logs/rank<N>.log` with host and rank on each line.
 
-Libraries (transformers, datasets, deepspeed, accelerate) are quieted off rank 0 here, in one place.
+The console carries dist-dpo's own lines (and the training progress bar). What libraries log (transformers,
+datasets, deepspeed, accelerate, trl, peft, liger-kernel, bitsandbytes ...) and `warnings.warn` messages ask
+nothing of the user: they go to the rank file only - held in memory until the output dir is known, here, in one
+place. A failure still reaches the console as the exception itself.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import sys
@@ -37,31 +41,85 @@ def setup_console(rt: Runtime) -> logging.Logger:
 
 
 def add_rank_file(rt: Runtime, output_dir: str | os.PathLike) -> Path:
-    """Every rank logs everything it says (and library warnings) to its own file."""
+    """Every rank logs everything it says (and what libraries said, also before this) to its own file."""
     path = Path(output_dir) / "logs" / f"rank{rt.rank}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter(_FORMAT.format(host=rt.hostname, rank=rt.rank)))
-    for name in (LOGGER_NAME, "transformers", "trl", "peft", "accelerate", "DeepSpeed", "datasets"):
-        logging.getLogger(name).addHandler(handler)
+    get_logger().addHandler(handler)
+    LIBRARIES.attach(handler)
     return path
+
+
+class _LibraryRecords(logging.Handler):
+    """The root logger's one handler: library records and warnings go to the rank file, never to the console; held
+    (the last HELD_RECORDS) until the file exists."""
+
+    HELD_RECORDS = 2000
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.file: logging.Handler | None = None
+        self.held: collections.deque = collections.deque(maxlen=self.HELD_RECORDS)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.file is not None:
+            self.file.handle(record)
+        else:
+            self.held.append(record)
+
+    def attach(self, file_handler: logging.Handler) -> None:
+        self.file = file_handler
+        while self.held:
+            file_handler.handle(self.held.popleft())
+
+
+class _ToRankFile(logging.Filter):
+    """On a library's logger: hand each record to the rank file instead of that logger's own handlers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        LIBRARIES.handle(record)
+        return False
+
+
+LIBRARIES = _LibraryRecords()
+# Libraries whose logger writes to the console with a handler of its own (added at import, so it may come after
+# us): a filter on the logger hands each record to the rank file instead. Records logged to the library's root
+# logger itself only - which is how DeepSpeed logs (deepspeed.utils.logging.logger).
+OWN_HANDLER_LOGGERS = ("DeepSpeed",)
+
+
+def hold_library_records() -> None:
+    """From here on, library log records and warnings.warn go to the rank file (held until it exists). `train` and
+    `launch` call it first thing, so that what libraries say while they are imported is caught too."""
+    root = logging.getLogger()
+    if LIBRARIES not in root.handlers:
+        root.addHandler(LIBRARIES)  # also keeps Python's last-resort handler from printing library warnings
+    logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger -> the root handler above
+    for name in OWN_HANDLER_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _ToRankFile) for f in logger.filters):
+            logger.addFilter(_ToRankFile())
 
 
 def _quiet_libraries(rt: Runtime) -> None:
     import datasets
     import transformers
 
+    hold_library_records()
+    # transformers and datasets log through their own console handler: drop it, let records reach the root.
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.enable_propagation()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars; the training bar is trl's own tqdm
+    datasets_root = logging.getLogger("datasets")
+    for h in [h for h in datasets_root.handlers if type(h) is logging.StreamHandler]:
+        datasets_root.removeHandler(h)
+    datasets.utils.logging.enable_propagation()
     datasets.disable_progress_bars()  # per-map bars on every rank drown the step logs
-    if rt.is_main:
-        transformers.utils.logging.set_verbosity_warning()
-        datasets.utils.logging.set_verbosity_warning()
-    else:
-        # Off rank 0 only errors reach the console; the rank file still records this rank's own log lines.
-        transformers.utils.logging.set_verbosity_error()
-        datasets.utils.logging.set_verbosity_error()
-        logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
-        logging.getLogger("accelerate").setLevel(logging.ERROR)
+    transformers.utils.logging.set_verbosity_warning()
+    datasets.utils.logging.set_verbosity_warning()
+    if not rt.is_main:  # torch's own logging handlers (TORCH_LOGS) stay; off rank 0 only its errors
         logging.getLogger("torch.distributed").setLevel(logging.ERROR)
 
 

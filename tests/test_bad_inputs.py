@@ -207,7 +207,7 @@ def cases() -> list[Case]:
         Case("config-unknown-key", ["--config", "{d}/unknown_key.yaml"], "unknown key 'lerning_rate'"),
         Case("config-unknown-option", ["--max_stepz", "3"], "unknown option '--max_stepz'; did you mean 'max_steps'"),
         Case("config-invalid-yaml", ["--config", "{d}/broken.yaml"], "is not valid YAML"),
-        Case("config-missing-recipe", ["--config", "recipes/nope.yaml"], "recipes shipped"),
+        Case("config-missing-recipe", ["--config", "recipes/nope.yaml"], "packaged recipes: demo, seed_lora, seed_qlora"),
         Case("config-wrong-type", ["--max_steps", "ten"], "'max_steps' must be an integer, got 'ten'"),
         Case("config-out-of-range-dropout", ["--lora_dropout", "1.5"], "'lora_dropout' must be <= 0.99"),
         Case("config-out-of-range-batch", ["--per_device_train_batch_size", "0"], "must be >= 1"),

@@ -69,7 +69,7 @@ def test_bad_recipes_fail_with_one_clear_line(tmp_path, text, argv, needle):
 
 
 def test_missing_recipe_lists_shipped_ones():
-    with pytest.raises(UserError, match="recipes shipped: demo.yaml"):
+    with pytest.raises(UserError, match="packaged recipes: demo, seed_lora, seed_qlora"):
         parse_recipe(["--config", "recipes/nope.yaml"])
 
 

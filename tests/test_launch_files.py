@@ -16,6 +16,7 @@ from unittest import mock
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "dist_dpo"  # where the launcher finds the files: the top-level folders link here
 ACC_DIR = ROOT / "accelerate_configs"
 DS_DIR = ROOT / "ds_configs"
 LAUNCH_DIR = ROOT / "launch"
@@ -258,12 +259,19 @@ def test_script_syntax(name):
 
 
 def test_env_sh_takes_ngpus_override():
-    proc = subprocess.run(["bash", "-c", f'source "{LAUNCH_DIR}/env.sh"; echo "$NGPUS $OMP_NUM_THREADS $PWD"'],
+    proc = subprocess.run(["bash", "-c", f'source "{LAUNCH_DIR}/env.sh"; echo "$PYTHON $PWD"'],
                           env={**os.environ, "NGPUS": "3", "PYTHON": sys.executable}, capture_output=True,
                           text=True, timeout=60, cwd="/")
     assert proc.returncode == 0, proc.stderr
-    ngpus, threads, cwd = proc.stdout.split()
-    assert ngpus == "3" and int(threads) >= 1 and Path(cwd) == ROOT
+    python, cwd = proc.stdout.split()
+    assert python == sys.executable and Path(cwd) == ROOT
+    # NGPUS becomes --gpus: 3 processes, the cores split between them
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    line = subprocess.run(["bash", str(LAUNCH_DIR / "torchrun.sh"), "recipes/demo.yaml"], capture_output=True, text=True,
+                          env={**env, "DRY_RUN": "1", "NGPUS": "3", "PYTHON": sys.executable}, timeout=60)
+    assert line.returncode == 0, line.stderr
+    assert "--nproc_per_node 3 " in line.stderr
+    assert line.stderr.startswith(f"+ OMP_NUM_THREADS={max(1, os.cpu_count() // 3)} ")
 
 
 def test_env_sh_rejects_bad_values():
@@ -287,15 +295,22 @@ def test_launch_scripts_name_bad_strategy_and_recipe(tmp_path):
     proc = _bash("accelerate.sh", "zero4", "r.yaml", env={"NGPUS": "1"})
     assert proc.returncode == 2 and "unknown strategy 'zero4'" in proc.stderr
     proc = _bash("deepspeed.sh", "zero4", "r.yaml", env={"NGPUS": "1"})
-    assert proc.returncode == 2 and "unknown stage 'zero4'" in proc.stderr
+    assert proc.returncode == 2 and "unknown strategy 'zero4'" in proc.stderr
+    proc = _bash("deepspeed.sh", "ddp", "r.yaml", env={"NGPUS": "1"})
+    assert proc.returncode == 2 and "the deepspeed launcher runs the ZeRO strategies only" in proc.stderr
     proc = _bash("accelerate.sh", "ddp", "no/such.yaml", env={"NGPUS": "1"}, cwd=tmp_path)
-    assert proc.returncode == 2 and f"recipe '{tmp_path}/no/such.yaml' not found" in proc.stderr
+    assert proc.returncode == 2 and f"recipe file '{tmp_path}/no/such.yaml' does not exist" in proc.stderr
+    for proc in (_bash("accelerate.sh", "zero4", "r.yaml"), _bash("accelerate.sh", "ddp", "no/such.yaml")):
+        assert proc.stderr.count("\n") == 1, proc.stderr  # one line each
 
 
 def _dry(script: str, *args: str, **env: str) -> str:
+    """The command the script runs, without the VAR=value words in front of it (test_printed_command_runs_as_is)."""
     proc = _bash(script, *args, env={"DRY_RUN": "1", **env})
     assert proc.returncode == 0, proc.stderr
-    return proc.stderr.strip().removeprefix("+ ")
+    line = proc.stderr.strip()
+    assert line.startswith("+ ") and line.count("\n") == 0, line
+    return line[line.index(sys.executable):]
 
 
 def test_accelerate_sh_command(tmp_path):
@@ -303,7 +318,8 @@ def test_accelerate_sh_command(tmp_path):
     recipe.write_text("{}\n")
     cmd = _dry("accelerate.sh", "zero3", str(recipe), "--max_steps", "3", NGPUS="4")
     assert cmd == (f"{sys.executable} -m accelerate.commands.accelerate_cli launch --config_file "
-                   f"accelerate_configs/zero3.yaml --num_processes 4 -m dist_dpo train --config {recipe} --max_steps 3")
+                   f"{PKG}/accelerate_configs/zero3.yaml --deepspeed_config_file {PKG}/ds_configs/zero3.json "
+                   f"--num_processes 4 -m dist_dpo train --config {recipe} --max_steps 3")
     # Multi-node: accelerate's --num_processes is the total over the nodes.
     cmd = _dry("accelerate.sh", "ddp", str(recipe), NGPUS="8", NNODES="2", NODE_RANK="1", MASTER_ADDR="10.1.2.3",
                MASTER_PORT="29600")
@@ -316,7 +332,7 @@ def test_deepspeed_sh_command(tmp_path):
     recipe.write_text("{}\n")
     cmd = _dry("deepspeed.sh", "zero3_offload", str(recipe), NGPUS="2", MASTER_PORT="29555", CUDA_VISIBLE_DEVICES="")
     assert cmd == (f"{sys.executable} -m deepspeed.launcher.runner --num_gpus 2 --master_port 29555 --module dist_dpo "
-                   f"train --config {recipe} --deepspeed ds_configs/zero3_offload.json")
+                   f"train --config {recipe} --deepspeed {PKG}/ds_configs/zero3_offload.json")
     # deepspeed's --num_gpus ignores CUDA_VISIBLE_DEVICES, so the visible ids are named instead.
     cmd = _dry("deepspeed.sh", "zero2", str(recipe), NGPUS="2", CUDA_VISIBLE_DEVICES="4,6,7")
     assert "--include localhost:4,6 --master_port" in cmd and "--num_gpus" not in cmd
@@ -334,8 +350,8 @@ def test_torchrun_sh_command(tmp_path):
 
 def test_demo_cpu_sh_command():
     cmd = _dry("demo_cpu.sh", "--max_steps", "2")
-    assert cmd.endswith("launch --config_file accelerate_configs/cpu.yaml -m dist_dpo train --config recipes/demo.yaml "
-                        "--max_steps 2")
+    assert cmd.endswith(f"launch --config_file {PKG}/accelerate_configs/cpu.yaml --num_processes 2 -m dist_dpo train "
+                        "--config recipes/demo.yaml --max_steps 2")
 
 
 # --- Makefile ------------------------------------------------------------------------------------------------------
