@@ -21,5 +21,5 @@ if ((NNODES > 1)); then
 fi
 [[ -z "${MASTER_PORT:-}" ]] || args+=(--main_process_port "$MASTER_PORT")
 
-preflight --config "$recipe" "$@"
+PLANNED="$config" preflight --config "$recipe" "$@"
 run "${ACCELERATE[@]}" launch "${args[@]}" -m dist_dpo train --config "$recipe" "$@"

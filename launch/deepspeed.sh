@@ -26,5 +26,5 @@ fi
 port="${MASTER_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}"
 
 # --module: run dist_dpo like `python -m`; the launcher appends --local_rank=N, which the trainer accepts.
-preflight --config "$recipe" "$@"
+PLANNED="$ds_config" preflight --config "$recipe" "$@"
 run "${DEEPSPEED[@]}" "${where[@]}" --master_port "$port" --module dist_dpo train --config "$recipe" --deepspeed "$ds_config" "$@"

@@ -75,10 +75,12 @@ export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"
 # One process checks the recipe, data, tokenizer and model config before the launcher starts N of them: a mistake
 # is then one line and exit 2, instead of that line followed by the launcher's own failure report (torchrun adds a
 # traceback and exit 1). What only the real job can see (its strategy, world size) is checked again inside it.
+# The strategy and world size are those of the job about to start (PLANNED: the accelerate yaml, the DeepSpeed JSON of
+# the `deepspeed` launcher, or torchrun), so a recipe that cannot run under that strategy is refused here, before launch.
 # PREFLIGHT=0 skips this (it costs one Python start-up, ~10 s).
 preflight() {
   [[ "${PREFLIGHT:-1}" == 0 || -n "${DRY_RUN:-}" ]] && return 0
-  "$PYTHON" -m dist_dpo train --dry_run "$@" || exit $?
+  DIST_DPO_PLANNED_LAUNCH="${PLANNED:-}" "$PYTHON" -m dist_dpo train --dry_run "$@" || exit $?
 }
 
 run() {

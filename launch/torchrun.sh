@@ -19,5 +19,5 @@ else
   where=(--nnodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}")
 fi
 
-preflight --config "$recipe" "$@"
+PLANNED=torchrun preflight --config "$recipe" "$@"
 run "${TORCHRUN[@]}" "${where[@]}" --nproc_per_node "$NGPUS" -m dist_dpo train --config "$recipe" "$@"
