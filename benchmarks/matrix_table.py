@@ -1,6 +1,8 @@
-"""Render benchmarks/results/gpu_matrix.json as the README's "Tested matrix" table (between the markers).
+"""Render benchmarks/results/gpu_matrix.json as the README's "Tested matrix" table (between the markers), or
+benchmarks/results/combinations.json as its recipe x strategy table.
 
     python3 benchmarks/matrix_table.py [--json benchmarks/results/gpu_matrix.json] [--readme README.md]
+    python3 benchmarks/matrix_table.py --combinations benchmarks/results/combinations.json
 """
 
 from __future__ import annotations
@@ -86,11 +88,59 @@ def render(doc: dict) -> str:
     return "\n".join(lines)
 
 
+COMBO_BEGIN, COMBO_END = "<!-- combinations:begin -->", "<!-- combinations:end -->"
+
+
+def combination_text(c: dict) -> str:
+    """What one recipe x strategy cell does (benchmarks/combinations.py)."""
+    if c["status"] == "trained":
+        mem = f", {c['peak_mem_gib']:.2f} GiB" if c.get("peak_mem_gib") else ""
+        loss = f"loss {c['losses'][-1]:.4f}" if c.get("losses") else "no loss logged"
+        return f"✅ trains ({loss}{mem}, adapter verified: {c['adapter']['tensors']} tensors)"
+    if c["status"] == "refused":
+        return f"⛔ refused: {c['line']}"
+    if c["status"] == "pending":
+        return "not run"
+    return f"❌ {c.get('line') or 'failed'}"[:160]
+
+
+def render_combinations(doc: dict) -> str:
+    """Recipes as columns, strategy paths as rows, each cell what the combination does."""
+    recipes = list(dict.fromkeys(c["recipe"] for c in doc["cells"]))
+    paths = list(dict.fromkeys(c["path"] for c in doc["cells"]))
+    by = {(c["path"], c["recipe"]): c for c in doc["cells"]}
+    env = doc.get("environment", {})
+    lines = [f"Card: {', '.join(sorted(set(env.get('cards', []))))} · commit {str(env.get('git_commit'))[:10]} · "
+             f"{env.get('shape')} shape, {doc['setup']['steps']} steps, NGPUS=1, each cell `make <target> "
+             "RECIPE=recipes/<recipe>.yaml` (`benchmarks/combinations.py`)", "",
+             "| make | " + " | ".join(f"`{r}`" for r in recipes) + " |", "|---|" + "---|" * len(recipes)]
+    for path in paths:
+        target = next((c["target"] for c in doc["cells"] if c["path"] == path and c.get("target")), path)
+        lines.append(f"| `{target}` | " + " | ".join(combination_text(by[(path, r)]).replace("|", "/")
+                                                  if (path, r) in by else "-" for r in recipes) + " |")
+    return "\n".join(lines)
+
+
+def replace_block(readme: Path, begin: str, end: str, table: str) -> None:
+    text = readme.read_text()
+    if begin not in text:
+        raise SystemExit(f"{readme} has no {begin} ... {end} block")
+    head, rest = text.split(begin, 1)
+    readme.write_text(head + begin + "\n" + table + "\n" + end + rest.split(end, 1)[1])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default="benchmarks/results/gpu_matrix.json")
     p.add_argument("--readme", default="README.md")
+    p.add_argument("--combinations", metavar="JSON",
+                   help="render benchmarks/results/combinations.json into the README's combinations block instead")
     a = p.parse_args()
+    if a.combinations:
+        table = render_combinations(json.loads(Path(a.combinations).read_text()))
+        replace_block(Path(a.readme), COMBO_BEGIN, COMBO_END, table)
+        print(table)
+        return 0
     table = render(json.loads(Path(a.json).read_text()))
     readme = Path(a.readme)
     text = readme.read_text()

@@ -3,7 +3,7 @@
 The tutorial's manual first step ("nvidia-smi, nvcc --version, torch version: make sure they match"), automated:
 driver, CUDA runtime vs the torch build, package versions vs the tested set (constraints.txt), GPUs (count, memory,
 bf16), bitsandbytes CUDA kernels, NCCL, free disk for checkpoints. With a recipe it also runs `train`'s own checks
-(train.check_combination for the strategy, then the preflight: data, model, LoRA targets, output dir, disk) - the same
+(preflight.check_combination for the strategy, then the preflight: data, model, LoRA targets, output dir, disk) - the same
 code, so doctor and train never disagree.
 
 Exit code: 0 ready (warnings allowed), 1 at least one blocking problem, 2 doctor was called wrongly.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import importlib.metadata as md
 import os
 import re
@@ -302,7 +303,7 @@ def _environ(values: dict[str, str]):
 def runtime_for(name: str, gpus: int):
     """The Runtime a worker of `dist-dpo launch <name>` (accelerate, the packaged yaml) would resolve here:
     the launch environment accelerate hands its workers, read by runtime.py like in a real run."""
-    from dist_dpo.runtime import resolve_runtime
+    from dist_dpo.runtime import accelerate_env, resolve_runtime
 
     path = ACCELERATE_CONFIGS / f"{name}.yaml"
     if not path.is_file():
@@ -311,23 +312,17 @@ def runtime_for(name: str, gpus: int):
     on_cpu = name == "cpu" or gpus == 0
     procs = int(cfg.get("num_processes", 1)) if on_cpu else gpus
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(procs), "LOCAL_WORLD_SIZE": str(procs),
-           "ACCELERATE_DYNAMO_BACKEND": "NO"}
-    kind = cfg.get("distributed_type")
-    if kind == "DEEPSPEED":
-        env.update(ACCELERATE_USE_DEEPSPEED="true",
-                   ACCELERATE_DEEPSPEED_CONFIG_FILE=str(  # the packaged JSON, as `dist-dpo launch` passes it
-                       DS_CONFIGS / Path(cfg["deepspeed_config"]["deepspeed_config_file"]).name))
-    elif kind == "FSDP":
-        env["ACCELERATE_USE_FSDP"] = "true"
+           **accelerate_env(path)}
     with _environ(env):
         return resolve_runtime(device_type="cpu" if on_cpu else "cuda")
 
 
 def strategy_rows(recipe, chosen: str | None, gpus: int) -> list[Row]:
-    """Each strategy x this machine x the recipe's quantization, through train.check_combination."""
+    """Each strategy x this machine x the recipe (optimizer, quantization, precision), through
+    preflight.check_combination."""
     from dist_dpo.config import Recipe
     from dist_dpo.strategies import strategy_for
-    from dist_dpo.train import check_combination
+    from dist_dpo.preflight import check_combination
 
     names = [chosen] if chosen else strategy_names()
     r = recipe or Recipe()
@@ -335,7 +330,7 @@ def strategy_rows(recipe, chosen: str | None, gpus: int) -> list[Row]:
     for name in names:
         rt = runtime_for(name, gpus)
         try:
-            check_combination(r, rt)
+            check_combination(copy.deepcopy(r), rt, say=False)  # each strategy sees the recipe as written
         except UserError as e:
             rows.append(Row(f"strategy {name}", FAIL if chosen else INFO, f"not here: {e}"))
             continue

@@ -216,13 +216,27 @@ def run_preflight(job: Job) -> int:
     from dist_dpo.train import run
 
     argv = ["--dry_run", "--config", job.recipe, *job.overrides]
-    if job.node_rank == 0:
-        return run(argv) or 0
+    if job.launcher != "accelerate" and job.zero_json:
+        argv += ["--deepspeed", str(job.zero_json)]
+    # The check sees the job about to start (runtime.planned_runtime): its strategy and world size, so a recipe
+    # that cannot run under that strategy is refused here, before the launcher starts N processes.
+    planned = {"accelerate": str(job.accelerate_yaml), "deepspeed": str(job.zero_json)}.get(job.launcher, "torchrun")
+    saved = {k: os.environ.get(k) for k in ("DIST_DPO_PLANNED_LAUNCH", "NGPUS", "NNODES")}
+    os.environ.update(DIST_DPO_PLANNED_LAUNCH=planned, NGPUS=str(job.gpus), NNODES=str(job.nnodes))
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        if job.node_rank == 0:
             return run(argv) or 0
-    except UserError:
-        return EXIT_USER_ERROR
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                return run(argv) or 0
+        except UserError:
+            return EXIT_USER_ERROR
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def visible_gpus() -> int:

@@ -8,8 +8,11 @@ Then every rank learns every other's outcome (one all_gather_object). Either all
 or all raise the same UserError: rank 0 prints it as one line and every rank exits 2 together, so no rank is left
 waiting in a collective for a peer that has already quit.
 
-Checks that must come BEFORE the process group exists (strategy x device x quantization: a GPU strategy on a CPU
-machine must not even try NCCL) are `train.check_combination`; they give the same answer on every rank of a node.
+Checks that must come BEFORE the process group exists are `check_combination`: the recipe x strategy rules
+(strategies.COMBINATION_RULES: every optimizer, quantization and precision setting against the strategy), then
+strategy x device (a GPU strategy on a CPU machine must not even try NCCL). They read only the recipe and the launch
+environment, so every rank of a node gives the same answer; the launch scripts' one-process check before the
+launcher asks them for the strategy it is about to start (runtime.planned_runtime).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dist_dpo.config import Recipe
 from dist_dpo.errors import UserError
 from dist_dpo.logs import get_logger
 from dist_dpo.runtime import Runtime
+from dist_dpo.strategies import COMBINATION_RULES, OPTIMIZER_FAMILIES, Rule, strategy_for
 
 # Bytes a checkpoint holds per trainable parameter: fp32 weights (PEFT keeps adapters in fp32) + AdamW's two fp32
 # moments; a full fine-tune under ZeRO/FSDP also keeps fp32 master weights. Plus tokenizer, RNG and trainer state.
@@ -45,6 +49,126 @@ class Plan:
     trainable: int = 0
     disk_need: int = 0
     disk_free: int = 0
+
+
+def check_combination(r: Recipe, rt: Runtime, say: bool = True) -> None:
+    """What cannot work for this recipe under this strategy on this machine, refused (or fixed and said, where the
+    fix changes no result the user asked for) before the process group and before anything loads."""
+    check_rules(r, rt, say)
+    t = r.train
+    if t.merge_micro_batches is True and not (t.fast_path and strategy_for(rt.strategy).merges_micro_batches):
+        raise UserError(
+            "merge_micro_batches: true needs fast_path: true and a strategy that can change its micro-batch "
+            f"({rt.strategy}: DeepSpeed fixes it in its config): set per_device_train_batch_size and "
+            "gradient_accumulation_steps instead, or merge_micro_batches: auto")
+    if t.packed_rows is True and not (t.fast_path and t.prefix_sharing is not False):
+        raise UserError("packed_rows: true packs the shared-prompt rows of the speed path: it needs fast_path: true "
+                        "and prefix_sharing auto/true (or set packed_rows: auto)")
+    if t.packed_rows is True and rt.device_type == "cpu":
+        raise UserError("packed_rows: true needs a CUDA GPU (flash attention's variable-length kernel): set "
+                        "packed_rows: auto, which uses masked rows on CPU")
+    if rt.device_type == "cpu" and not strategy_for(rt.strategy).runs_on_cpu:
+        raise UserError(f"strategy {rt.strategy} needs GPUs and none is visible: use the ddp or cpu configs on CPU")
+    if rt.device_type == "cpu" and (r.model.load_in_4bit or r.model.load_in_8bit):
+        raise UserError("4/8-bit loading needs a CUDA GPU (bitsandbytes); drop load_in_4bit/load_in_8bit on CPU")
+    if rt.device_type == "cpu":
+        # Each CPU rank is a "device": with fewer cores than ranks, gloo ranks starve each other (collectives crawl
+        # until they hit the timeout) and the launcher's 1 thread per rank is already the floor.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if rt.local_world_size > cores:
+            raise UserError(
+                f"{rt.local_world_size} processes on this node but {cores} CPU core(s) and no GPU: "
+                f"launch at most {cores} CPU processes (--num_processes)"
+            )
+    if rt.device_type == "cuda":
+        import torch
+
+        if rt.local_world_size > torch.cuda.device_count():
+            raise UserError(
+                f"{rt.local_world_size} processes on this node but {torch.cuda.device_count()} visible GPU(s): "
+                "lower --num_processes / NGPUS"
+            )
+
+
+def optimizer_family(optim: str) -> tuple[str, str | None, str | None]:
+    """(family, python module it needs, pip package) of a transformers optimizer name."""
+    for family, (module, pip, names) in OPTIMIZER_FAMILIES.items():
+        if optim in names:
+            return family, module, pip
+    return "unknown", None, None  # a name newer than the table: the rules hold nothing against it
+
+
+def combination_facts(r: Recipe, rt: Runtime) -> dict[str, Any]:
+    """What the rules of strategies.COMBINATION_RULES read: the recipe's settings, the strategy, the machine."""
+    import importlib.util
+
+    from dist_dpo.modeling import resolve_dtype
+
+    m, t = r.model, r.train
+    family, module, pip = optimizer_family(t.optim)
+    ds = _deepspeed_json(rt)
+    fixed = lambda key: ds.get(key, {}).get("enabled") is True  # noqa: E731 - "auto" leaves it to the recipe
+    extra = t.dpo_extra
+    on_gpu = rt.device_type == "cuda"
+    bf16_ok = None
+    if on_gpu:
+        import torch
+
+        bf16_ok = torch.cuda.is_bf16_supported()
+    return {
+        "strategy": rt.strategy,
+        "device": rt.device_type,
+        "world": "several" if rt.world_size > 1 else "one",
+        "optim": t.optim,
+        "optim_family": family,
+        "optim_installed": module is None or importlib.util.find_spec(module) is not None,
+        "optim_pip": pip,
+        "optim_layerwise": t.optim.endswith("layerwise"),
+        "optim_targets": extra.get("optim_target_modules") is not None,
+        "optim_adamw": t.optim in ("adamw_torch", "adamw_torch_fused"),
+        "accumulates": t.gradient_accumulation_steps > 1,
+        "quant": "4bit" if m.load_in_4bit else "8bit" if m.load_in_8bit else "none",
+        "dtype": str(resolve_dtype(m, rt)).removeprefix("torch."),
+        "bf16_supported": bf16_ok,
+        "tf32": extra.get("tf32"),
+        "extra_precision": next((k for k in ("bf16", "fp16") if extra.get(k)), None),
+        "ds_config": rt.deepspeed_config,
+        "ds_precision": "bf16" if fixed("bf16") else "fp16" if fixed("fp16") else None,
+        "ds_optimizer": "set" if "optimizer" in ds else None,
+        "ds_scheduler": "set" if "scheduler" in ds else None,
+        "lr_scheduler_type": t.lr_scheduler_type,
+        "scheduler_default": t.lr_scheduler_type == "linear",
+    }
+
+
+def _deepspeed_json(rt: Runtime) -> dict:
+    if not rt.deepspeed_config:
+        return {}
+    import json
+
+    return json.loads(Path(rt.deepspeed_config).read_text())  # runtime.py has read and checked it already
+
+
+def matching_rules(facts: dict[str, Any]) -> list[Rule]:
+    return [rule for rule in COMBINATION_RULES if all(facts.get(k) in v for k, v in rule.when.items())]
+
+
+def check_rules(r: Recipe, rt: Runtime, say: bool = True) -> None:
+    """Refuse the first refusing rule that holds; make and say (rank 0, once) the fixes of the applying ones."""
+    facts = combination_facts(r, rt)
+    rules = matching_rules(facts)
+    for rule in rules:
+        if rule.action == "refuse":
+            raise UserError(rule.says.format(**facts))
+    for rule in rules:
+        for key, value in (rule.sets or {}).items():
+            section, _, name = key.partition(".")
+            if section == "dpo_extra" and value is None:
+                r.train.dpo_extra.pop(name, None)
+            else:
+                setattr(r.train, key, value)
+        if say and rt.is_main:
+            get_logger().warning("%s", rule.says.format(**facts))
 
 
 def run(r: Recipe, rt: Runtime) -> Plan:

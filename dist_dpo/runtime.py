@@ -136,3 +136,49 @@ def resolve_runtime(deepspeed_config: str | None = None, device_type: str | None
         device_type=device_type,
         hostname=socket.gethostname(),
     )
+
+
+def accelerate_env(config_path: str | Path) -> dict[str, str]:
+    """What `accelerate launch --config_file <config_path>` tells its workers about the strategy (accelerate 1.15)."""
+    import yaml
+
+    path = Path(config_path)
+    cfg = yaml.safe_load(path.read_text()) or {}
+    env = {"ACCELERATE_DYNAMO_BACKEND": "NO"}
+    kind = cfg.get("distributed_type")
+    if kind == "DEEPSPEED":
+        ds_file = cfg.get("deepspeed_config", {}).get("deepspeed_config_file")
+        root = path.resolve().parent.parent  # the yamls name their JSON from the repo root
+        env.update(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=str(root / ds_file))
+    elif kind == "FSDP":
+        env["ACCELERATE_USE_FSDP"] = "true"
+    return env
+
+
+def planned_runtime(deepspeed_config: str | None = None) -> Runtime | None:
+    """The Runtime rank 0 of the job a launch script is about to start will resolve, for the script's one-process
+    check before the launcher (launch/env.sh): DIST_DPO_PLANNED_LAUNCH names the accelerate yaml, the DeepSpeed JSON
+    of the `deepspeed` launcher, or `torchrun`; NGPUS x NNODES is the world. None: no launch script asked."""
+    planned = os.environ.get("DIST_DPO_PLANNED_LAUNCH")
+    if not planned:
+        return None
+    per_node = _env_int("NGPUS", default=1) or 1
+    world = per_node * _env_int("NNODES", default=1)
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(per_node)}
+    if planned.endswith((".yaml", ".yml")):
+        env.update(accelerate_env(planned))
+    elif planned.endswith(".json"):
+        env["CROSS_RANK"] = "0"  # the deepspeed launcher's mark
+        deepspeed_config = planned
+    elif world > 1:
+        env["TORCHELASTIC_RUN_ID"] = "planned"
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return resolve_runtime(deepspeed_config)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

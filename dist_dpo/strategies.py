@@ -165,3 +165,134 @@ STRATEGY_TABLE: dict[str, Strategy] = {
 
 def strategy_for(name: str) -> Strategy:
     return STRATEGY_TABLE[name]
+
+
+# --- What a recipe may not combine with a strategy -------------------------------------------------------------------
+# Every optimizer transformers offers (OptimizerNames), by what it needs: the import it makes and where its update can
+# run. family -> (python module it imports or None, pip package, optimizer names).
+OPTIMIZER_FAMILIES: dict[str, tuple[str | None, str | None, tuple[str, ...]]] = {
+    "torch": (None, None, ("adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "rmsprop")),
+    "adafactor": (None, None, ("adafactor",)),  # transformers' own; factors each weight matrix's second moment
+    "bitsandbytes": ("bitsandbytes", "bitsandbytes", (
+        "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit", "ademamix", "ademamix_8bit",
+        "paged_ademamix_32bit", "paged_ademamix_8bit", "lion_32bit", "lion_8bit", "paged_lion_32bit",
+        "paged_lion_8bit", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit")),
+    "torchao": ("torchao", "torchao", ("adamw_torch_4bit", "adamw_torch_8bit")),
+    "galore": ("galore_torch", "galore-torch", (
+        "galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
+        "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise")),
+    "apollo": ("apollo_torch", "apollo-torch", ("apollo_adamw", "apollo_adamw_layerwise")),
+    "lomo": ("lomo_optim", "lomo-optim", ("lomo", "adalomo")),
+    "schedule_free": ("schedulefree", "schedulefree", ("schedule_free_radam", "schedule_free_adamw",
+                                                      "schedule_free_sgd")),
+    "grokadamw": ("grokadamw", "grokadamw", ("grokadamw",)),
+    "stable_adamw": ("optimi", "torch-optimi", ("stable_adamw",)),
+    "anyprecision": ("torchdistx", "torchdistx", ("adamw_anyprecision",)),
+    "xla": ("torch_xla", "torch_xla (TPU only)", ("adamw_torch_xla",)),
+    "npu": ("torch_npu", "torch_npu (Ascend NPU only)", ("adamw_torch_npu_fused",)),
+}
+
+SHARDED = ("fsdp", "zero2", "zero3")  # the optimizer sees shards (FSDP2 DTensors) or flat partitions (ZeRO)
+DEEPSPEED = ("zero2", "zero3")
+SEVERAL = ("ddp", "fsdp", "zero2", "zero3")  # "single" is one process; FSDP2 / ZeRO stay wrappers on one GPU too
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    # Facts of the recipe x strategy x machine (preflight.combination_facts), each with the values that match; the
+    # rule holds when every named fact has one of its values.
+    when: dict
+    # "refuse": one line naming the fix, exit 2 before anything loads (the first refusing rule in table order). "apply": the fix changes no result the user
+    # asked for, so it is made (`sets`: recipe key -> value, None removes a dpo_extra key) and said once.
+    action: str
+    says: str  # the line; {fact} fills in that fact's value
+    reason: str
+    sets: dict | None = None
+
+
+COMBINATION_RULES: tuple[Rule, ...] = (
+    Rule("bnb-optimizer-under-fsdp", {"strategy": ("fsdp",), "optim_family": ("bitsandbytes",)}, "refuse",
+         "optim {optim} (bitsandbytes) cannot update FSDP2's sharded parameters: use optim adamw_torch (or "
+         "adamw_torch_fused) with FSDP2, or keep {optim} with make train-ddp, train-zero2 or train-zero3",
+         "bitsandbytes' update ops take plain tensors: on FSDP2's DTensors the 8-bit ones fail with 'got mixed "
+         "torch.Tensor and DTensor' and the 32-bit ones with 'does not have a sharding strategy registered' (seen "
+         "with bitsandbytes 0.50.2 + torch 2.13 on CPU: tests/test_combinations.py; on 1 x H200 at step 1). "
+         "Another optimizer changes the training, so it is the user's choice"),
+    Rule("8bit-weights-under-fsdp", {"strategy": ("fsdp",), "quant": ("8bit",)}, "refuse",
+         "FSDP cannot shard 8-bit (LLM.int8) weights: use load_in_4bit (QLoRA) or a DeepSpeed/DDP config",
+         "FSDP2 + QLoRA works only with the 4-bit weights in a float storage dtype (bnb_4bit_quant_storage); "
+         "bitsandbytes' LLM.int8 weights have no such option"),
+    Rule("low-rank-optimizer-sharded", {"strategy": SHARDED, "optim_family": ("galore", "apollo")}, "refuse",
+         "optim {optim} projects each weight matrix's gradient, but {strategy} hands the optimizer shards or flat "
+         "partitions: use make train-ddp (or one process), or optim adamw_torch",
+         "DeepSpeed gives the optimizer one flat 1-D fp32 partition per param group (deepspeed 0.19 "
+         "zero/stage_1_and_2.py: param_group['params'] = [flat partition]); FSDP2 gives row shards (DTensor). "
+         "From the sources, not run"),
+    Rule("adafactor-under-zero", {"strategy": DEEPSPEED, "optim_family": ("adafactor",)}, "refuse",
+         "optim adafactor factors each weight matrix's second moment, but DeepSpeed hands it flat 1-D partitions, "
+         "so it would run unfactored (another optimizer): use make train-ddp or train-fsdp for adafactor, or optim "
+         "adamw_torch with DeepSpeed",
+         "DeepSpeed's flat fp32 partitions (see low-rank-optimizer-sharded); Adafactor factors only 2-D tensors. "
+         "From the sources, not run"),
+    Rule("layerwise-optimizer-several-processes",
+         {"strategy": SEVERAL, "world": ("several",), "optim_layerwise": (True,)}, "refuse",
+         "optim {optim} (layer-wise) runs in one process only: drop _layerwise from the name, or train with NGPUS=1",
+         "transformers 5.17 raises 'Layer-wise ... does not support DDP' when it builds the optimizer"),
+    Rule("layerwise-optimizer-accumulation", {"optim_layerwise": (True,), "accumulates": (True,)}, "refuse",
+         "optim {optim} (layer-wise) steps inside backward and cannot accumulate: set gradient_accumulation_steps 1",
+         "transformers 5.17: 'Layerwise ... does not support gradient accumulation!', after the model is loaded"),
+    Rule("low-rank-optimizer-targets", {"optim_family": ("galore", "apollo"), "optim_targets": (False,)}, "refuse",
+         "optim {optim} needs the weights it projects: set dpo_extra: {{optim_target_modules: [attn, mlp]}}",
+         "transformers 5.17 raises 'You need to define optim_target_modules' when it builds the optimizer"),
+    Rule("lomo-under-deepspeed", {"strategy": DEEPSPEED, "optim_family": ("lomo",)}, "refuse",
+         "optim {optim} fuses its update into backward, which DeepSpeed's engine runs itself: use make train-ddp "
+         "or train-fsdp, or optim adamw_torch with DeepSpeed",
+         "accelerate 1.15's backward sends a DeepSpeed run to engine.backward before its LOMO branch, so LOMO's "
+         "fused_backward never runs (accelerator.py, Accelerator.backward)"),
+    Rule("lomo-with-fp16", {"device": ("cuda",), "dtype": ("float16",), "optim_family": ("lomo",)}, "refuse",
+         "optim {optim} cannot run under fp16's loss scaler: use dtype bfloat16 (or float32)",
+         "accelerate 1.15's backward takes the grad-scaler branch before its LOMO branch (accelerator.py)"),
+    Rule("bf16-without-bf16-gpu", {"device": ("cuda",), "dtype": ("bfloat16",), "bf16_supported": (False,)},
+         "refuse", "dtype bfloat16 but this GPU has no bf16: use dtype float16 (or auto, which picks it)",
+         "bf16 mixed precision needs Ampere or newer; accelerate refuses it after the model is loaded"),
+    Rule("precision-in-dpo-extra", {"extra_precision": ("bf16", "fp16")}, "refuse",
+         "dpo_extra sets {extra_precision}: set dtype instead (bfloat16 or float16); it decides the weights, the "
+         "mixed precision and the FSDP2 / DeepSpeed precision together",
+         "a trainer flag alone leaves the weights, the 4-bit compute dtype and FSDP2's policy in another dtype"),
+    Rule("optimizer-package-missing", {"optim_installed": (False,)}, "refuse",
+         "optim {optim} needs the {optim_pip} package, which is not installed: pip install {optim_pip}, or use "
+         "optim adamw_torch",
+         "transformers imports it only when it builds the optimizer, after the model is loaded. Last of the refusals: "
+         "a user told to install a package should not then learn that the strategy cannot use it"),
+    Rule("tf32-on-cpu", {"device": ("cpu",), "tf32": (True,)}, "apply",
+         "tf32 is a CUDA matmul mode: dropped on CPU, where it would change nothing",
+         "transformers refuses tf32 without a CUDA GPU ('--tf32 requires Ampere or a newer GPU arch')",
+         sets={"dpo_extra.tf32": None}),
+    Rule("deepspeed-json-bf16-vs-dtype", {"ds_precision": ("bf16",), "dtype": ("float16", "float32")}, "refuse",
+         "{ds_config} fixes bf16.enabled: true but this run computes in {dtype}: set it to \"auto\" (the recipe's "
+         "dtype decides) or set dtype bfloat16",
+         "transformers checks the JSON against the trainer's precision only when the trainer is built, after the "
+         "model is loaded ('Please correct the following DeepSpeed config values that mismatch')"),
+    Rule("deepspeed-json-fp16-vs-dtype", {"ds_precision": ("fp16",), "dtype": ("bfloat16", "float32")}, "refuse",
+         "{ds_config} fixes fp16.enabled: true but this run computes in {dtype}: set it to \"auto\" (the recipe's "
+         "dtype decides) or set dtype float16",
+         "as deepspeed-json-bf16-vs-dtype"),
+    Rule("deepspeed-json-optimizer-vs-optim", {"ds_optimizer": ("set",), "optim_adamw": (False,)}, "refuse",
+         "{ds_config} has its own optimizer block, which replaces optim {optim}: remove the block to train with "
+         "{optim}, or set optim adamw_torch to train with the block's",
+         "transformers 5.17 (integrations/deepspeed.py) builds DeepSpeed's optimizer from the block and never the "
+         "recipe's: the run would silently use another optimizer"),
+    Rule("deepspeed-json-optimizer-note", {"ds_optimizer": ("set",), "optim_adamw": (True,)}, "apply",
+         "{ds_config}'s optimizer block (DeepSpeed's own AdamW-family optimizer) runs in place of optim {optim}",
+         "the block's Adam(W) is the recipe's optimizer in DeepSpeed's implementation; its lr/betas/eps/weight "
+         "decay are 'auto' in the shipped JSONs, filled from the recipe"),
+    Rule("deepspeed-json-scheduler-vs-recipe", {"ds_scheduler": ("set",), "scheduler_default": (False,)},
+         "refuse",
+         "{ds_config} has its own scheduler block, which replaces lr_scheduler_type {lr_scheduler_type}: remove "
+         "the block, or drop lr_scheduler_type from the recipe",
+         "transformers 5.17 uses the block's scheduler when the JSON has one (integrations/deepspeed.py)"),
+    Rule("deepspeed-json-scheduler-note", {"ds_scheduler": ("set",), "scheduler_default": (True,)}, "apply",
+         "{ds_config}'s scheduler block runs in place of the default linear schedule",
+         "the recipe asked for no schedule of its own"),
+)

@@ -16,7 +16,7 @@ from dist_dpo.checkpoints import RUN_MARKER, AtomicCheckpoints, WholeAdapterSave
 from dist_dpo.config import Recipe, parse_recipe
 from dist_dpo.errors import UserError
 from dist_dpo.logs import add_rank_file, get_logger, log_to_rank_file, setup_console
-from dist_dpo.runtime import Runtime, resolve_runtime
+from dist_dpo.runtime import Runtime, planned_runtime, resolve_runtime
 from dist_dpo.strategies import strategy_for
 
 EXIT_JOB_LOST = 3  # the job lost a rank or was terminated: rerun the same command to resume
@@ -60,14 +60,18 @@ def _train(argv: list[str]) -> int:
     rt = resolve_runtime(recipe.train.deepspeed)
     log = setup_console(rt)
     strat = strategy_for(rt.strategy)
-    check_combination(recipe, rt)  # before the process group: a GPU strategy without GPUs must not reach NCCL
+    from dist_dpo import preflight
+
+    # Before the process group (a GPU strategy without GPUs must not reach NCCL) and before anything loads. The
+    # launch scripts' one-process check asks it for the job they are about to start; that job says its fixes.
+    planned = planned_runtime(recipe.train.deepspeed) if recipe.dry_run else None
+    preflight.check_combination(recipe, planned or rt, say=planned is None)
     from dist_dpo.fast import check_switches
 
     check_switches()  # the benchmark's A/B environment switches: a typo stops here, not after tokenization
     pinned = pin_cpus(recipe, rt)  # before any worker thread starts: they inherit it
     out = Path(recipe.train.output_dir)
 
-    from dist_dpo import preflight
     from dist_dpo.dpo_args import build_dpo_config
     from dist_dpo.modeling import load_model, lora_config
 
@@ -267,46 +271,6 @@ def dry_run_report(r: Recipe, rt: Runtime, plan) -> int:
         f" | resumes from {plan.resume}" if plan.resume else "", rt.describe(),
     )
     return 0
-
-
-def check_combination(r: Recipe, rt: Runtime) -> None:
-    """Strategy x quantization x device combinations that cannot work, refused before any heavy work."""
-    quant = r.model.load_in_4bit or r.model.load_in_8bit
-    if rt.strategy == "fsdp" and r.model.load_in_8bit:
-        raise UserError("FSDP cannot shard 8-bit (LLM.int8) weights: use load_in_4bit (QLoRA) or a DeepSpeed/DDP config")
-    t = r.train
-    if t.merge_micro_batches is True and not (t.fast_path and strategy_for(rt.strategy).merges_micro_batches):
-        raise UserError(
-            "merge_micro_batches: true needs fast_path: true and a strategy that can change its micro-batch "
-            f"({rt.strategy}: DeepSpeed fixes it in its config): set per_device_train_batch_size and "
-            "gradient_accumulation_steps instead, or merge_micro_batches: auto")
-    if t.packed_rows is True and not (t.fast_path and t.prefix_sharing is not False):
-        raise UserError("packed_rows: true packs the shared-prompt rows of the speed path: it needs fast_path: true "
-                        "and prefix_sharing auto/true (or set packed_rows: auto)")
-    if t.packed_rows is True and rt.device_type == "cpu":
-        raise UserError("packed_rows: true needs a CUDA GPU (flash attention's variable-length kernel): set "
-                        "packed_rows: auto, which uses masked rows on CPU")
-    if rt.device_type == "cpu" and not strategy_for(rt.strategy).runs_on_cpu:
-        raise UserError(f"strategy {rt.strategy} needs GPUs and none is visible: use the ddp or cpu configs on CPU")
-    if rt.device_type == "cpu" and quant:
-        raise UserError("4/8-bit loading needs a CUDA GPU (bitsandbytes); drop load_in_4bit/load_in_8bit on CPU")
-    if rt.device_type == "cpu":
-        # Each CPU rank is a "device": with fewer cores than ranks, gloo ranks starve each other (collectives crawl
-        # until they hit the timeout) and the launcher's 1 thread per rank is already the floor.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        if rt.local_world_size > cores:
-            raise UserError(
-                f"{rt.local_world_size} processes on this node but {cores} CPU core(s) and no GPU: "
-                f"launch at most {cores} CPU processes (--num_processes)"
-            )
-    if rt.device_type == "cuda":
-        import torch
-
-        if rt.local_world_size > torch.cuda.device_count():
-            raise UserError(
-                f"{rt.local_world_size} processes on this node but {torch.cuda.device_count()} visible GPU(s): "
-                "lower --num_processes / NGPUS"
-            )
 
 
 def verify_adapter(out: Path, expected_tensors: int) -> dict:

@@ -136,13 +136,13 @@ def test_a_measured_qlora_caveat_is_listed_where_the_strategy_would_run(monkeypa
     import dataclasses
 
     import dist_dpo.strategies as strategies
-    import dist_dpo.train as train
+    import dist_dpo.preflight as preflight
     from dist_dpo.config import parse_recipe
 
     assert not any(s.qlora_caveat for s in strategies.STRATEGY_TABLE.values())
     fsdp = dataclasses.replace(strategies.STRATEGY_TABLE["fsdp"], qlora_caveat="FSDP2 + QLoRA: measured off")
     monkeypatch.setitem(strategies.STRATEGY_TABLE, "fsdp", fsdp)
-    monkeypatch.setattr(train, "check_combination", lambda r, rt: None)  # as on a machine with the GPUs
+    monkeypatch.setattr(preflight, "check_combination", lambda r, rt, say=True: None)  # as on a machine with the GPUs
     rows = {row.check: row for row in doctor.strategy_rows(parse_recipe(["--load_in_4bit"]), None, 2)}
     assert rows["strategy fsdp"].status == doctor.WARN and "FSDP2 + QLoRA" in rows["strategy fsdp"].detail
     assert rows["strategy ddp"].status == doctor.OK and rows["strategy zero3"].status == doctor.OK

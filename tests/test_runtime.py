@@ -116,7 +116,7 @@ def test_merging_micro_batches_where_it_cannot_happen_is_refused(clean_launch_en
     from dataclasses import replace
 
     from dist_dpo.config import parse_recipe
-    from dist_dpo.train import check_combination
+    from dist_dpo.preflight import check_combination
 
     rt = resolve_runtime(device_type="cpu")
     check_combination(parse_recipe(["--merge_micro_batches", "true"]), rt)  # single process: merges

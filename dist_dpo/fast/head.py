@@ -106,21 +106,39 @@ def _dpo_forward(model, labels, layout: dict, extras: tuple[str, ...], kwargs: d
 
 
 def _log_probs(model, hidden, targets, outputs):
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
     from trl.kernels import ChunkedLogProbFunction
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, maybe_gather_lm_head_ctx
 
+    def head_log_probs(hidden, targets):
+        weight, bias = head.weight, head.bias
+        if isinstance(weight, DTensor):  # sharded outside any FSDP2 unit's hooks; the kernel needs it whole
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if bias is not None else None
+        hidden, targets = hidden.to(weight.device), targets.to(weight.device)
+        with maybe_gather_lm_head_ctx(weight, bias):  # ZeRO-3: gather the head for the direct weight access
+            if logprob.covers(hidden, weight, bias, outputs):  # the policy's training forward, outside logging steps
+                return logprob.log_probs(hidden, weight, targets, _CHUNKED_LOGPROB_CHUNK_SIZE), None, None, None, None
+            return ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None,
+                                                1.0, outputs)
+
     head = model.get_output_embeddings()
-    weight, bias = head.weight, head.bias
-    if isinstance(weight, DTensor):  # FSDP2 shards the head; the kernel needs it whole (as trl does)
-        weight = weight.full_tensor()
-        bias = bias.full_tensor() if bias is not None else None
-    hidden, targets = hidden.to(weight.device), targets.to(weight.device)
-    with maybe_gather_lm_head_ctx(weight, bias):  # ZeRO-3: gather the head for the direct weight access
-        if logprob.covers(hidden, weight, bias, outputs):  # the policy's training forward, outside logging steps
-            return logprob.log_probs(hidden, weight, targets, _CHUNKED_LOGPROB_CHUNK_SIZE), None, None, None, None
-        return ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None,
-                                            1.0, outputs)
+    if not isinstance(head, FSDPModule):
+        return head_log_probs(hidden, targets)
+    # FSDP2 unshards a module's weight in that module's forward hooks (accelerate groups the head with the final
+    # norm). Reading head.weight without calling the module skipped them: the weight was whole only where another
+    # module of its group had run, and torch warned that the head "did not run forward before backward". Run as the
+    # head's forward (for this call only), its hooks unshard the weight for the kernel and again for its backward.
+    own = head.__dict__.get("forward")
+    head.forward = head_log_probs
+    try:
+        return head(hidden, targets)
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
 
 
 def _mask_dtype(model) -> torch.dtype:
