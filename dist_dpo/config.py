@@ -35,7 +35,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class ModelArgs:
     model_name_or_path: str = _f(
         BUILTIN_MODEL,
-        "Local path or hub id of the base model. 'builtin:tiny-qwen2' is a tiny random-weight Qwen2 built offline.",
+        "Local path or hub id of the base model. 'builtin:tiny-qwen2' is a tiny random-weight Qwen2 built offline; "
+        "builtin:tiny-<model_type> (tiny-llama, tiny-gemma3_text, ...: dist-dpo build-model --list) one of another family.",
     )
     tokenizer_name_or_path: str | None = _f(None, "Tokenizer path if it differs from the model's.")
     trust_remote_code: bool = _f(False, "Allow custom modeling code shipped with the model.")
@@ -135,6 +136,13 @@ class TrainArgs:
         "dist-dpo's speed path over trl (same loss): length-grouped batches, prompts computed once, metrics synced "
         "once per log. false: plain trl DPOTrainer (for comparisons).",
     )
+    speed_self_check: bool = _f(
+        True,
+        "Before the first step, run a few pairs of the data through the speed path AND through trl's exact path on "
+        "this very model and compare log-probs and LoRA gradients (bounds that know bf16). On disagreement: one "
+        "line naming the piece, then training on trl's exact path (exit 2 if the recipe forced that piece with "
+        "true). Costs about one step.",
+    )
     group_by_length: bool = _f(
         True,
         "Batch pairs of similar length together so little compute goes to padding.",
@@ -143,7 +151,7 @@ class TrainArgs:
         False,
         "Several GPUs with group_by_length: true splits each step's pairs across ranks by padded cost (fewer long "
         "pairs, more short ones; the loss is the same mean). false: the same number of pairs on every rank. Measured "
-        "on 2 x H200 in ONE call (2026-11-28, 1.5B shape, var set): steady DDP scaling 0.79 with it, 0.97 without.",
+        "with a 1.5B shape on short pairs, steady 2-GPU DDP scaling was lower with it (benchmarks/README.md).",
     )
     prefix_sharing: bool | str = _f(
         "auto",
@@ -155,7 +163,7 @@ class TrainArgs:
         "auto",
         "With prefix_sharing: pack a micro-batch's pairs into one row without padding, attention in per-pair "
         "segments through flash attention's variable-length kernel (no mask: sdpa stays on a flash kernel). auto: "
-        "where that kernel passes a one-off check on this GPU (Qwen2/Qwen3/Llama types, bf16/fp16); true: stop with "
+        "where that kernel passes a one-off check on this GPU and the model family allows it (bf16/fp16); true: stop with "
         "the reason if it cannot; false: padded shared rows with a 4-D mask.",
         bool_or_auto=True,
     )

@@ -226,15 +226,43 @@ def _split_implicit_prompt(row: dict) -> dict:
     return {**row, "prompt": [{"role": "user", "content": row["prompt"]}]}
 
 
-def to_chat(row: dict, system_prompt: str | None) -> dict:
+def to_chat(row: dict, system_prompt: str | None, fold: bool = False) -> dict:
     """Standard strings -> chat messages, so trl renders them with the tokenizer's chat template."""
     prompt = [{"role": "system", "content": system_prompt}] if system_prompt else []
     prompt.append({"role": "user", "content": row["prompt"]})
     return {
-        "prompt": prompt,
+        "prompt": fold_system(prompt) if fold else prompt,
         "chosen": [{"role": "assistant", "content": row["chosen"]}],
         "rejected": [{"role": "assistant", "content": row["rejected"]}],
     }
+
+
+def refuses_system_role(tokenizer) -> bool:
+    """Whether the chat template raises on a system message that it renders without one (Gemma's templates)."""
+    user = [{"role": "user", "content": "hi"}]
+    try:
+        tokenizer.apply_chat_template(user, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that fails without a system turn is not this case
+        return False
+    try:
+        tokenizer.apply_chat_template([{"role": "system", "content": "be brief"}] + user, tokenize=False)
+    except Exception:  # noqa: BLE001 - jinja's TemplateError or the template's raise_exception
+        return True
+    return False
+
+
+def fold_system(messages: list) -> list:
+    """A leading system message put in front of the first user turn (as Gemma's own templates do with one)."""
+    if not messages or messages[0].get("role") != "system":
+        return messages
+    system, rest = messages[0]["content"], list(messages[1:])
+    if rest and rest[0].get("role") == "user":
+        return [{**rest[0], "content": f"{system}\n\n{rest[0]['content']}"}] + rest[1:]
+    return [{"role": "user", "content": system}] + rest
+
+
+def _fold_row(row: dict) -> dict:
+    return {"prompt": fold_system(row["prompt"])}
 
 
 def _drop_overlong(ds, tokenizer, max_length: int, where: str):
@@ -277,12 +305,20 @@ def load_preference_data(d: DataArgs, tokenizer, max_length: int, seed: int):
     if d.max_eval_samples:
         test = test.select(range(min(d.max_eval_samples, len(test))))
     standard = "prompt" in train.column_names and isinstance(train[0]["prompt"], str)
-    if standard and d.apply_chat_template and getattr(tokenizer, "chat_template", None):
+    templated = d.apply_chat_template and getattr(tokenizer, "chat_template", None)
+    fold = bool(templated) and refuses_system_role(tokenizer)
+    if standard and templated:
         keep = ["prompt", "chosen", "rejected"]
-        train = train.map(to_chat, fn_kwargs={"system_prompt": d.system_prompt}, remove_columns=[
+        train = train.map(to_chat, fn_kwargs={"system_prompt": d.system_prompt, "fold": fold}, remove_columns=[
             c for c in train.column_names if c not in keep])
-        test = test.map(to_chat, fn_kwargs={"system_prompt": d.system_prompt}, remove_columns=[
+        test = test.map(to_chat, fn_kwargs={"system_prompt": d.system_prompt, "fold": fold}, remove_columns=[
             c for c in test.column_names if c not in keep])
+    elif fold and "prompt" in train.column_names and _is_messages(train[0]["prompt"]):
+        train, test = train.map(_fold_row), test.map(_fold_row)
+    if fold and (d.system_prompt or (_is_messages(train[0].get("prompt")) and
+                                     any(m[0].get("role") == "system" for m in train[:64]["prompt"] if m))):
+        get_logger().info("the chat template takes no system role: the system prompt goes in front of the first "
+                          "user turn")
     if "prompt" in train.column_names:
         train = _drop_overlong(train, tokenizer, max_length, f"{d.dataset_name} [{d.train_split}]")
         test = _drop_overlong(test, tokenizer, max_length, f"{d.dataset_name} [{d.test_split}]")

@@ -63,6 +63,45 @@ SHAPES: dict[str, dict] = {
 }
 
 
+def _tiny(model_type: str, architecture: str, **kw) -> dict:
+    """A ~0.5M-parameter random model of a family (4 layers, hidden 64): the suite's stand-in for each row of the
+    architecture table (dist_dpo/architectures.py). Real-shape keys that make the family what it is stay on
+    (sliding windows short enough to matter on the bundled pairs, q/k norms, experts, linear-attention layers)."""
+    base = dict(model_type=model_type, vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                tie_word_embeddings=False, pad_token_id=None)  # some configs default to a pad id past 4096
+    return {"architecture": architecture, "config": {**base, **kw}}
+
+
+_HYBRID = dict(layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+               linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16)
+_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
+_ALTERNATING = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+# One tiny model per family of the architecture table, keyed tiny-<model_type>.
+FAMILY_SHAPES: dict[str, dict] = {f"tiny-{e['config']['model_type']}": e for e in (
+    _tiny("llama", "LlamaForCausalLM"),
+    _tiny("mistral", "MistralForCausalLM", sliding_window=24),  # v0.1's window, shrunk to bite on short pairs
+    _tiny("qwen2", "Qwen2ForCausalLM"),
+    _tiny("qwen3", "Qwen3ForCausalLM"),
+    _tiny("qwen3_moe", "Qwen3MoeForCausalLM", **_MOE),
+    _tiny("qwen3_5_text", "Qwen3_5ForCausalLM", **_HYBRID),
+    _tiny("qwen3_next", "Qwen3NextForCausalLM", **_HYBRID, **_MOE, shared_expert_intermediate_size=64),
+    _tiny("gemma2", "Gemma2ForCausalLM", sliding_window=24, query_pre_attn_scalar=16, tie_word_embeddings=True,
+          layer_types=_ALTERNATING),
+    _tiny("gemma3_text", "Gemma3ForCausalLM", sliding_window=24, query_pre_attn_scalar=16, tie_word_embeddings=True,
+          layer_types=_ALTERNATING),
+    # per-layer input embeddings, global layers with their own head size, the last layers sharing earlier K/V
+    _tiny("gemma4_text", "Gemma4ForCausalLM", sliding_window=24, tie_word_embeddings=True, layer_types=_ALTERNATING,
+          vocab_size_per_layer_input=4096, hidden_size_per_layer_input=16, global_head_dim=32,
+          num_kv_shared_layers=2),
+    _tiny("phi3", "Phi3ForCausalLM"),
+    _tiny("olmo2", "Olmo2ForCausalLM"),
+    _tiny("olmo3", "Olmo3ForCausalLM", sliding_window=24, layer_types=_ALTERNATING),
+    _tiny("smollm3", "SmolLM3ForCausalLM", no_rope_layers=[1, 1, 1, 0]),
+)}
+SHAPES.update(FAMILY_SHAPES)
+
+
 def get_shape(shape: str | dict) -> dict:
     """A SHAPES entry by name (or the entry itself); a bad name is a UserError listing the valid ones."""
     if isinstance(shape, dict):
@@ -261,16 +300,23 @@ def _save_shard(out: Path, i: int, tensors: dict) -> tuple[Path, list[str]]:
     return path, list(tensors)
 
 
-def builtin_model_dir(cache_dir: str | Path | None = None) -> Path:
+BUILTIN_SHAPES = (BUILTIN_SHAPE, *FAMILY_SHAPES)  # what `builtin:<shape>` may name
+
+
+def builtin_model_dir(cache_dir: str | Path | None = None, shape: str = BUILTIN_SHAPE) -> Path:
     root = cache_dir or os.environ.get("DIST_DPO_CACHE") or Path.home() / ".cache" / "dist_dpo"
-    return Path(root).expanduser() / "models" / BUILTIN_DIRNAME
+    return Path(root).expanduser() / "models" / (BUILTIN_DIRNAME if shape == BUILTIN_SHAPE else f"{shape}-v1")
 
 
-def ensure_builtin_model(cache_dir: str | Path | None = None) -> Path:
-    """Path of the built-in tiny model (fp32, seed 0), built on first use under `cache_dir` / $DIST_DPO_CACHE /
-    ~/.cache/dist_dpo. Safe when every rank calls it at once: each builds privately and renames atomically; the
-    losers use the winner's copy (bit-identical anyway, since the build is seeded)."""
-    out = builtin_model_dir(cache_dir)
+def ensure_builtin_model(cache_dir: str | Path | None = None, shape: str = BUILTIN_SHAPE) -> Path:
+    """Path of a built-in tiny model (fp32, seed 0; `shape`: the default tiny Qwen2 or a tiny model of another
+    family, FAMILY_SHAPES), built on first use under `cache_dir` / $DIST_DPO_CACHE / ~/.cache/dist_dpo. Safe when
+    every rank calls it at once: each builds privately and renames atomically; the losers use the winner's copy
+    (bit-identical anyway, since the build is seeded)."""
+    if shape not in BUILTIN_SHAPES:
+        raise UserError(f"unknown built-in model 'builtin:{shape}': choose one of "
+                        + ", ".join(f"builtin:{s}" for s in BUILTIN_SHAPES))
+    out = builtin_model_dir(cache_dir, shape)
     if _is_complete(out):
         return out
     import torch.distributed as dist
@@ -279,11 +325,11 @@ def ensure_builtin_model(cache_dir: str | Path | None = None) -> Path:
         # Inside a process group transformers' save_pretrained writes on global rank 0 only, so a private build on
         # another rank would come out without weights: rank 0 builds, the rest wait for it.
         if dist.get_rank() == 0:
-            build_random_model(BUILTIN_SHAPE, out, seed=0, dtype="float32", device="cpu")
+            build_random_model(shape, out, seed=0, dtype="float32", device="cpu")
         dist.barrier()
         if _is_complete(out):
             return out
-    return build_random_model(BUILTIN_SHAPE, out, seed=0, dtype="float32", device="cpu")
+    return build_random_model(shape, out, seed=0, dtype="float32", device="cpu")
 
 
 def main(argv: list[str] | None = None) -> int:

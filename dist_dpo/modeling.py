@@ -34,13 +34,11 @@ def outside_zero3_init():
 
 def resolve_model_path(name: str) -> str:
     """Local dir, the built-in tiny model, or a hub id (only when the hub is reachable / cached)."""
-    if name == BUILTIN_MODEL:
+    if name.startswith("builtin:"):  # the built-in tiny Qwen2, or a tiny model of another family (builtin:tiny-llama)
         from dist_dpo.model_zoo import ensure_builtin_model
 
         with outside_zero3_init():
-            return str(ensure_builtin_model())
-    if name.startswith("builtin:"):
-        raise UserError(f"unknown built-in model '{name}': the built-in model is '{BUILTIN_MODEL}'")
+            return str(ensure_builtin_model(shape=name.split(":", 1)[1]))
     p = Path(name).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
@@ -134,6 +132,7 @@ def load_model(m: ModelArgs, model_path: str, rt: Runtime, strat: Strategy, grad
     except (OSError, ValueError, ImportError) as e:
         raise UserError(f"cannot load model '{model_path}': {str(e).splitlines()[0]}") from None
     model.config.use_cache = False  # no KV cache in training; it also conflicts with checkpointing
+    moe_blocks_as_leaves(model, strat)
     if uses_prepare_kbit(m, rt, strat):
         from peft import prepare_model_for_kbit_training
 
@@ -145,6 +144,40 @@ def load_model(m: ModelArgs, model_path: str, rt: Runtime, strat: Strategy, grad
     return model
 
 
+def moe_blocks_as_leaves(model, strat: Strategy) -> int:
+    """Under ZeRO-3 (the strategy table's cell), the family's sparse MoE block (the architecture table's) becomes a
+    DeepSpeed leaf module: its experts are gathered together, whatever each rank's tokens route to. Without it ranks
+    gather different experts and wait on each other for ever (DeepSpeed #4966). Returns how many blocks."""
+    from dist_dpo.architectures import family_of
+
+    block = family_of(model).moe_block
+    if not (strat.moe_blocks_as_leaves and block):
+        return 0
+    classes = {type(mod) for mod in model.modules() if type(mod).__name__ == block}
+    if not classes:
+        return 0
+    from deepspeed.utils import set_z3_leaf_modules
+
+    return len(set_z3_leaf_modules(model, list(classes)))
+
+
+def lora_targets(targets: list[str], model) -> list[str]:
+    """The recipe's targets; where the model has none of them and they are the default attention pair, the
+    family's own names for it (Phi-3's fused qkv_proj), said once."""
+    from dist_dpo.architectures import family_of
+    from dist_dpo.config import LoraArgs
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    family = family_of(model)
+    if targets == LoraArgs().lora_target_modules and family.attention_targets and not set(targets) & names:
+        from dist_dpo.logs import get_logger
+
+        get_logger().info("lora_target_modules: %s has no %s; adapting %s, its attention projections", family.name,
+                          " / ".join(targets), " / ".join(family.attention_targets))
+        return list(family.attention_targets)
+    return targets
+
+
 def lora_config(lo: LoraArgs, model) -> "object | None":
     if not lo.use_peft:
         return None
@@ -154,6 +187,7 @@ def lora_config(lo: LoraArgs, model) -> "object | None":
     if targets == ["all-linear"]:
         targets = "all-linear"
     else:
+        targets = lora_targets(targets, model)
         names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         missing = [t for t in targets if t not in names]
         if missing:

@@ -75,6 +75,15 @@ class Strategy:
     # "deepspeed": the ZeRO optimizer owns fp32 masters and moments in flat partitions; only
     # deepspeed.utils.safe_{get,set}_full_{fp32_param,optimizer_state} see them per parameter.
     portable_state: str = "local"
+    # Whether the speed path's first-batch self-check (fast/self_check.py) also compares LoRA gradients. It takes them
+    # with torch.autograd.grad on the unwrapped model, outside the wrapper's backward. Where weights are whole on every
+    # rank that is plain autograd; FSDP2 / ZeRO-3 gather and reduce parameters in backward hooks that must run inside
+    # the wrapper's own step (and ZeRO-3's reentrant checkpointing refuses autograd.grad), so there it compares the
+    # log-probs of the forward only.
+    self_check_gradients: bool = True
+    # ZeRO-3 only: register each family's sparse MoE block (architectures.py) as a leaf module, so a rank gathers the
+    # whole block's experts at once whatever its tokens route to (DeepSpeed #4966: otherwise ranks hang).
+    moe_blocks_as_leaves: bool = False
     # What the GPU matrix measured against this strategy with QLoRA that a user should know before choosing it
     # (benchmarks/results/gpu_matrix.json); train warns and doctor lists it. None: nothing to add.
     qlora_caveat: str | None = None
@@ -125,6 +134,7 @@ STRATEGY_TABLE: dict[str, Strategy] = {
         fsdp_uncast_outputs=True,
         fsdp_4bit_gather_as_stored=True,
         fuses_qkv=False,  # weights sharded after the speed path is installed
+        self_check_gradients=False,  # gradients are reduce-scattered in FSDP2's backward hooks
         portable_state="dtensor",
     ),
     "zero2": Strategy(
@@ -158,6 +168,8 @@ STRATEGY_TABLE: dict[str, Strategy] = {
         merges_micro_batches=False,  # DeepSpeed: train_micro_batch_size_per_gpu is set at engine init
         qlora_adapters_fp32=False,  # DeepSpeed's engine holds bf16 working copies and fp32 masters itself
         fuses_qkv=False,  # weights partitioned (zero.Init at load)
+        self_check_gradients=False,  # partitioned gradients; reentrant checkpointing refuses autograd.grad
+        moe_blocks_as_leaves=True,
         portable_state="deepspeed",
     ),
 }

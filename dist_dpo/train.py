@@ -152,6 +152,12 @@ def _train(argv: list[str]) -> int:
     trainer.save_model(str(out))  # gathers ZeRO-3 / FSDP shards as the strategy requires
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
+    stuck = not_learning(trainer.state.log_history)  # the same history on every rank: one verdict
+    if stuck:
+        trainer.accelerator.wait_for_everyone()
+        raise UserError(f"training finished but learned nothing: {stuck}. The adapter and logs are in {out}; "
+                        "check learning_rate, lora_target_modules and the model (set fast_path: false to compare "
+                        "with plain trl)")
     if rt.is_main:
         tokenizer.save_pretrained(out)
         if recipe.lora.use_peft:
@@ -271,6 +277,20 @@ def dry_run_report(r: Recipe, rt: Runtime, plan) -> int:
         f" | resumes from {plan.resume}" if plan.resume else "", rt.describe(),
     )
     return 0
+
+
+def not_learning(history: list[dict]) -> str | None:
+    """Why a finished run learned nothing (None: it moved). DPO starts with the policy equal to the reference, the
+    loss at log 2 and every reward 0; a run whose gradient norm was 0 at every logged step, or whose rewards never
+    left 0 after the first step, trained nothing, whatever its exit code would say."""
+    logged = [h for h in history if "loss" in h and "step" in h]
+    norms = [h["grad_norm"] for h in logged if h.get("grad_norm") is not None]
+    if norms and all(float(n) == 0.0 for n in norms):
+        return f"the gradient norm was 0 at all {len(norms)} logged steps"
+    later = [h for h in logged if h["step"] > 1 and "rewards/chosen" in h]
+    if later and all(h["rewards/chosen"] == 0 and h.get("rewards/rejected", 0) == 0 for h in later):
+        return f"the policy never left the reference (rewards 0, loss log 2) in {len(later)} logged steps after the first"
+    return None
 
 
 def verify_adapter(out: Path, expected_tensors: int) -> dict:

@@ -23,7 +23,10 @@ from __future__ import annotations
 import os
 import types
 
-from dist_dpo.fast import attention, batching, checkpointing, fused_qkv, head, lora_inputs, loss, microbatch, rms_norm
+from dist_dpo.architectures import PIECES, family_of
+from dist_dpo.errors import UserError
+from dist_dpo.fast import (attention, batching, checkpointing, fused_qkv, head, lora_inputs, loss, microbatch, rms_norm,
+                           self_check, switch)
 from dist_dpo.logs import get_logger
 
 
@@ -79,17 +82,40 @@ def apply(trainer, recipe, rt) -> dict:
         report["batches"] = "grouped by length"
 
     base = _head_model(trainer)
-    reason = head.unsupported_reason(base)
-    if reason:
-        report["head"] = f"trl's ({reason})"
-        _log(rt, report)
-        return report
+    family = family_of(base)
+    report["family"] = family.name
+    # piece -> why it stays off here: the architecture table's reason (every one, also for pieces that another one
+    # being off already rules out), or this run's. liger only where trl would apply it.
+    off = {p: family.reason(p) for p in PIECES if family.reason(p) and (p != "liger" or trainer.args.use_liger_kernel)}
+
+    def allowed(piece: str, run_reason: str | None = None) -> bool:
+        why = family.reason(piece) or run_reason
+        if why:
+            off[piece] = why
+        return why is None
+
+    if trainer.args.use_liger_kernel and t.liger_kernels == "auto" and not allowed("liger"):
+        trainer.args.use_liger_kernel = False  # trl applies liger's kernels at train(): not yet done
+    if not allowed("head", head.unsupported_reason(base)):
+        report["head"] = "trl's"
+        return _finish(rt, report, off)
+    switch.reset()
     state = head.HeadState(head.EXTRAS + (("log_sum_sq_probs",) if trainer.use_weighting else ()))
     for m in _with_reference(trainer, base):
         head.install(m, state)
 
-    sharing = sharing if head.shared_layout_ok(base) else "false"
-    not_packed = _not_packed_because(trainer, base, t, sharing)
+    # The MoE router's auxiliary loss averages over every token of trl's rows: other rows give another number.
+    aux = "the MoE router's auxiliary loss averages over every token of trl's rows" if trainer.aux_loss_enabled \
+        else None
+    if sharing != "false" and not allowed("shared_rows", aux or (None if head.shared_layout_ok(base) else
+                                          f"attn_implementation {base.config._attn_implementation} takes no 4-D mask")):
+        if t.prefix_sharing is True:
+            raise UserError(f"prefix_sharing: true, but the prompt cannot be shared here: {off['shared_rows']}. "
+                            "Set prefix_sharing: auto")
+        sharing = "false"
+    not_packed = _not_packed_because(trainer, base, t, sharing, family)
+    if not_packed is not None and sharing != "false" and not_packed != "off":
+        off["packed_rows"] = not_packed
     trainer.data_collator = batching.SharedPromptCollator(
         trainer.data_collator, mode=sharing, cost=batching.LayoutCost.for_config(base.config.get_text_config()),
         packed=not_packed is None)
@@ -97,20 +123,24 @@ def apply(trainer, recipe, rt) -> dict:
                         "false": "computed twice (trl's rows)"}[sharing]
     if sharing != "false":
         report["prompt"] += ", pairs packed in one row (flash, variable length)" if not_packed is None else \
-            f", padded rows with a mask (packed rows: {not_packed})"
+            ", padded rows with a mask"
 
     # q/k/v as one matmul where every rank holds whole weights (the strategy table); DIST_DPO_FUSED_QKV=0: the A/B row
-    if strategy_for(rt.strategy).fuses_qkv and env_flag("DIST_DPO_FUSED_QKV", default=True):
+    if allowed("fused_qkv", None if strategy_for(rt.strategy).fuses_qkv else f"weights sharded under {rt.strategy}") \
+            and env_flag("DIST_DPO_FUSED_QKV", default=True):
         n = [fused_qkv.install(m) for m in _with_reference(trainer, base)][0]
         if n:
             report["q/k/v"] = f"one matmul ({n} layers)"
 
-    if _rms_norm_choice() == "torch":  # DIST_DPO_RMSNORM=liger: the A/B row (rms_norm.py); liger keeps SwiGLU, RoPE
-        n = [rms_norm.install(m) for m in _with_reference(trainer, base)][0]
-        trainer.args.liger_kernel_config = {**(trainer.args.liger_kernel_config or {}), "rms_norm": False}
-        report["RMSNorm"] = f"torch's fused rms_norm ({n} norms)"
+    # DIST_DPO_RMSNORM=liger: the A/B row (rms_norm.py); liger keeps SwiGLU, RoPE
+    if allowed("torch_norm", None if family.norm_classes else "no RMSNorm class of this family is proven") and \
+            _rms_norm_choice() == "torch":
+        n = [rms_norm.install(m, family.norm_classes) for m in _with_reference(trainer, base)][0]
+        if n:
+            trainer.args.liger_kernel_config = {**(trainer.args.liger_kernel_config or {}), "rms_norm": False}
+            report["RMSNorm"] = f"torch's fused rms_norm ({n} norms)"
 
-    if not env_flag("DIST_DPO_LORA_INPUT_CAST"):  # 1: peft's copy kept (the benchmark's A/B row)
+    if allowed("lora_cast") and not env_flag("DIST_DPO_LORA_INPUT_CAST"):  # 1: peft's copy kept (A/B row)
         n = lora_inputs.install(trainer.model)  # inert without autocast: fp32 runs, DeepSpeed's bf16 engine
         a = trainer.args
         if n and (a.bf16 or a.fp16) and not getattr(trainer, "is_deepspeed_enabled", False):
@@ -135,6 +165,13 @@ def apply(trainer, recipe, rt) -> dict:
             report["batches"] += ", split across ranks by cost (transformers' BatchRebalanceSampler)"
     else:
         report["metrics"] = f"trl's per micro-step ({lean})"
+    self_check.install(trainer, recipe, rt, strategy_for(rt.strategy))
+    return _finish(rt, report, off)
+
+
+def _finish(rt, report: dict, off: dict) -> dict:
+    if off:
+        report["off"] = "; ".join(f"{piece}: {why}" for piece, why in off.items())
     _log(rt, report)
     return report
 
@@ -173,17 +210,15 @@ def _rms_norm_choice() -> str:
     return value
 
 
-def _not_packed_because(trainer, base, t, sharing: str) -> str | None:
+def _not_packed_because(trainer, base, t, sharing: str, family) -> str | None:
     """Why the shared rows stay padded and masked; None: they go packed (attention.py, installed here)."""
     import torch
-
-    from dist_dpo.errors import UserError
 
     if sharing == "false" or t.packed_rows is False:
         return "off"
     a = trainer.args
     dtype = torch.bfloat16 if a.bf16 else torch.float16 if a.fp16 else base.get_input_embeddings().weight.dtype
-    why = attention.packed_rows_reason(base, a.device, dtype)
+    why = family.reason("packed_rows") or attention.packed_rows_reason(base, a.device, dtype)
     if why and t.packed_rows is True:
         raise UserError(f"packed_rows: true, but packed rows cannot run here: {why}. Set packed_rows: auto")
     if why:

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import torch
 
 IMPLEMENTATION = "dist_dpo_sdpa"
-MODEL_TYPES = ("qwen2", "qwen3", "llama")  # plain causal self-attention (no softcap / sinks); checked on GPUs
 
 
 @dataclass
@@ -196,9 +195,11 @@ def packed_rows_reason(model, device: torch.device, dtype: torch.dtype) -> str |
     cfg = model.config.get_text_config()
     if model.config._attn_implementation not in ("sdpa", IMPLEMENTATION):
         return f"attn_implementation {model.config._attn_implementation}"
-    if cfg.model_type not in MODEL_TYPES:
-        return f"model type {cfg.model_type} (packed rows: {', '.join(MODEL_TYPES)})"
-    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or ["full_attention"])):
+    if getattr(cfg, "attn_logit_softcapping", None) is not None:
+        return "soft-capped attention logits"
+    from dist_dpo.architectures import attention_layer_types
+
+    if attention_layer_types(cfg) != {"full_attention"}:
         return "sliding-window layers"
     if device.type != "cuda":
         return "no CUDA device (the variable-length kernel is flash attention's)"

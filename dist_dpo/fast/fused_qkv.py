@@ -26,6 +26,8 @@ import types
 
 import torch
 
+from dist_dpo.fast import switch
+
 
 class _Fused:
     def __init__(self, linears: list[torch.nn.Linear]):
@@ -47,6 +49,8 @@ class _Fused:
         return [m.weight.data_ptr() for m in self.linears] == self.ptrs
 
     def part(self, i: int, x: torch.Tensor, own) -> torch.Tensor:
+        if not switch.live("fused_qkv"):
+            return own(x)
         if x is not self.input or self.taken[i]:
             if not self.intact():  # a wrapper re-allocated the weights (dtype cast, sharding): the plain matmul
                 return own(x)

@@ -21,10 +21,9 @@ import types
 
 import torch
 
-from dist_dpo.fast import logprob
+from dist_dpo.fast import logprob, switch
 
 EXTRAS = ("entropy", "mean_logits", "is_top1")  # trl's logging-only per-token outputs
-_SCALING_KEYS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
 
 class HeadState:
@@ -37,13 +36,23 @@ class HeadState:
 
 def unsupported_reason(model) -> str | None:
     """Why this forward cannot stand in for trl's on `model` (None: it can)."""
-    cfg = model.config.get_text_config()
-    scaled = [k for k in _SCALING_KEYS if getattr(cfg, k, None) not in (None, 1.0)]
-    if scaled:  # trl folds these into its head; ours does not, so such models keep trl's forward
-        return f"logit scaling ({', '.join(scaled)}) is handled by trl's head only"
     if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
         return "the model has no output embedding"
     return None
+
+
+def logit_transform(config) -> tuple[float | None, float]:
+    """(final soft-cap, logit scale) as trl's `add_fused_lm_head` (1.16) reads them from the config, so both heads
+    compute the same logits: Gemma's final_logit_softcapping, Cohere's logit_scale, Granite's logits_scaling ..."""
+    cfg = config.get_text_config()
+    scale = getattr(cfg, "logit_scale", None)
+    if scale is None:
+        scale = getattr(cfg, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(cfg, "lm_head_multiplier", None)
+    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
+        scale = cfg.logits_scaling if cfg.model_type == "hyperclovax" else 1 / cfg.logits_scaling
+    return getattr(cfg, "final_logit_softcapping", None), 1.0 if scale is None else scale
 
 
 def shared_layout_ok(model) -> bool:
@@ -60,6 +69,10 @@ def install(model, state: HeadState) -> None:
         layout = {k: kwargs.pop(k) for k in [k for k in kwargs if k.startswith("dd_")]}
         if not fused_lm_head:
             return trl_forward(*args, labels=labels, **kwargs)
+        if not switch.live("head"):  # trl's own forward on trl's rows (the self-check's reference, or turned off)
+            return trl_forward(*args, fused_lm_head=True, labels=labels, **kwargs)
+        if layout and not switch.live("packed_rows" if "dd_varlen" in layout else "shared_rows"):
+            layout = {}
         extras = state.default_extras if dd_extras is None else tuple(dd_extras)
         return _dpo_forward(self, labels, layout, extras, kwargs)
 
@@ -72,20 +85,25 @@ def _dpo_forward(model, labels, layout: dict, extras: tuple[str, ...], kwargs: d
     kwargs["use_cache"] = False
     kwargs.pop("num_items_in_batch", None)
     rows, width = labels.shape  # trl's padded layout: the output keeps it
-    if "dd_varlen" in layout:  # packed rows: attention.py's segments, no mask to build
-        cfg = model.config.get_text_config()
+    trl_mask = kwargs.get("attention_mask")
+    if "dd_varlen" in layout:  # packed rows: attention.py's segments; an empty 4-D mask, which every model's mask
+        # builder passes through as it is (masking_utils._preprocess_mask_arguments), so no [T, T] mask is built
         kwargs.update(input_ids=layout["dd_input_ids"], position_ids=layout["dd_position_ids"],
-                      attention_mask={t: None for t in set(getattr(cfg, "layer_types", None) or ["full_attention"])},
+                      attention_mask=layout["dd_input_ids"].new_zeros((1, 1, 0, 0), dtype=torch.bool),
                       dd_varlen=layout["dd_varlen"])
     elif layout:
         kwargs.update(input_ids=layout["dd_input_ids"], position_ids=layout["dd_position_ids"],
-                      attention_mask=shared_prompt_mask(layout["dd_segments"], _mask_dtype(model)))
+                      attention_mask=layer_masks(model, layout["dd_segments"], layout["dd_position_ids"],
+                                                 _mask_dtype(model)))
+    out_backbone = None
     if layout:
-        hidden = model.base_model(**kwargs).last_hidden_state
+        out_backbone = model.base_model(**kwargs)
+        hidden = out_backbone.last_hidden_state
         hidden = hidden.reshape(-1, hidden.size(-1)).index_select(0, layout["dd_pred_index"])
         targets, place = layout["dd_targets"], layout["dd_out_index"]
     else:
-        hidden = model.base_model(**kwargs).last_hidden_state[:, :-1]
+        out_backbone = model.base_model(**kwargs)
+        hidden = out_backbone.last_hidden_state[:, :-1]
         shifted = labels[:, 1:]
         scored = shifted != -100
         hidden, targets = hidden[scored], shifted[scored]
@@ -102,7 +120,20 @@ def _dpo_forward(model, labels, layout: dict, extras: tuple[str, ...], kwargs: d
         v = v.new_zeros(rows * (width - 1)).index_copy(0, place, v).view(rows, width - 1)
         out[name] = v.bool() if flags else v
     out["label_mask"] = labels[:, 1:] != -100
+    if kwargs.get("output_router_logits"):
+        out["aux_loss"] = _router_aux_loss(model, out_backbone, trl_mask if not layout else None)
     return FusedCausalLMOutput(**out)
+
+
+def _router_aux_loss(model, backbone_out, attention_mask):
+    """The MoE load-balancing loss exactly as trl's fused head computes it (1.16: Mixtral's function, the config's
+    expert counts, trl's attention mask). Its averages run over every token of the rows, so it equals trl's only on
+    trl's rows: fast.apply keeps trl's rows when the aux loss is on."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    cfg = model.config.get_text_config()
+    return load_balancing_loss_func(backbone_out.router_logits, cfg.num_experts, cfg.num_experts_per_tok,
+                                    attention_mask)
 
 
 def _log_probs(model, hidden, targets, outputs):
@@ -118,10 +149,13 @@ def _log_probs(model, hidden, targets, outputs):
             bias = bias.full_tensor() if bias is not None else None
         hidden, targets = hidden.to(weight.device), targets.to(weight.device)
         with maybe_gather_lm_head_ctx(weight, bias):  # ZeRO-3: gather the head for the direct weight access
-            if logprob.covers(hidden, weight, bias, outputs):  # the policy's training forward, outside logging steps
+            if softcap is None and scale == 1.0 and logprob.covers(hidden, weight, bias, outputs):
+                # the policy's training forward, outside logging steps, on plain logits
                 return logprob.log_probs(hidden, weight, targets, _CHUNKED_LOGPROB_CHUNK_SIZE), None, None, None, None
-            return ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None,
-                                                1.0, outputs)
+            return ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE,
+                                                softcap, scale, outputs)
+
+    softcap, scale = logit_transform(model.config)
 
     head = model.get_output_embeddings()
     if not isinstance(head, FSDPModule):
@@ -150,12 +184,33 @@ def _mask_dtype(model) -> torch.dtype:
     return model.get_input_embeddings().weight.dtype
 
 
-def shared_prompt_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def layer_masks(model, segments: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """The shared rows' mask for each kind of attention layer: one tensor where every layer attends alike, else
+    {layer type: mask} (the models with mixed layers take that mapping as their attention_mask). A sliding-window
+    layer hides keys `sliding_window` or more POSITIONS back (masking_utils.sliding_window_overlay: kv > q - w), so a
+    rejected token sees exactly the prompt and rejected tokens it sees in trl's row."""
+    from dist_dpo.architectures import attention_layer_types
+
+    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    types = attention_layer_types(model.config)
+    unknown = types - {"full_attention", "sliding_attention"}
+    if unknown:  # fast.apply keeps such families on trl's rows; never guess a mask for them
+        raise RuntimeError(f"shared rows cannot build masks for {sorted(unknown)} layers")
+    leak = switch.broken("shared_rows")  # tests only: rejected tokens see the chosen ones
+    masks = {t: shared_prompt_mask(segments, dtype, positions if t == "sliding_attention" else None, window, leak)
+             for t in types}
+    return next(iter(masks.values())) if len(masks) == 1 else masks
+
+
+def shared_prompt_mask(segments: torch.Tensor, dtype: torch.dtype, positions: torch.Tensor | None = None,
+                       window: int | None = None, leak: bool = False) -> torch.Tensor:
     """[rows, 1, T, T] additive mask for rows [prompt | chosen | rejected | pad]: causal, pad keys hidden, and
     rejected tokens (segment 2) never see chosen ones (segment 1). Segments: 0 prompt, 1 chosen, 2 rejected, -1 pad."""
     t = segments.size(1)
     causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
     q, k = segments[:, :, None], segments[:, None, :]
-    allowed = causal & (k >= 0) & ~((q == 2) & (k == 1))
+    allowed = causal & (k >= 0) & ~((q == 2) & (k == 1) & (not leak))
+    if window is not None and positions is not None:
+        allowed &= positions[:, None, :] > positions[:, :, None] - window
     mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import torch
 
+from dist_dpo.fast import switch
+
 
 class CastUnlessAutocast:
     """peft reads a LoRA layer's `cast_input_dtype_enabled` as a truth value on every forward: cast only when no
     autocast is active."""
 
     def __bool__(self) -> bool:
+        if not switch.live("lora_cast"):
+            return True
         return not (torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"))
 
     def __repr__(self) -> str:

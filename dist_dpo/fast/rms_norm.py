@@ -22,16 +22,19 @@ import types
 
 import torch
 
+from dist_dpo.fast import switch
 
-def install(model) -> int:
-    """Every RMSNorm module of `model` whose weight and epsilon we can read runs through F.rms_norm; returns how many.
-    A module whose weight is kept in another dtype than its input (QLoRA's fp32 norms under fp16) falls back to
-    its own forward, call by call."""
+
+def install(model, norm_classes: tuple[str, ...]) -> int:
+    """Every module of `model` whose class is one of `norm_classes` (the architecture table's: norms proven to compute
+    x * rsqrt(mean(x^2) + eps) * w) and whose weight and epsilon we can read runs through F.rms_norm; returns how
+    many. A module whose weight is kept in another dtype than its input (QLoRA's fp32 norms under fp16) falls back
+    to its own forward, call by call."""
     n = 0
     for m in model.modules():
         eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
         weight = getattr(m, "weight", None)
-        if type(m).__name__.endswith("RMSNorm") and isinstance(weight, torch.Tensor) and weight.dim() == 1 and \
+        if type(m).__name__ in norm_classes and isinstance(weight, torch.Tensor) and weight.dim() == 1 and \
                 isinstance(eps, float):
             m._dd_own_forward, m._dd_eps = m.forward, eps
             m.forward = types.MethodType(_forward, m)
@@ -40,6 +43,7 @@ def install(model) -> int:
 
 
 def _forward(self, hidden_states):
-    if hidden_states.dtype != self.weight.dtype:
+    if hidden_states.dtype != self.weight.dtype or not switch.live("torch_norm"):
         return self._dd_own_forward(hidden_states)
-    return torch.nn.functional.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, self._dd_eps)
+    out = torch.nn.functional.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, self._dd_eps)
+    return out * 0.5 if switch.broken("torch_norm") else out

@@ -1,0 +1,131 @@
+"""THE table of what differs per model family for the speed path: the twin of strategies.py.
+
+Each speed-path piece computes trl's DPO loss with less work, but each rests on a fact about the architecture
+(an RMSNorm that is `x * rstd * w`, attention that a mask fully describes, q/k/v called on one input ...). A piece
+runs on a family only where that fact holds and a test proved it (tests/test_families.py: the speed path against
+trl's loss and LoRA gradients on a tiny random model of every family below; benchmarks/arch_matrix.py: the same on
+a GPU in bf16, LoRA and QLoRA). A family that is not here gets no piece that depends on the architecture: trl's own
+forward, and the speed-path line says so. Nothing is decided by a class-name pattern.
+
+The pieces (dist_dpo/fast/):
+  head          the log-prob head over dist-dpo's row layouts, logging-only outputs on logging steps only
+                (head.py, logprob.py, loss.py); every piece below rides on it
+  shared_rows   each prompt computed once: one row [prompt | chosen | rejected] per pair with a 4-D mask
+                (batching.py); per layer type (full / sliding window) its own mask
+  packed_rows   all pairs of a micro-batch in one unpadded row through flash attention's variable-length kernel
+                (attention.py; CUDA, bf16/fp16; full-attention layers without soft-capping)
+  fused_qkv     each layer's q/k/v projections as one matmul (fused_qkv.py)
+  torch_norm    the family's RMSNorm as torch's one fused op (rms_norm.py), for norms that compute x * rstd * w
+  lora_cast     peft's fp32 copy of every LoRA input skipped under autocast (lora_inputs.py)
+  liger         liger-kernel's SwiGLU / RoPE kernels (trl's use_liger_kernel), on GPUs
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PIECES = ("head", "shared_rows", "packed_rows", "fused_qkv", "torch_norm", "lora_cast", "liger")
+
+# Reasons shared by several families.
+OFFSET_NORM = "its RMSNorm scales by (1 + w), not w (torch's rms_norm would multiply by w, ~0 at init)"
+RECURRENT = ("its linear-attention (gated delta-net) layers carry a state along the row that no mask stops: in a "
+             "shared or packed row the rejected answer would read the chosen one; trl's rows keep them apart")
+NOT_PROVEN = "not proven on this family"
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # as users know it
+    model_types: tuple[str, ...]  # transformers' config.model_type values of its causal LMs
+    # piece -> why it is off for this family. Every piece of PIECES not named here is proven exact.
+    off: dict[str, str] = field(default_factory=dict)
+    # RMSNorm classes whose forward is x * rsqrt(mean(x^2) + eps) * w, to run as torch's rms_norm (torch_norm).
+    norm_classes: tuple[str, ...] = ()
+    # The sparse MoE block: under ZeRO-3 it is registered as a leaf module (deepspeed.utils.set_z3_leaf_modules),
+    # else ranks that route tokens to different experts gather different parameters and hang (DeepSpeed #4966).
+    moe_block: str | None = None
+    # LoRA targets that stand for the recipe's default `q_proj, v_proj` where this family names them otherwise.
+    attention_targets: tuple[str, ...] | None = None
+    example: str = ""  # a model people train, for the README's table
+
+    def reason(self, piece: str) -> str | None:
+        """Why `piece` is off for this family (None: it is proven exact)."""
+        assert piece in PIECES, piece
+        return self.off.get(piece)
+
+
+ARCHITECTURE_TABLE: tuple[Family, ...] = (
+    Family("Llama 3.x", ("llama",), norm_classes=("LlamaRMSNorm",), example="Llama-3.1-8B-Instruct"),
+    Family("Mistral", ("mistral",), norm_classes=("MistralRMSNorm",), example="Mistral-7B-Instruct-v0.3"),
+    Family("Qwen2 / Qwen2.5", ("qwen2",), norm_classes=("Qwen2RMSNorm",), example="Qwen2.5-1.5B-Instruct"),
+    # q_norm / k_norm act on the projections' outputs: fusing q/k/v is unaffected; they are plain x * w norms.
+    Family("Qwen3", ("qwen3",), norm_classes=("Qwen3RMSNorm",), example="Qwen3-8B"),
+    Family("Qwen3-MoE", ("qwen3_moe",), norm_classes=("Qwen3MoeRMSNorm",), moe_block="Qwen3MoeSparseMoeBlock",
+           # liger's Qwen3-MoE patch swaps the experts' forward, which then cannot run LoRA on expert weights.
+           off={"liger": "liger's MoE expert kernel does not take LoRA on the experts"}, example="Qwen3-30B-A3B"),
+    Family("Qwen3.5", ("qwen3_5_text", "qwen3_5_moe_text"), moe_block="Qwen3_5MoeSparseMoeBlock",
+           off={"shared_rows": RECURRENT, "packed_rows": RECURRENT, "torch_norm": OFFSET_NORM,
+                "liger": NOT_PROVEN}, example="Qwen3.5-9B"),
+    Family("Qwen3-Next", ("qwen3_next",), moe_block="Qwen3NextSparseMoeBlock",
+           off={"shared_rows": RECURRENT, "packed_rows": RECURRENT, "torch_norm": OFFSET_NORM,
+                "liger": NOT_PROVEN}, example="Qwen3-Next-80B-A3B"),
+    # Soft-capped attention logits (attn_logit_softcapping) are not in flash attention's variable-length kernel;
+    # the final soft-cap is folded into the log-prob head as trl folds it.
+    Family("Gemma-2", ("gemma2",),
+           off={"torch_norm": OFFSET_NORM, "packed_rows": "soft-capped attention logits"}, example="gemma-2-9b-it"),
+    Family("Gemma-3", ("gemma3_text",), off={"torch_norm": OFFSET_NORM}, example="gemma-3-12b-it"),
+    # Gemma-4's norms are x * w computed in fp32 (no offset), its v_norm has no weight (left as it is).
+    Family("Gemma-4", ("gemma4_text",), norm_classes=("Gemma4RMSNorm",), example="gemma-4-E4B-it"),
+    # qkv_proj and gate_up_proj are already one matmul each.
+    Family("Phi-3 / Phi-4", ("phi3",), norm_classes=("Phi3RMSNorm",), attention_targets=("qkv_proj",),
+           example="Phi-4-mini-instruct"),
+    Family("OLMo-2", ("olmo2",), norm_classes=("Olmo2RMSNorm",), example="OLMo-2-1124-7B-Instruct"),
+    Family("OLMo-3", ("olmo3",), norm_classes=("Olmo3RMSNorm",), example="Olmo-3-7B-Instruct"),
+    # Some layers have no RoPE: positions reach only the layers that use them, in every layout alike.
+    Family("SmolLM3", ("smollm3",), norm_classes=("SmolLM3RMSNorm",), example="SmolLM3-3B"),
+)
+
+_BY_TYPE = {t: f for f in ARCHITECTURE_TABLE for t in f.model_types}
+
+UNLISTED = "model type not in dist-dpo's architecture table (dist_dpo/architectures.py)"
+
+
+def family_for(model_type: str) -> Family:
+    """The family of a config's model_type; an unlisted one gets every piece off, each with the same reason."""
+    if model_type in _BY_TYPE:
+        return _BY_TYPE[model_type]
+    return Family(f"unlisted ({model_type})", (model_type,), off={p: UNLISTED for p in PIECES})
+
+
+def attention_layer_types(config) -> set[str]:
+    """The kinds of attention layer a config builds: its `layer_types`, or for the configs without that list (Mistral)
+    every layer sliding where a window is set and used."""
+    cfg = config.get_text_config()
+    types = getattr(cfg, "layer_types", None)
+    if types:
+        return set(types)
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return {"sliding_attention"}
+    return {"full_attention"}
+
+
+def family_of(model) -> Family:
+    return family_for(model.config.get_text_config().model_type)
+
+
+def markdown_table() -> str:
+    """The README's supported-families table, generated from ARCHITECTURE_TABLE (python -m dist_dpo.architectures)."""
+    names = {"head": "log-prob head", "shared_rows": "prompt once", "packed_rows": "packed rows",
+             "fused_qkv": "fused q/k/v", "torch_norm": "fused RMSNorm", "lora_cast": "LoRA input cast",
+             "liger": "liger"}
+    lines = ["| family | model_type | e.g. | " + " | ".join(names[p] for p in PIECES) + " |",
+             "|---|---|---|" + "---|" * len(PIECES)]
+    for f in ARCHITECTURE_TABLE:
+        cells = ["yes" if f.reason(p) is None else "no" for p in PIECES]
+        lines.append(f"| {f.name} | {', '.join(f'`{t}`' for t in f.model_types)} | {f.example} | " +
+                     " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

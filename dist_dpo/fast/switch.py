@@ -1,0 +1,45 @@
+"""Which speed-path pieces are live right now. Each piece installed on a model asks `live(piece)` on every call and
+runs the model's own code when it is not, so the first-batch self-check (self_check.py) can run trl's exact path
+through the same modules, and a failed check turns pieces off for the rest of the run."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+_OFF: set[str] = set()  # pieces turned off for good (a failed self-check)
+_PAUSED: list[set[str]] = []  # pieces paused by `paused(...)`, innermost last
+ALL = "*"
+
+
+def live(piece: str) -> bool:
+    if piece in _OFF or ALL in _OFF:
+        return False
+    return not any(piece in s or ALL in s for s in _PAUSED)
+
+
+def broken(piece: str) -> bool:
+    """Tests only: DIST_DPO_TEST_BREAK=<piece> makes that piece compute a wrong result on purpose, to show that the
+    self-check finds it (tests/test_families.py). Pieces that honour it: torch_norm (output halved),
+    shared_rows (rejected tokens see the chosen ones)."""
+    return os.environ.get("DIST_DPO_TEST_BREAK") == piece
+
+
+def turn_off(pieces=(ALL,)) -> None:
+    _OFF.update(pieces)
+
+
+@contextlib.contextmanager
+def paused(pieces=(ALL,)):
+    """The pieces named (default: all) run the model's own code inside the block."""
+    _PAUSED.append(set(pieces))
+    try:
+        yield
+    finally:
+        _PAUSED.pop()
+
+
+def reset() -> None:
+    """Every piece live again (a new trainer in the same process, e.g. tests)."""
+    _OFF.clear()
+    _PAUSED.clear()
