@@ -96,9 +96,15 @@ def default_rows() -> list[Row]:
     ]
 
 
+FAMILY_SHAPES = ("llama-3-8b", "qwen3-8b")  # the families beside Qwen2.5 whose var ratio to the best trl flags counts
+
+
 def optional_rows() -> list[Row]:
     """Selected with --add NAME-substring: more of the matrix when a call has time for it."""
     return [
+        # other families on the var set, each against the best plain-trl flags on the same card (--add @)
+        *[r for shape in FAMILY_SHAPES for r in (Row("dist-dpo", "default", "var", shape=shape, lane=1),
+                                                 Row("trl", "best", "var", shape=shape, lane=1))],
         Row("trl", "best-precompute", "var"),  # the issue's anchor: loses end to end (weight hash + a first pass)
         # the tutorial's 4 x 4 through dist-dpo, run as 16 x 1 (merge_micro_batches): measured 2026-11-28 at the
         # speed of the 16 x 1 row (10,496 vs 9,816 tok/s, one card's noise)
@@ -795,6 +801,10 @@ def ratios(rows: list[dict]) -> dict:
             out[f"{ds}/lora/1gpu"] = case
     if "var/lora/1gpu" in out:  # the issue's headline case: 1.5B / variable-length / LoRA / 1 GPU
         out.update(out["var/lora/1gpu"])
+    for shape in FAMILY_SHAPES:
+        r = ratio(tps(f"dist-dpo/var/lora/1gpu@{shape}"), tps(f"trl-best/var/lora/1gpu@{shape}"))
+        if r:
+            out[f"vs_best_trl var @{shape}"] = r
     q = ratio(tps("dist-dpo/var/qlora/1gpu"), tps("tutorial/var/qlora/1gpu"))
     if q:
         out["qlora_vs_tutorial_qlora"] = q

@@ -11,6 +11,7 @@ ids); for the big vocabularies those ids are simply the first 4096 rows of the e
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -61,6 +62,42 @@ SHAPES: dict[str, dict] = {
         rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
         initializer_range=0.02)},
 }
+
+
+def _shape(model_type: str, architecture: str, **kw) -> dict:
+    return {"architecture": architecture, "config": dict(model_type=model_type, initializer_range=0.02, **kw)}
+
+
+# Real sizes of the other families people DPO (values from each model's config.json; Qwen3.5's are transformers'
+# Qwen3_5TextConfig defaults, its "Qwen3.5-9B style"): stand-ins for benchmarks and the memory plan.
+SHAPES.update({
+    "llama-3.1-8b": _shape("llama", "LlamaForCausalLM", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                           num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                           max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                           rope_scaling={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 8192}),
+    "mistral-7b": _shape("mistral", "MistralForCausalLM", vocab_size=32768, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, sliding_window=None,
+                         rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=False),  # v0.3
+    "qwen3-8b": _shape("qwen3", "Qwen3ForCausalLM", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                       num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                       rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=40960,
+                       tie_word_embeddings=False),
+    "qwen3-30b-a3b": _shape("qwen3_moe", "Qwen3MoeForCausalLM", vocab_size=151936, hidden_size=2048,
+                            intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+                            num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                            num_experts_per_tok=8, norm_topk_prob=True, rope_theta=1000000.0,
+                            max_position_embeddings=40960, tie_word_embeddings=False),
+    "qwen3.5-9b": _shape("qwen3_5_text", "Qwen3_5ForCausalLM"),
+    "gemma-2-9b": _shape("gemma2", "Gemma2ForCausalLM", vocab_size=256000, hidden_size=3584, intermediate_size=14336,
+                         num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                         sliding_window=4096, query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
+                         final_logit_softcapping=30.0, tie_word_embeddings=True),
+    "gemma-3-12b": _shape("gemma3_text", "Gemma3ForCausalLM", vocab_size=262208, hidden_size=3840,
+                          intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=8,
+                          head_dim=256, sliding_window=1024, query_pre_attn_scalar=256, tie_word_embeddings=True),
+})
 
 
 def _tiny(model_type: str, architecture: str, **kw) -> dict:
@@ -115,6 +152,9 @@ def param_count(shape: str | dict) -> int:
     """Parameters of a shape, computed from its config (no model built): used for MFU and memory planning."""
     entry = get_shape(shape)
     c = entry["config"]
+    mixers = set(c.get("layer_types") or []) - {"full_attention", "sliding_attention"}
+    if entry["architecture"] not in _DENSE or c.get("num_experts") or mixers or c.get("hidden_size_per_layer_input"):
+        return _meta_count(json.dumps(c, sort_keys=True))
     h, inter, layers, vocab = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
     heads = c["num_attention_heads"]
     kv = c.get("num_key_value_heads", heads)
@@ -129,6 +169,22 @@ def param_count(shape: str | dict) -> int:
     per_layer = attn + mlp + 2 * h  # + input / post-attention RMSNorm
     embed = vocab * h * (1 if c.get("tie_word_embeddings") else 2)
     return embed + layers * per_layer + h  # + final norm
+
+
+_DENSE = ("Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")  # what the formula above covers
+
+
+@functools.lru_cache(maxsize=None)
+def _meta_count(config_json: str) -> int:
+    """Other families (experts, linear attention, per-layer embeddings ...): the model built on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = json.loads(config_json)
+    config = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
 
 
 def _special_ids() -> dict[str, int]:

@@ -159,7 +159,7 @@ def test_packed_segments_are_the_masked_rows_attention():
 def test_packed_rows_stay_off_without_cuda(pairs):
     fast = build(pairs, fast=True)
     assert fast.data_collator.packed is False
-    assert "packed rows: no CUDA device" in fast._dd_speed_report["prompt"]
+    assert "packed_rows: no CUDA device" in fast._dd_speed_report["off"]
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
