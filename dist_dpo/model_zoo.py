@@ -114,11 +114,10 @@ _HYBRID = dict(layer_types=["linear_attention", "linear_attention", "linear_atte
                linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16)
 _MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
 _ALTERNATING = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
-# One tiny model per family of the architecture table, keyed tiny-<model_type>.
-FAMILY_SHAPES: dict[str, dict] = {f"tiny-{e['config']['model_type']}": e for e in (
+# One tiny model per family of the architecture table, keyed tiny-<model_type>; Qwen2's is the built-in tiny-qwen2.
+FAMILY_SHAPES: dict[str, dict] = {"tiny-qwen2": SHAPES["tiny-qwen2"]} | {f"tiny-{e['config']['model_type']}": e for e in (
     _tiny("llama", "LlamaForCausalLM"),
     _tiny("mistral", "MistralForCausalLM", sliding_window=24),  # v0.1's window, shrunk to bite on short pairs
-    _tiny("qwen2", "Qwen2ForCausalLM"),
     _tiny("qwen3", "Qwen3ForCausalLM"),
     _tiny("qwen3_moe", "Qwen3MoeForCausalLM", **_MOE),
     _tiny("qwen3_5_text", "Qwen3_5ForCausalLM", **_HYBRID),
@@ -356,7 +355,7 @@ def _save_shard(out: Path, i: int, tensors: dict) -> tuple[Path, list[str]]:
     return path, list(tensors)
 
 
-BUILTIN_SHAPES = (BUILTIN_SHAPE, *FAMILY_SHAPES)  # what `builtin:<shape>` may name
+BUILTIN_SHAPES = tuple(FAMILY_SHAPES)  # BUILTIN_SHAPE among them; what `builtin:<shape>` may name
 
 
 def builtin_model_dir(cache_dir: str | Path | None = None, shape: str = BUILTIN_SHAPE) -> Path:
