@@ -10,7 +10,7 @@ process:
   trl       --fast_path false, 8 pairs x 1 micro-step
   trl-4x2   --fast_path false, 4 pairs x 2 micro-steps: the same arithmetic in another order, i.e. what bf16
             rounding alone moves (the noise the bound is derived from)
-  dist-dpo  the default speed path (its first-batch self-check included), 8 x 1
+  dist-dpo  the default speed path (its first-batch self-check and liger's kernels included), 8 x 1
 The cell agrees when at every step the speed path's loss and gradient norm are within the bound of trl's:
 max(4 x the trl / trl-4x2 difference at that step, a floor of 2e-3 on the loss and 2 % on the gradient norm). A
 piece that is wrong is off by O(1): a zero gradient, a loss stuck at log 2, rows reading the wrong tokens.
@@ -42,7 +42,7 @@ STEPS = 4
 COMMON = ["--lora_target_modules", "all-linear", "--lora_dropout", "0", "--group_by_length", "false",
           "--max_steps", str(STEPS), "--logging_steps", "1", "--eval_steps", "0", "--save_steps", "1000",
           "--optim", "sgd", "--learning_rate", "0.1", "--lr_scheduler_type", "constant", "--gradient_checkpointing",
-          "false", "--overwrite_output_dir", "true", "--same_model_check", "false", "--liger_kernels", "false"]
+          "false", "--overwrite_output_dir", "true", "--same_model_check", "false"]  # liger: auto (the speed path's)
 RUNS = {"trl": ["--fast_path", "false", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1"],
         "trl-4x2": ["--fast_path", "false", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2"],
         "dist-dpo": ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1"]}

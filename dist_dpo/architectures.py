@@ -47,6 +47,8 @@ class Family:
     # LoRA targets that stand for the recipe's default `q_proj, v_proj` where this family names them otherwise.
     attention_targets: tuple[str, ...] | None = None
     example: str = ""  # a model people train, for the README's table
+    # piece -> the run-time condition under which a proven piece still stays off (said in the README's table)
+    unless: dict[str, str] = field(default_factory=dict)
 
     def reason(self, piece: str) -> str | None:
         """Why `piece` is off for this family (None: it is proven exact)."""
@@ -56,11 +58,13 @@ class Family:
 
 ARCHITECTURE_TABLE: tuple[Family, ...] = (
     Family("Llama 3.x", ("llama",), norm_classes=("LlamaRMSNorm",), example="Llama-3.1-8B-Instruct"),
-    Family("Mistral", ("mistral",), norm_classes=("MistralRMSNorm",), example="Mistral-7B-Instruct-v0.3"),
+    Family("Mistral", ("mistral",), norm_classes=("MistralRMSNorm",), example="Mistral-7B-Instruct-v0.3",
+           unless={"packed_rows": "a sliding window (v0.1)"}),
     Family("Qwen2 / Qwen2.5", ("qwen2",), norm_classes=("Qwen2RMSNorm",), example="Qwen2.5-1.5B-Instruct"),
     # q_norm / k_norm act on the projections' outputs: fusing q/k/v is unaffected; they are plain x * w norms.
     Family("Qwen3", ("qwen3",), norm_classes=("Qwen3RMSNorm",), example="Qwen3-8B"),
     Family("Qwen3-MoE", ("qwen3_moe",), norm_classes=("Qwen3MoeRMSNorm",), moe_block="Qwen3MoeSparseMoeBlock",
+           unless={"shared_rows": "router aux loss on", "packed_rows": "router aux loss on"},
            # liger's Qwen3-MoE patch swaps the experts' forward, which then cannot run LoRA on expert weights.
            off={"liger": "liger's MoE expert kernel does not take LoRA on the experts"}, example="Qwen3-30B-A3B"),
     Family("Qwen3.5", ("qwen3_5_text", "qwen3_5_moe_text"), moe_block="Qwen3_5MoeSparseMoeBlock",
@@ -73,14 +77,18 @@ ARCHITECTURE_TABLE: tuple[Family, ...] = (
     # the final soft-cap is folded into the log-prob head as trl folds it.
     Family("Gemma-2", ("gemma2",),
            off={"torch_norm": OFFSET_NORM, "packed_rows": "soft-capped attention logits"}, example="gemma-2-9b-it"),
-    Family("Gemma-3", ("gemma3_text",), off={"torch_norm": OFFSET_NORM}, example="gemma-3-12b-it"),
+    Family("Gemma-3", ("gemma3_text",), off={"torch_norm": OFFSET_NORM}, example="gemma-3-12b-it",
+           unless={"packed_rows": "sliding-window layers"}),
     # Gemma-4's norms are x * w computed in fp32 (no offset), its v_norm has no weight (left as it is).
-    Family("Gemma-4", ("gemma4_text",), norm_classes=("Gemma4RMSNorm",), example="gemma-4-E4B-it"),
+    Family("Gemma-4", ("gemma4_text",), norm_classes=("Gemma4RMSNorm",), example="gemma-4-E4B-it",
+           unless={"packed_rows": "sliding-window layers"}),
     # qkv_proj and gate_up_proj are already one matmul each.
     Family("Phi-3 / Phi-4", ("phi3",), norm_classes=("Phi3RMSNorm",), attention_targets=("qkv_proj",),
+           off={"fused_qkv": "qkv_proj is already one matmul"},
            example="Phi-4-mini-instruct"),
     Family("OLMo-2", ("olmo2",), norm_classes=("Olmo2RMSNorm",), example="OLMo-2-1124-7B-Instruct"),
-    Family("OLMo-3", ("olmo3",), norm_classes=("Olmo3RMSNorm",), example="Olmo-3-7B-Instruct"),
+    Family("OLMo-3", ("olmo3",), norm_classes=("Olmo3RMSNorm",), example="Olmo-3-7B-Instruct",
+           unless={"packed_rows": "sliding-window layers"}),
     # Some layers have no RoPE: positions reach only the layers that use them, in every layout alike.
     Family("SmolLM3", ("smollm3",), norm_classes=("SmolLM3RMSNorm",), example="SmolLM3-3B"),
 )
@@ -114,14 +122,15 @@ def family_of(model) -> Family:
 
 
 def markdown_table() -> str:
-    """The README's supported-families table, generated from ARCHITECTURE_TABLE (python -m dist_dpo.architectures)."""
+    """The README's supported-families table, generated from ARCHITECTURE_TABLE (python -m dist_dpo.architectures):
+    yes, no (the table's reason), or what keeps a proven piece off at run time (e.g. sliding-window layers)."""
     names = {"head": "log-prob head", "shared_rows": "prompt once", "packed_rows": "packed rows",
              "fused_qkv": "fused q/k/v", "torch_norm": "fused RMSNorm", "lora_cast": "LoRA input cast",
              "liger": "liger"}
     lines = ["| family | model_type | e.g. | " + " | ".join(names[p] for p in PIECES) + " |",
              "|---|---|---|" + "---|" * len(PIECES)]
     for f in ARCHITECTURE_TABLE:
-        cells = ["yes" if f.reason(p) is None else "no" for p in PIECES]
+        cells = ["no" if f.reason(p) else f"not with {f.unless[p]}" if p in f.unless else "yes" for p in PIECES]
         lines.append(f"| {f.name} | {', '.join(f'`{t}`' for t in f.model_types)} | {f.example} | " +
                      " | ".join(cells) + " |")
     return "\n".join(lines)
