@@ -132,7 +132,11 @@ def load_model(m: ModelArgs, model_path: str, rt: Runtime, strat: Strategy, grad
     except (OSError, ValueError, ImportError) as e:
         raise UserError(f"cannot load model '{model_path}': {str(e).splitlines()[0]}") from None
     model.config.use_cache = False  # no KV cache in training; it also conflicts with checkpointing
-    moe_blocks_as_leaves(model, strat)
+    leaves = moe_blocks_as_leaves(model, strat)
+    if leaves and rt.is_main:
+        from dist_dpo.logs import get_logger
+
+        get_logger().info("MoE: %d sparse blocks are ZeRO-3 leaf modules (gathered whole)", leaves)
     if uses_prepare_kbit(m, rt, strat):
         from peft import prepare_model_for_kbit_training
 

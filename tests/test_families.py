@@ -287,3 +287,55 @@ def test_not_learning_reads_the_log_history():
     assert "never left the reference" in not_learning(still)
     assert not_learning(moving[:1]) is None  # one step: nothing to tell yet
     assert re.search(r"in 1 logged", not_learning(still))
+
+
+def test_moe_blocks_become_zero3_leaves_only_under_zero3():
+    from transformers import AutoModelForCausalLM
+
+    from dist_dpo.model_zoo import ensure_builtin_model
+    from dist_dpo.modeling import moe_blocks_as_leaves
+    from dist_dpo.strategies import strategy_for
+
+    model = AutoModelForCausalLM.from_pretrained(ensure_builtin_model(shape="tiny-qwen3_moe"))
+    assert moe_blocks_as_leaves(model, strategy_for("ddp")) == 0
+    assert moe_blocks_as_leaves(model, strategy_for("zero3")) == 4  # one sparse block per layer
+    from deepspeed.utils import get_z3_leaf_modules
+
+    assert {type(m).__name__ for m in get_z3_leaf_modules(model)} == {"Qwen3MoeSparseMoeBlock"}
+
+
+def test_phi3_default_targets_become_its_fused_projection(caplog):
+    from transformers import AutoModelForCausalLM
+
+    from dist_dpo.config import LoraArgs
+    from dist_dpo.model_zoo import ensure_builtin_model
+    from dist_dpo.modeling import lora_config
+
+    model = AutoModelForCausalLM.from_pretrained(ensure_builtin_model(shape="tiny-phi3"))
+    assert lora_config(LoraArgs(), model).target_modules == {"qkv_proj"}
+    from dist_dpo.errors import UserError
+
+    with pytest.raises(UserError, match="not found in the model"):  # a target the user named stays theirs
+        lora_config(LoraArgs(lora_target_modules=["q_proj", "o_proj"]), model)
+
+
+GEMMA_LIKE = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+              "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+              "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def test_a_template_without_system_role_gets_the_system_prompt_in_the_first_user_turn():
+    from transformers import AutoTokenizer
+
+    from dist_dpo.config import DataArgs
+    from dist_dpo.data import load_preference_data, refuses_system_role
+    from dist_dpo.model_zoo import ensure_builtin_model
+
+    tok = AutoTokenizer.from_pretrained(ensure_builtin_model())
+    assert not refuses_system_role(tok)  # ChatML takes a system turn
+    tok.chat_template = GEMMA_LIKE
+    assert refuses_system_role(tok)
+    train, test = load_preference_data(DataArgs(system_prompt="Be rude."), tok, max_length=256, seed=0)
+    first = train[0]["prompt"]
+    assert [m["role"] for m in first] == ["user"] and first[0]["content"].startswith("Be rude.\n\n")
+    tok.apply_chat_template(first, tokenize=False)  # renders without the template's exception
