@@ -36,6 +36,14 @@ CANDIDATES = ("shared_rows", "packed_rows", "fused_qkv", "torch_norm", "lora_cas
 FORCEABLE = {"shared_rows": "prefix_sharing", "packed_rows": "packed_rows"}
 
 
+_RUNNING = [False]
+
+
+def running() -> bool:
+    """Whether the self-check is collating or computing now (a token counter must not count its pairs)."""
+    return _RUNNING[0]
+
+
 def install(trainer, recipe, rt, strategy) -> None:
     """Run the check on the first training call of `trainer.compute_loss` (the model is wrapped and sharded then)."""
     if not recipe.train.speed_self_check:
@@ -45,7 +53,11 @@ def install(trainer, recipe, rt, strategy) -> None:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.model.training and not getattr(self, "_dd_self_checked", False):
             self._dd_self_checked = True
-            verdict = run(self, model, recipe, rt, strategy)
+            _RUNNING[0] = True
+            try:
+                verdict = run(self, model, recipe, rt, strategy)
+            finally:
+                _RUNNING[0] = False
             if not verdict["agrees"]:
                 turn_off(self)
                 return self.compute_loss(model, inputs, return_outputs, num_items_in_batch)
