@@ -112,11 +112,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--work", default="/tmp/dist_dpo_arch_matrix")
-    p.add_argument("--only", default="", help="comma-separated substrings of the tiny shapes (tiny-llama ...)")
+    p.add_argument("--only", default="", help="comma-separated tiny shapes (tiny-qwen3) or substrings (gemma)")
     p.add_argument("--quant", default="lora,qlora")
     p.add_argument("--commit", default=None)
     a = p.parse_args()
-    shapes = [s for s in FAMILY_SHAPES if not a.only or any(o in s for o in a.only.split(","))]
+    only = [o for o in a.only.split(",") if o]  # a whole shape name matches itself only, else a substring
+    shapes = [s for s in FAMILY_SHAPES if not only or any(o == s or (o not in FAMILY_SHAPES and o in s) for o in only)]
     out, work = Path(a.out), Path(a.work)
     out.mkdir(parents=True, exist_ok=True)
     doc = {**environment(a.commit), "command": "python3 benchmarks/arch_matrix.py " + " ".join(
