@@ -678,7 +678,7 @@ class Bench:
         doc = {"what": "DPO throughput and memory: tutorial trl recipe vs best plain-trl flags vs dist-dpo "
                        "(benchmarks/throughput.py)",
                "command": "python3 benchmarks/throughput.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-               **self.env, "shape": self.shape, "params": self.params[self.shape], "params_per_shape": self.params,
+               **self.env, "shape": self.shape, "params": self.params.get(self.shape), "params_per_shape": self.params,
                "peak_flops_per_gpu": PEAK_FLOPS,
                "mfu_formula": "6 * params * non-pad tokens/s / (gpus * 790e12)",
                "wall_s": round(self.elapsed(), 1), "rows": rows, "ratios": ratios(rows),
