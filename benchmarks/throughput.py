@@ -103,8 +103,10 @@ def optional_rows() -> list[Row]:
     """Selected with --add NAME-substring: more of the matrix when a call has time for it."""
     return [
         # other families on the var set, each against the best plain-trl flags on the same card (--add @)
+        # trl's 16 x 1 without checkpointing (its best at 1.5B) ran out of 80 GiB at 8B on the var set: 4 x 4
         *[r for shape in FAMILY_SHAPES for r in (Row("dist-dpo", "default", "var", shape=shape, lane=1),
-                                                 Row("trl", "best", "var", shape=shape, lane=1))],
+                                                 Row("trl", "best", "var", shape=shape, lane=1,
+                                                     extra=["batch=4", "accum=4"]))],
         Row("trl", "best-precompute", "var"),  # the issue's anchor: loses end to end (weight hash + a first pass)
         # the tutorial's 4 x 4 through dist-dpo, run as 16 x 1 (merge_micro_batches): measured 2026-11-28 at the
         # speed of the 16 x 1 row (10,496 vs 9,816 tok/s, one card's noise)
@@ -875,7 +877,8 @@ def plan_check(rows: list[dict]) -> list[dict]:
 
 
 def print_table(doc: dict) -> None:
-    print(f"\n{doc['shape']} ({doc['params'] / 1e9:.2f}B) on {', '.join(doc['cards'])} | commit {doc['commit']}")
+    sizes = ", ".join(f"{k} {v / 1e9:.2f}B" for k, v in (doc.get("params_per_shape") or {}).items())
+    print(f"\n{sizes} on {', '.join(doc['cards'])} | commit {doc['commit']}")
     print(f"{'row':36} {'status':7} {'tok/s':>8} {'steady':>8} {'pairs/s':>8} {'epoch s':>8} {'MFU':>6} "
           f"{'peak GiB':>8} {'plan':>6} {'ckpt':>4}")  # ckpt: decoder layers checkpointed
     def fmt(v, f):
