@@ -366,3 +366,17 @@ def test_a_family_absent_from_the_table_trains_exactly_on_trls_path(pairs, tmp_p
             table.pop("tiny-granite-test", None)
         model_zoo.BUILTIN_SHAPES = tuple(model_zoo.FAMILY_SHAPES)
     assert candidate[0].item() == reference[0].item() and torch.equal(candidate[1], reference[1])
+
+
+def test_self_check_with_lora_dropout_agrees_and_leaves_the_rng_alone(tmp_path):
+    """Dropout is off during the check (both paths see one function) and every generator is put back, so a run with
+    LoRA dropout trains on the speed path and draws the same masks as a run without the check."""
+    run = run_train(tmp_path / "drop", "builtin:tiny-llama", "--lora_dropout", "0.1", "--dpo_extra",
+                    "{disable_dropout: false}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "speed-path self-check: agrees with trl" in run.stdout
+    unchecked = run_train(tmp_path / "nocheck", "builtin:tiny-llama", "--lora_dropout", "0.1", "--dpo_extra",
+                          "{disable_dropout: false}", "--speed_self_check", "false")
+    assert unchecked.returncode == 0, unchecked.stderr[-3000:]
+    assert [(h["loss"], h["grad_norm"]) for h in logged(tmp_path / "drop")] == \
+        [(h["loss"], h["grad_norm"]) for h in logged(tmp_path / "nocheck")]

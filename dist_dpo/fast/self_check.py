@@ -88,17 +88,27 @@ def run(trainer, model, recipe, rt, strategy) -> dict:
             fast = _measure(trainer, module, batch, grads)
         return _worst(_compare(fast, reference), trainer)
 
-    with switch.paused():
-        reference = _measure(trainer, module, batch, grads)
-    diff = differences()
-    agrees = all(diff[k] <= bounds[k] for k in diff)
-    culprit = None
-    if not agrees:
-        for piece in CANDIDATES:  # every rank tries the same pieces in the same order (same collectives)
-            d = differences((piece,))
-            if all(d[k] <= bounds[k] for k in d):
-                culprit = piece
-                break
+    # Dropout off (eval mode): both paths must see the same function, and the check must draw no random numbers,
+    # or the training after it (and a resumed run, which checks again) would get other dropout masks than a run
+    # without it. fork_rng puts every generator back as it was.
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and trainer.args.device.type == "cuda" else []
+    was_training = module.training
+    with torch.random.fork_rng(devices=cuda):
+        module.eval()
+        try:
+            with switch.paused():
+                reference = _measure(trainer, module, batch, grads)
+            diff = differences()
+            agrees = all(diff[k] <= bounds[k] for k in diff)
+            culprit = None
+            if not agrees:
+                for piece in CANDIDATES:  # every rank tries the same pieces in the same order (same collectives)
+                    d = differences((piece,))
+                    if all(d[k] <= bounds[k] for k in d):
+                        culprit = piece
+                        break
+        finally:
+            module.train(was_training)
     seconds = time.perf_counter() - start
     shown = ", ".join(f"{k} {diff[k]:.2g} (bound {bounds[k]:g})" for k in diff)
     log = get_logger()
