@@ -16,8 +16,6 @@ rm -rf "$work"/*
 python3 -m dist_dpo train "${common[@]}" --fast_path false --output_dir "$work/trl" > "$work/trl.log" 2>&1
 DIST_DPO_TEST_BREAK=torch_norm python3 -m dist_dpo train "${common[@]}" --output_dir "$work/broken" \
   > "$out/self_check_broken.log" 2>&1
-python3 -m dist_dpo train --model_name_or_path builtin:tiny-qwen2 --max_steps 3 --output_dir "$work/start" \
-  > "$out/startup_console.log" 2>&1
 python3 - "$work" <<'PY'
 import json, sys
 from pathlib import Path
@@ -28,3 +26,5 @@ def losses(run):
 print("self-check GPU demo: trl", losses("trl"), "| broken torch_norm, after the self-check", losses("broken"))
 PY
 grep -h "self-check" "$out/self_check_broken.log"
+python3 -m dist_dpo train --model_name_or_path builtin:tiny-qwen2 --max_steps 3 --output_dir "$work/start" \
+  > "$out/startup_console.log" 2>&1

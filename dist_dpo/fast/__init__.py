@@ -165,6 +165,9 @@ def apply(trainer, recipe, rt) -> dict:
             report["batches"] += ", split across ranks by cost (transformers' BatchRebalanceSampler)"
     else:
         report["metrics"] = f"trl's per micro-step ({lean})"
+    if trainer.args.use_liger_kernel:  # trl patches the model with them when train() starts
+        kept = {k for k, v in (trainer.args.liger_kernel_config or {}).items() if v is False}
+        report["liger"] = "kernels on" + (f" (not {', '.join(sorted(kept))})" if kept else "")
     self_check.install(trainer, recipe, rt, strategy_for(rt.strategy))
     return _finish(rt, report, off)
 
