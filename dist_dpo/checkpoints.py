@@ -224,7 +224,7 @@ class WholeAdapterSaves:
     Those stages keep every parameter whole on every rank, yet transformers' `save_model` takes the whole model's
     state dict through `accelerate.get_state_dict`, which copies it to CPU memory on every rank
     (`clone_tensors_for_torch_save`) for peft to keep only the adapter: at 1.5B, 3 GB per rank and 4.5 s of a 66 s
-    ZeRO-2 epoch on 2 x H200 (benchmarks/results, 2026-11-28); at 7B, 15 GB of host memory per rank, per save.
+    ZeRO-2 epoch on 2 GPUs; at 7B, 15 GB of host memory per rank, per save.
     ZeRO-3 keeps transformers' gathering path (the parameters are sharded there)."""
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

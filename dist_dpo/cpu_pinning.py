@@ -1,7 +1,7 @@
 """Each rank on its own physical cores, next to its GPU.
 
 A DPO step on short, variable-length pairs is host-bound: thousands of small kernel launches, so the speed of the
-Python thread that issues them sets the step time (2 x H200, 2026-11-28: a 1-GPU var6k step took 212 ms while its
+Python thread that issues them sets the step time (a 1-GPU var6k step took 212 ms while its
 GPU worked ~20-60 % of it). Left to the scheduler, the ranks of one machine float over every CPU: two of them can
 land on the two hardware threads of one core, or far from their GPU, and then the slower one holds every collective
 (the same 2-GPU run measured 0.72 to 0.94 of linear scaling across machines). The launchers do not pin: torchrun and
@@ -10,7 +10,7 @@ of a NUMA node the whole node, so ranks still share cores. Here the CPUs of each
 physical cores, among the machine's GPUs on that node, and each rank takes its GPU's share.
 
 Measured, it did not pay where we could measure it (2 x H200 VM, 32 vCPUs shown as one NUMA node and one thread per
-core, GPUs with no NUMA node; throughput.py call E, 2026-11-28): a steady var6k DDP step took 207-214 ms per rank
+core, GPUs with no NUMA node; the `pinned` rows of throughput.py): a steady var6k DDP step took 207-214 ms per rank
 pinned to 16 vCPUs each and 183-187 ms unpinned, 2-GPU scaling 0.72 vs 0.80. A VM's vCPUs hide which of them share
 a physical core, so the split can put both ranks on sibling threads. Hence `cpu_affinity: false` by default; the
 option stays for bare-metal machines with real NUMA nodes, where the launchers' lack of pinning is known to cost.

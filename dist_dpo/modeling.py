@@ -20,8 +20,8 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 def outside_zero3_init():
     """Build a model as if ZeRO-3 were off. Once the DPOConfig registered a ZeRO-3 config, transformers builds every
     model inside deepspeed.zero.Init, which broadcasts each parameter from rank 0: a model built on ONE rank only
-    (the meta skeleton of the preflight, the built-in model) then waits forever for peers that never join. Seen on
-    2 x H200, 2026-11-27: `make train-zero3` hung in preflight until killed."""
+    (the meta skeleton of the preflight, the built-in model) then waits forever for peers that never join: without
+    this, `make train-zero3` hung in the preflight until killed."""
     from transformers.integrations import deepspeed as hf_ds
 
     saved = hf_ds._hf_deepspeed_config_weak_ref  # transformers has set/unset but no getter; restore exactly

@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 
 class StartUp:
     """Seconds between named points of `dist-dpo train`, from process start (imports included) to the end of step
-    1: on several GPUs the start is a fixed cost a short epoch feels (2 x H200, 2026-11-28: 7.4-7.9 s vs 3.5 s)."""
+    1: on several GPUs the start is a fixed cost a short epoch feels (on 2 GPUs about twice one GPU's)."""
 
     def __init__(self) -> None:
         self.points: list[tuple[str, float]] = [("process start", _process_start())]

@@ -51,14 +51,14 @@ class Strategy:
     # FSDP2 + 4-bit base: no parameter cast (param_dtype None; compute stays bf16 through autocast, which accelerate
     # turns on for FSDP2). With param_dtype=bf16 every tensor of a layer is bf16 and FSDP2 copies them for the
     # all-gather with a CUDA kernel that goes through float: packed NF4 bytes that happen to read as a bf16 NaN are
-    # rewritten to 0x7FFF (bitsandbytes#1945), ~0.1 % of the 4-bit weights silently change. Measured 2026-11-28 on
-    # 2 x H200: FSDP2 QLoRA trained 0.0127 off the 1-GPU run and its in-run eval was 0.19 % off its own adapter
+    # rewritten to 0x7FFF (bitsandbytes#1945), ~0.1 % of the 4-bit weights silently change. Measured on
+    # 2 GPUs: FSDP2 QLoRA trained 0.0127 off the 1-GPU run and its in-run eval was 0.19 % off its own adapter
     # reloaded. Uncast, a layer holds bf16 (base) and fp32 (LoRA) tensors, so FSDP2 gathers it as raw bytes. The
     # LoRA weights then travel in fp32: a few MB.
     fsdp_4bit_gather_as_stored: bool = False
     # QLoRA adapters stay fp32 (compute is bf16 through autocast). trl casts them to bf16 for quantized models, so
     # AdamW then updates bf16 weights: steps of lr 2e-4 on weights ~0.03 are at bf16's rounding step, lost or doubled.
-    # DeepSpeed keeps fp32 master weights itself (its cells were the odd ones out in the 2026-11-28 matrix: 0.0047
+    # DeepSpeed keeps fp32 master weights itself (its cells were the odd ones out in the GPU matrix: 0.0047
     # from the bf16-adapter single-GPU run, 0.0048 on ONE GPU too), and under FSDP2 bf16 adapters made every tensor of
     # a layer bf16, the case that sends packed 4-bit bytes through a float copy (see fsdp_4bit_gather_as_stored).
     qlora_adapters_fp32: bool = True

@@ -3,7 +3,7 @@
 Python runs a signal handler only when the main thread is back in the interpreter. A rank blocked inside a NCCL call
 never gets there: on 2 x H200, with ZeRO-3 + QLoRA, rank 1 SIGKILLed mid-step left rank 0 in an all-gather, and the
 launcher's SIGTERM went unanswered until its SIGKILL 30 s later - the job ended without a word from rank 0
-(benchmarks/results/gpu_resume.json, 2026-11-28). The C-level handler still writes the signal number to the wakeup
+(benchmarks/gpu_resume.py). The C-level handler still writes the signal number to the wakeup
 fd; a daemon thread reading it waits `grace_s` for the main thread's own path and, if the rank is still there, says
 the same line and ends the process.
 """

@@ -1,12 +1,11 @@
 """q, k and v projections of each attention layer as ONE matmul: the default where every rank holds whole weights
 (the strategy table's `fuses_qkv`); DIST_DPO_FUSED_QKV=0 is the benchmark's A/B row without it.
 
-Measured (2 x H200, 2026-11-28, call G, one card, rows run one after the other): var6k on one GPU 21,114 vs 19,742
-tokens/s end to end (+7 %; host time of a steady step 193 vs 207 ms), on two GPUs 35,625 vs 34,542; fixed2048
-43,103 vs 41,862 end to end, steady the same (52,007 vs 51,776).
+What it buys (the `separateqkv` rows of benchmarks/throughput.py, benchmarks/README.md): +7 % end to end on the
+var6k set on one GPU, with a shorter host step; on 2048-token pairs the steady rate is unchanged.
 
-Why: short-pair steps are host-bound (2 x H200, 2026-11-28: the GPU computes 20-60 % of a var6k step,
-~2,900 kernel launches per step), so every launch is host time the GPU waits for. Three projections of one input
+Why: short-pair steps are host-bound (the GPU computes 20-60 % of a var6k step, ~2,900 kernel launches per
+step), so every launch is host time the GPU waits for. Three projections of one input
 cost 3 matmuls in each forward (policy and reference) and 3 matmuls + 2 gradient sums in the backward; fused they
 cost 1 + 1 (the split's backward is one concatenation). For Qwen2.5-1.5B that is ~200 launches fewer per step, and
 the k/v matmuls (256 output columns) stop running alone at low efficiency.

@@ -6,7 +6,7 @@ single-GPU, DDP and FSDP forwards in bf16/fp16 - `lora_A` then casts that fp32 c
 the copy buys nothing: with dropout 0 the loss and gradients are bitwise the same without it (tests/test_speed.py);
 with dropout the masks are drawn on a bf16 instead of an fp32 tensor (same distribution, other draws). What it costs
 is two full-size activation copies (and an fp32 dropout) per LoRA layer and forward: DeepSpeed's bf16 engine, which
-keeps its adapters in bf16, never made them, and its 2-GPU step was faster than a 1-GPU step (2 x H200, 2026-11-28).
+keeps its adapters in bf16, never made them, and its 2-GPU step was faster than a 1-GPU step.
 Outside autocast (evaluation, generation, DeepSpeed) peft's cast stays as it is.
 """
 

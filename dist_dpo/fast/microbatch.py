@@ -3,10 +3,9 @@
 Gradient accumulation exists for memory. A recipe written for a small card (the tutorial's 4 x 4) leaves a large one
 running four small, poorly filled micro-steps where one full one computes the same thing: trl's loss is a mean per
 micro-batch and the Trainer averages the micro-batches, so one micro-batch of all 16 pairs gives the same loss and
-gradient (up to float rounding). The issue's anchor: 24.3 k -> 33.2 k tokens/s for 4 x 4 -> 16 x 1 on one H100.
+gradient (up to float rounding). The tutorial's 4 x 4 as 16 x 1 on one H100: 24.3 k -> 33.2 k tokens/s.
 The memory plan decides: merged only when the larger batch needs no more gradient checkpointing than the recipe's.
-And only up to a micro-batch that already fills the GPU (MERGE_UP_TO_TOKENS): on 2 x H200 (2026-11-28) the 1.5B
-shape's 8 x 2 at 2048 tokens run as 16 x 1 fell from 53 % to 46 % MFU (steady) and doubled its peak memory
+And only up to a micro-batch that already fills the GPU (MERGE_UP_TO_TOKENS): on an H200 the 1.5B shape's 8 x 2 at 2048 tokens run as 16 x 1 fell from 53 % to 46 % MFU (steady) and doubled its peak memory
 (52 -> 102 GiB). Merging k of the recipe's micro-batches, k a divisor of the accumulation, keeps the rest accumulated.
 The pairs of each optimizer step stay the same (the grouped order is drawn for the whole step either way).
 """
@@ -19,7 +18,7 @@ from dist_dpo import plan
 from dist_dpo.fast import checkpointing
 
 # Tokens per micro-batch (trl's two rows per pair, the data's mean width) up to which merging still pays: the
-# tutorial's 4 x 512 (4 k tokens, merged 4x: 16 k) gained x1.37 on an H100 (issue 6's anchor); 8 x 2048 (32 k) lost.
+# tutorial's 4 x 512 (4 k tokens, merged 4x: 16 k) gained x1.37 on an H100; 8 x 2048 (32 k) lost.
 MERGE_UP_TO_TOKENS = 16384
 
 # Less recompute first: none, every 4th layer, every 2nd, all (plan.CHECKPOINT_CHOICES' order)

@@ -1,11 +1,11 @@
 """The decoder's RMSNorm as one torch op instead of liger's Triton kernel: the default; DIST_DPO_RMSNORM=liger is the
 benchmark's A/B row with liger's.
 
-Measured (2 x H200, 2026-11-28, call G, one card, rows run one after the other): var6k on one GPU 21,571 vs 19,742
-tokens/s end to end (+9 %), steady 23,393 vs 20,794 (+12.5 %); host time of a steady step 184 vs 207 ms.
+What it buys on short pairs (the `lignorm` rows of benchmarks/throughput.py, benchmarks/README.md): +9 % end to
+end on the var6k set, one GPU, with a shorter host step.
 
-Why: the var steps are host-bound (2 x H200, 2026-11-28: the GPU computes 20-60 % of a step), so what
-a kernel costs to LAUNCH counts. In call A's profile each liger RMSNorm call took ~200 us of host time (Triton's
+Why: the var steps are host-bound (the GPU computes 20-60 % of a step), so what a kernel costs to LAUNCH counts.
+In a profile of a 1.5B step each liger RMSNorm call took ~200 us of host time (Triton's
 Python launcher and liger's wrapper), an aten matmul 65-90 us, and a 1.5B step makes 171 RMSNorm calls (57 per
 forward: policy, reference, backward). `torch.nn.functional.rms_norm` is one aten op, on CUDA a fused kernel
 (`_fused_rms_norm`, torch >= 2.9) whose backward skips the gradient of the frozen weight; liger's backward always
