@@ -32,3 +32,29 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def lora_b_nonzero(trainer, seed: int = 1) -> None:
+    """LoRA B set to small random values, so the policy differs from the reference from the first step."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def apply_speed_path(trainer, device_type: str = "cpu", **train_keys) -> None:
+    """dist-dpo's speed path on a plain trl trainer as `train` applies it, without gradient checkpointing and without
+    the first-batch self-check (tests/test_families.py tests that one on its own); `train_keys` set recipe keys."""
+    from dist_dpo import fast
+    from dist_dpo.config import Recipe
+    from dist_dpo.runtime import resolve_runtime
+
+    recipe = Recipe()
+    recipe.train.gradient_checkpointing = False
+    recipe.train.speed_self_check = False
+    for key, value in train_keys.items():
+        setattr(recipe.train, key, value)
+    fast.apply(trainer, recipe, resolve_runtime(device_type=device_type))

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, apply_speed_path, lora_b_nonzero
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -76,23 +76,9 @@ def build(shape, pairs, fast, max_steps=3, **train_keys):
     trainer = DPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=AutoTokenizer.from_pretrained(path),
                          peft_config=LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
                                                 target_modules="all-linear"))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in trainer.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    if fast:
-        from dist_dpo import fast as speed
-        from dist_dpo.config import Recipe
-        from dist_dpo.runtime import resolve_runtime
-
-        recipe = Recipe()
-        recipe.train.gradient_checkpointing = False
-        recipe.train.group_by_length = False  # trl's order: the 3-step comparison sees the same batches
-        recipe.train.speed_self_check = False  # what is compared here is the pieces themselves
-        for k, v in train_keys.items():
-            setattr(recipe.train, k, v)
-        speed.apply(trainer, recipe, resolve_runtime(device_type="cpu"))
+    lora_b_nonzero(trainer)
+    if fast:  # trl's order (no length grouping): the 3-step comparison sees the same batches
+        apply_speed_path(trainer, group_by_length=False, **train_keys)
     return trainer
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, apply_speed_path, lora_b_nonzero
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -44,22 +44,9 @@ def build(pairs, fast=False, prefix_sharing="auto", loss_type="sigmoid", max_len
     trainer = DPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=AutoTokenizer.from_pretrained(path),
                          peft_config=LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
                                                 target_modules=["q_proj", "v_proj"]))
-    g = torch.Generator().manual_seed(lora_b_seed)
-    with torch.no_grad():
-        for name, p in trainer.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    lora_b_nonzero(trainer, lora_b_seed)
     if fast:
-        from dist_dpo import fast as speed
-        from dist_dpo.config import Recipe
-        from dist_dpo.runtime import resolve_runtime
-
-        recipe = Recipe()
-        recipe.train.prefix_sharing = prefix_sharing
-        recipe.train.packed_rows = packed_rows
-        recipe.train.gradient_checkpointing = False
-        recipe.train.speed_self_check = False  # tests/test_families.py covers it; here the pieces alone
-        speed.apply(trainer, recipe, resolve_runtime(device_type="cuda" if cuda else "cpu"))
+        apply_speed_path(trainer, "cuda" if cuda else "cpu", prefix_sharing=prefix_sharing, packed_rows=packed_rows)
     return trainer
 
 
