@@ -55,7 +55,7 @@ def pairs():
     return datasets.Dataset.from_list([preference_sets.conversational(r) for r in rows])
 
 
-def build(shape, pairs, fast, max_steps=3, **train_keys):
+def build(shape, pairs, fast, max_steps=3, dpo=None, **train_keys):
     """A trl DPOTrainer on `shape`'s tiny model (fp32, CPU), LoRA on every linear layer with B set non-zero (policy !=
     reference from the first step), optionally on dist-dpo's speed path. SGD, so that the weights after a step are a
     smooth function of the gradients (AdamW's first step is lr * sign(g): a gradient of 1e-12 either way moves a weight
@@ -71,8 +71,7 @@ def build(shape, pairs, fast, max_steps=3, **train_keys):
     args = DPOConfig(output_dir="/tmp/dist_dpo_test_families", per_device_train_batch_size=6, max_length=256,
                      report_to=[], use_cpu=True, bf16=False, logging_steps=1, gradient_checkpointing=False, seed=0,
                      max_steps=max_steps, optim="sgd", learning_rate=0.1, lr_scheduler_type="constant",
-                     save_strategy="no",
-                     dataloader_num_workers=0)
+                     save_strategy="no", dataloader_num_workers=0, **(dpo or {}))
     trainer = DPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=AutoTokenizer.from_pretrained(path),
                          peft_config=LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
                                                 target_modules="all-linear"))
@@ -366,3 +365,23 @@ def test_self_check_with_lora_dropout_agrees_and_leaves_the_rng_alone(tmp_path):
     assert unchecked.returncode == 0, unchecked.stderr[-3000:]
     assert [(h["loss"], h["grad_norm"]) for h in logged(tmp_path / "drop")] == \
         [(h["loss"], h["grad_norm"]) for h in logged(tmp_path / "nocheck")]
+
+
+def test_moe_without_the_router_loss_shares_and_packs_rows_exactly(pairs):
+    """router_aux_loss_coef 0: no sequence-wide term left, each token routes alone, so the prompt is shared (and on
+    the CPU reference path, packed) and the step is still trl's."""
+    from dist_dpo.fast import attention
+
+    plain = build("tiny-qwen3_moe", pairs, fast=False, dpo={"router_aux_loss_coef": 0.0})
+    assert not plain.aux_loss_enabled
+    rows = [plain.train_dataset[i] for i in range(6)]
+    reference = step(plain, rows)
+    fast = build("tiny-qwen3_moe", pairs, fast=True, dpo={"router_aux_loss_coef": 0.0}, prefix_sharing=True)
+    shared = step(fast, rows)
+    assert "dd_input_ids" in shared[2]
+    assert_agrees(reference, shared)
+    attention.install(fast.model.get_base_model())
+    fast.data_collator.packed = True
+    packed = step(fast, rows)
+    assert "dd_varlen" in packed[2]
+    assert_agrees(reference, packed)
