@@ -385,3 +385,12 @@ def test_moe_without_the_router_loss_shares_and_packs_rows_exactly(pairs):
     packed = step(fast, rows)
     assert "dd_varlen" in packed[2]
     assert_agrees(reference, packed)
+
+
+def test_a_mistyped_break_switch_is_refused(monkeypatch):
+    from dist_dpo.errors import UserError
+    from dist_dpo.fast import check_switches
+
+    monkeypatch.setenv("DIST_DPO_TEST_BREAK", "torchnorm")
+    with pytest.raises(UserError, match="DIST_DPO_TEST_BREAK=torchnorm: use one of torch_norm, shared_rows"):
+        check_switches()

@@ -191,6 +191,7 @@ def check_switches() -> None:
         env_flag(name)
     _rms_norm_choice()
     attention.gqa_modes()
+    switch.check_break()
 
 
 def env_flag(name: str, default: bool = False) -> bool:

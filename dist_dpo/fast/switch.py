@@ -18,6 +18,18 @@ def live(piece: str) -> bool:
     return not any(piece in s or ALL in s for s in _PAUSED)
 
 
+BREAKABLE = ("torch_norm", "shared_rows")
+
+
+def check_break() -> None:
+    """A DIST_DPO_TEST_BREAK naming no breakable piece is refused in one line (fast.check_switches)."""
+    value = os.environ.get("DIST_DPO_TEST_BREAK", "")
+    if value and value not in BREAKABLE:
+        from dist_dpo.errors import UserError
+
+        raise UserError(f"DIST_DPO_TEST_BREAK={value}: use one of {', '.join(BREAKABLE)} (tests only), or unset it")
+
+
 def broken(piece: str) -> bool:
     """Tests only: DIST_DPO_TEST_BREAK=<piece> makes that piece compute a wrong result on purpose, to show that the
     self-check finds it (tests/test_families.py). Pieces that honour it: torch_norm (output halved),
