@@ -4,7 +4,7 @@
 # follow wait on it and bring its results back.
 #
 #   source .whl/install.sh; export PYTHONPATH=$PWD:$PYTHONPATH GIT_COMMIT=<sha>   # the sha from YOUR checkout: the
-#   device's copy of .git can be stale (call G, 2026-11-28: git rev-parse there named an older commit)
+#   device's copy of .git can be stale (git rev-parse there once named an older commit)
 #   bash benchmarks/gpu_session.sh start          # phases below, in the background (setsid)
 #   bash benchmarks/gpu_session.sh wait 570       # waits for the end (at most 570 s), packs results into $OUT
 #

@@ -119,7 +119,7 @@ def optional_rows() -> list[Row]:
         Row("dist-dpo", "noshare", "var", extra=["--prefix_sharing", "false"]),
         # the cost-balanced rank split, off by default since it measured slower (steady scaling 0.79 vs 0.97)
         Row("dist-dpo", "balance", "var6k", gpus=2, extra=["--balance_ranks", "true"]),
-        # each rank pinned to its own cores (cpu_affinity: true) vs left to the scheduler (the default since call E,
+        # each rank pinned to its own cores (cpu_affinity: true) vs left to the scheduler (the default since it measured slower,
         # 2026-11-28: pinned 0.718 vs unpinned 0.802 DDP scaling on the 2 x H200 VM)
         Row("dist-dpo", "pinned", "var6k", gpus=2, extra=["--cpu_affinity", "true"]),
         # the largest shapes on 2 x 80 GiB (issue 6, scale): QLoRA at 1024 tokens, one pair per micro-step. 32B
@@ -139,19 +139,19 @@ def optional_rows() -> list[Row]:
         Row("dist-dpo", "expandkv", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_VARLEN_GQA": "expand"}),
         Row("dist-dpo", "headrecompute", "var", env={"DIST_DPO_HEAD_RECOMPUTE": "1"}),
         # liger's Triton RMSNorm instead of torch's fused rms_norm (the default since 2026-11-28: +9 % e2e on var6k,
-        # steady +12.5 %, in call G); and without liger at all on var6k
+        # steady +12.5 %); and without liger at all on var6k
         Row("dist-dpo", "lignorm", "var", env={"DIST_DPO_RMSNORM": "liger"}),
         Row("dist-dpo", "lignorm", "var6k", lane=1, env={"DIST_DPO_RMSNORM": "liger"}),
         Row("dist-dpo", "lignorm", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_RMSNORM": "liger"}),
         Row("dist-dpo", "noliger", "var6k", lane=1, extra=["--liger_kernels", "false"]),
-        # q/k/v as three matmuls (one fused matmul is the default since 2026-11-28: var6k +7 % e2e in call G)
+        # q/k/v as three matmuls (one fused matmul is the default: var6k +7 % end to end)
         Row("dist-dpo", "separateqkv", "var", env={"DIST_DPO_FUSED_QKV": "0"}),
         Row("dist-dpo", "separateqkv", "var6k", lane=1, env={"DIST_DPO_FUSED_QKV": "0"}),
         Row("dist-dpo", "separateqkv", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_FUSED_QKV": "0"}),
         Row("dist-dpo", "separateqkv", "var6k", gpus=2, env={"DIST_DPO_FUSED_QKV": "0"}),
         Row("dist-dpo", "4x4", "fixed2048", batch=4, accum=4, lane=1),
         # the 1-GPU row with the intra-op threads the launcher gives each rank of a 2-GPU row (1; a plain process
-        # leaves OMP_NUM_THREADS unset and torch picks): call H's 1-GPU var6k steps were slower than each 2-GPU rank's
+        # leaves OMP_NUM_THREADS unset and torch picks): a 1-GPU var6k row's steps were slower than each 2-GPU rank's
         Row("dist-dpo", "omp1", "var6k", lane=1, env={"OMP_NUM_THREADS": "1"}),
         # peft's fp32 copy of every LoRA input kept (what fast/lora_inputs.py removes)
         Row("dist-dpo", "lorafp32", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_LORA_INPUT_CAST": "1"}),
@@ -780,7 +780,7 @@ PIECES = {"noshare": "prefix_sharing", "masked": "packed_rows", "expandkv": "gro
           "headrecompute": "head_grad_in_forward", "noliger": "liger", "lorafp32": "lora_inputs",
           "lignorm": "torch_rms_norm", "separateqkv": "fused_qkv", "4x4": "8x2_over_4x4",
           "omp1": "torch_threads_over_one", "expseg": "default_allocator_over_expandable",
-          # call G (2026-11-28): the same two switches the other way round, before they became the default
+          # earlier rows: the same two switches the other way round, before they became the default
           "torchnorm": "liger_rms_norm_over_torch", "fusedqkv": "separate_over_fused_qkv"}
 
 

@@ -307,16 +307,18 @@ def load_preference_data(d: DataArgs, tokenizer, max_length: int, seed: int):
     standard = "prompt" in train.column_names and isinstance(train[0]["prompt"], str)
     templated = d.apply_chat_template and getattr(tokenizer, "chat_template", None)
     fold = bool(templated) and refuses_system_role(tokenizer)
+    conversational = "prompt" in train.column_names and _is_messages(train[0]["prompt"])
+    has_system = bool(d.system_prompt) if standard else conversational and any(
+        m and m[0].get("role") == "system" for m in train[:64]["prompt"])  # looked at before folding
     if standard and templated:
         keep = ["prompt", "chosen", "rejected"]
         train = train.map(to_chat, fn_kwargs={"system_prompt": d.system_prompt, "fold": fold}, remove_columns=[
             c for c in train.column_names if c not in keep])
         test = test.map(to_chat, fn_kwargs={"system_prompt": d.system_prompt, "fold": fold}, remove_columns=[
             c for c in test.column_names if c not in keep])
-    elif fold and "prompt" in train.column_names and _is_messages(train[0]["prompt"]):
+    elif fold and conversational:
         train, test = train.map(_fold_row), test.map(_fold_row)
-    if fold and (d.system_prompt or (_is_messages(train[0].get("prompt")) and
-                                     any(m[0].get("role") == "system" for m in train[:64]["prompt"] if m))):
+    if fold and has_system:
         get_logger().info("the chat template takes no system role: the system prompt goes in front of the first "
                           "user turn")
     if "prompt" in train.column_names:

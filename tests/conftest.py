@@ -28,7 +28,7 @@ def pytest_collection_modifyitems(config, items):
 
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs CUDA GPUs: run through the device tool (see benchmarks/README.md)")
+    skip = pytest.mark.skip(reason="needs CUDA GPUs: run on a GPU machine (see benchmarks/README.md)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

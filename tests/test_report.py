@@ -1,4 +1,4 @@
-"""`dist-dpo report` and trackers, on ONE real 2-process CPU demo run shared by every test file of issue 4.
+"""`dist-dpo report` and trackers, on ONE real 2-process CPU demo run shared by this file's tests.
 
 The shared run (`shared_run`) is the demo recipe under `accelerate launch` (2 ranks, gloo), with fake API keys in
 the environment and wandb offline when it is installed: it also shows that `train` writes the report itself, that

@@ -1,4 +1,4 @@
-"""GPU checks (marker `gpu`): skipped without CUDA, run through the device tool on a machine with >= 2 GPUs:
+"""GPU checks (marker `gpu`): skipped without CUDA, run on a machine with >= 2 GPUs:
 
     python3 -m pytest -q -m gpu tests/gpu
 
