@@ -25,6 +25,7 @@ import gc
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import threading
@@ -107,6 +108,9 @@ def optional_rows() -> list[Row]:
         *[r for shape in FAMILY_SHAPES for r in (Row("dist-dpo", "default", "var", shape=shape, lane=1),
                                                  Row("trl", "best", "var", shape=shape, lane=1,
                                                      extra=["batch=4", "accum=4"]))],
+        # what the speed path's first-batch self-check costs end to end: the default row without it
+        *[Row("dist-dpo", "nocheck", "var", shape=shape, lane=1, extra=["--speed_self_check", "false"])
+          for shape in FAMILY_SHAPES],
         Row("trl", "best-precompute", "var"),  # the anchor: loses end to end (weight hash + a first pass)
         # the tutorial's 4 x 4 through dist-dpo, run as 16 x 1 (merge_micro_batches): measured 2026-11-28 at the
         # speed of the 16 x 1 row (10,496 vs 9,816 tok/s, one card's noise)
@@ -278,6 +282,7 @@ def _instrument(spec: dict) -> None:
                                     - torch.cuda.mem_get_info()[0] - torch.cuda.memory_reserved()) / GIB
                 if cuda else 0.0,
                 "speed_path": getattr(self.trainer, "_dd_speed_report", None),
+                "self_check": getattr(self.trainer, "_dd_self_check", None),
                 "gradient_checkpointing": bool(self.trainer.args.gradient_checkpointing),
                 "micro_batch": self.trainer.args.per_device_train_batch_size,  # after merge_micro_batches
                 "ckpt_layers": marks.get("ckpt_layers"), "liger": bool(self.trainer.args.use_liger_kernel),
@@ -599,6 +604,7 @@ class Bench:
             "gradient_checkpointing": r0["gradient_checkpointing"], "ckpt_layers": r0["ckpt_layers"],
             "micro_batch": r0.get("micro_batch"), "varlen_gqa": r0.get("varlen_gqa"),
             "liger": r0["liger"], "speed_path": r0["speed_path"], "layout": r0["layout"], "steps": len(r0["steps"]),
+            "self_check": r0.get("self_check"),
             # per rank: seconds from trainer construction to the end of each step (a slow rank shows here)
             "step_end_s_per_rank": {r["rank"]: [round(t, 3) for t, _ in r["steps"]] for r in ranks},
             "profile_per_rank": {r["rank"]: r["profile"] for r in ranks if r.get("profile")} or None,
@@ -810,6 +816,17 @@ def ratios(rows: list[dict]) -> dict:
         r = ratio(tps(f"dist-dpo/var/lora/1gpu@{shape}"), tps(f"trl-best/var/lora/1gpu@{shape}"))
         if r:
             out[f"vs_best_trl var @{shape}"] = r
+    for shape in ("", *(f"@{s}" for s in FAMILY_SHAPES)):  # the self-check's cost, in steady steps of the run
+        a, b = ok.get(f"dist-dpo/var/lora/1gpu{shape}"), ok.get(f"dist-dpo-nocheck/var/lora/1gpu{shape}")
+        if a and b and a.get("call") == b.get("call"):
+            ends = sorted((a.get("step_end_s_per_rank") or {}).items())[0][1]
+            step = statistics.median(y - x for x, y in zip(ends[2:], ends[3:])) if len(ends) > 4 else None
+            cost = a["epoch_wall_s"] - b["epoch_wall_s"]
+            out[f"self_check var{shape}"] = {
+                "epoch_s_with": a["epoch_wall_s"], "epoch_s_without": b["epoch_wall_s"], "cost_s": round(cost, 2),
+                "steady_step_s": round(step, 3) if step else None,
+                "cost_in_steps": round(cost / step, 2) if step else None,
+                "check": {k: v for k, v in (a.get("self_check") or {}).items() if k != "bounds"}}
     q = ratio(tps("dist-dpo/var/qlora/1gpu"), tps("tutorial/var/qlora/1gpu"))
     if q:
         out["qlora_vs_tutorial_qlora"] = q

@@ -27,6 +27,7 @@ from dist_dpo.fast import switch
 from dist_dpo.logs import get_logger
 
 PAIRS = 2  # per rank: a slice small enough to leave the step's peak memory alone
+CANDIDATE_ROWS = 16  # the pairs are the shortest of this many of the rank's rows
 # Bounds on the relative differences, by compute dtype. fp32: the same numbers up to summation order (the tests see
 # <= 1e-6). bf16/fp16: other kernels and layouts round differently; a per-pair sum of log-probs agrees to ~1e-3, a
 # gradient vector to a few %. A broken piece is off by O(1): a zero gradient, a row reading the wrong tokens.
@@ -83,9 +84,11 @@ def run(trainer, model, recipe, rt, strategy) -> dict:
     grads = strategy.self_check_gradients and any(p.requires_grad for p in module.parameters())
     bounds = BOUNDS[_compute_dtype(trainer, module)]
 
+    timings = {}
+
     def differences(paused=()):
         with switch.paused(paused):
-            fast = _measure(trainer, module, batch, grads)
+            fast = _timed(timings, "speed_path_s", _measure, trainer, module, batch, grads)
         return _worst(_compare(fast, reference), trainer)
 
     # Dropout off (eval mode): both paths must see the same function, and the check must draw no random numbers,
@@ -97,7 +100,7 @@ def run(trainer, model, recipe, rt, strategy) -> dict:
         module.eval()
         try:
             with switch.paused():
-                reference = _measure(trainer, module, batch, grads)
+                reference = _timed(timings, "trl_path_s", _measure, trainer, module, batch, grads)
             diff = differences()
             agrees = all(diff[k] <= bounds[k] for k in diff)
             culprit = None
@@ -113,7 +116,8 @@ def run(trainer, model, recipe, rt, strategy) -> dict:
     shown = ", ".join(f"{k} {diff[k]:.2g} (bound {bounds[k]:g})" for k in diff)
     log = get_logger()
     verdict = {"agrees": agrees, "differences": diff, "bounds": {k: bounds[k] for k in diff}, "seconds": seconds,
-               "culprit": culprit, "pairs_per_rank": PAIRS}
+               "culprit": culprit, "pairs_per_rank": PAIRS, "tokens_per_rank": int(batch["attention_mask"].sum()),
+               **{k: round(v, 4) for k, v in timings.items()}}
     trainer._dd_self_check = verdict  # read by benchmarks and tests
     if agrees:
         if rt.is_main:
@@ -134,17 +138,37 @@ def run(trainer, model, recipe, rt, strategy) -> dict:
     return verdict
 
 
+def _timed(timings: dict, key: str, fn, *args):
+    """fn(*args), its seconds added to timings[key] (the device's queue drained at both ends)."""
+    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    synchronize()
+    start = time.perf_counter()
+    result = fn(*args)
+    synchronize()
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+    return result
+
+
 def _pairs(trainer, rt) -> dict:
     """PAIRS pairs of the training set, this rank's own, collated as the speed path collates them (trl's keys plus
-    the shared-row layout), on the device."""
+    the shared-row layout), on the device.
+
+    The shortest PAIRS of this rank's first CANDIDATE_ROWS rows: on a GPU the check costs what its kernel launches
+    cost, on a CPU what its tokens cost. (Sliding windows longer than these pairs go unexercised here; the family
+    tests compare them with trl.) A collator that chooses its layout per batch ("auto") builds the shared
+    layout here: the run may use it, so the check must see it."""
     from accelerate.utils import send_to_device
 
     ds = trainer.train_dataset
-    rows = [ds[(rt.rank * PAIRS + i) % len(ds)] for i in range(PAIRS)]
+    candidates = [(rt.rank * CANDIDATE_ROWS + i) % len(ds) for i in range(min(CANDIDATE_ROWS, len(ds)))]
+    rows = [ds[i] for i in candidates]
+    size = [sum(len(r.get(k) or ()) for k in ("prompt_ids", "chosen_ids", "rejected_ids")) for r in rows]
+    rows = [rows[i] for i in sorted(sorted(range(len(rows)), key=size.__getitem__)[:PAIRS])]
     collator = trainer.data_collator
     if dataclasses.is_dataclass(collator):  # a fresh copy: the run's token counters stay the run's
         collator = dataclasses.replace(collator, tokens_real=0, tokens_run=0,
-                                       batches={"packed": 0, "shared": 0, "pairs": 0})
+                                       batches={"packed": 0, "shared": 0, "pairs": 0},
+                                       **({"mode": "true"} if getattr(collator, "mode", None) == "auto" else {}))
     return send_to_device(collator(rows), trainer.args.device)
 
 
