@@ -89,6 +89,7 @@ def step_times(steps: int = 6) -> dict:
     from dist_dpo.config import Recipe
     from dist_dpo.model_zoo import ensure_builtin_model
     from dist_dpo.runtime import resolve_runtime
+    from dist_dpo.trainer import DistDPOTrainer
 
     path = ensure_builtin_model()
     data = datasets.Dataset.from_list([ps.conversational(r) for r in ps.variable_rows(8 * steps, seed=5, cap=200)])
@@ -98,7 +99,7 @@ def step_times(steps: int = 6) -> dict:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         args = DPOConfig(output_dir="/tmp/dist_dpo_cpu_effects/run", per_device_train_batch_size=8, report_to=[],
                          use_cpu=True, max_length=1024, logging_steps=10, gradient_checkpointing=False)
-        trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=AutoTokenizer.from_pretrained(path),
+        trainer = (DPOTrainer if label == "trl" else DistDPOTrainer)(model=model, args=args, train_dataset=data, processing_class=AutoTokenizer.from_pretrained(path),
                              peft_config=LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"],
                                                     task_type="CAUSAL_LM"))
         if label != "trl":

@@ -281,8 +281,8 @@ def _instrument(spec: dict) -> None:
                 "peak_device_gib": (torch.cuda.max_memory_reserved() + torch.cuda.mem_get_info()[1]
                                     - torch.cuda.mem_get_info()[0] - torch.cuda.memory_reserved()) / GIB
                 if cuda else 0.0,
-                "speed_path": getattr(self.trainer, "_dd_speed_report", None),
-                "self_check": getattr(self.trainer, "_dd_self_check", None),
+                "speed_path": getattr(getattr(self.trainer, "speed", None), "report", None),  # trl's rows: None
+                "self_check": getattr(getattr(self.trainer, "speed", None), "self_check_verdict", None),
                 "gradient_checkpointing": bool(self.trainer.args.gradient_checkpointing),
                 "micro_batch": self.trainer.args.per_device_train_batch_size,  # after merge_micro_batches
                 "ckpt_layers": marks.get("ckpt_layers"), "liger": bool(self.trainer.args.use_liger_kernel),

@@ -339,12 +339,14 @@ class TokenizeAcrossRanks:
     part fails tells the others, so all raise instead of one waiting forever. With a file-backed dataset trl's order
     stays."""
 
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+    tokenize_seconds: float | None = None  # train.py logs it as its own part of the trainer's construction
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # mirrors trl's DPOTrainer method
         start = time.perf_counter()
         try:
             return self._prepare_parts(dataset, processing_class, args, dataset_name)
-        finally:  # train.py logs it as its own part of the trainer's construction
-            self._dd_tokenize_s = getattr(self, "_dd_tokenize_s", 0.0) + time.perf_counter() - start
+        finally:
+            self.tokenize_seconds = (self.tokenize_seconds or 0.0) + time.perf_counter() - start
 
     def _prepare_parts(self, dataset, processing_class, args, dataset_name):
         import datasets

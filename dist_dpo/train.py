@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from dist_dpo.checkpoints import RUN_MARKER, AtomicCheckpoints, WholeAdapterSaves, complete_checkpoints, discard_staging
+from dist_dpo.checkpoints import RUN_MARKER, complete_checkpoints, discard_staging
 from dist_dpo.config import Recipe, parse_recipe
 from dist_dpo.errors import UserError
 from dist_dpo.logs import add_rank_file, get_logger, log_to_rank_file, setup_console
@@ -99,31 +99,26 @@ def _train(argv: list[str]) -> int:
         recipe.write(out / "resolved_config.yaml")
         discard_staging(out)  # a save cut off by an earlier crash; no rank writes there before the next barrier
 
-    from trl import DPOTrainer
     from transformers.trainer_callback import ProgressCallback
 
     from dist_dpo.callbacks import RankZeroProgress
     from dist_dpo import fast
     from dist_dpo.precision import keep_logprobs_fp32, keep_qlora_adapters_fp32, refuse_float_gathered_4bit
     from dist_dpo.run_stats import RunStats
+    from dist_dpo.trainer import DistDPOTrainer
 
-    from dist_dpo.data import TokenizeAcrossRanks
-    from dist_dpo.portable import PortableResume
-
-    class Trainer(AtomicCheckpoints, PortableResume, WholeAdapterSaves, TokenizeAcrossRanks, DPOTrainer):
-        checkpoint_meta = {"world_size": rt.world_size, "strategy": rt.strategy}
-        portable_resume = plan.resume_portable
-
-    trainer = Trainer(
+    trainer = DistDPOTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds if recipe.train.eval_steps > 0 else None,
         processing_class=tokenizer,
         peft_config=peft_config,
+        checkpoint_meta={"world_size": rt.world_size, "strategy": rt.strategy},
+        portable_resume=plan.resume_portable,
     )
     startup.mark("trainer (tokenization)")
-    startup.part("of which tokenizing", getattr(trainer, "_dd_tokenize_s", None))  # the rest: trl, peft, accelerate
+    startup.part("of which tokenizing", trainer.tokenize_seconds)  # the rest: trl, peft, accelerate
     ddp_gradients_in_buckets(trainer, strat)
     keep_qlora_adapters_fp32(trainer, strat)  # dist_dpo/precision.py: what trl / FSDP2 would get wrong, in order
     refuse_float_gathered_4bit(trainer.model, strat)

@@ -65,6 +65,7 @@ def build(shape, pairs, fast, max_steps=3, dpo=None, **train_keys):
     from trl import DPOConfig, DPOTrainer
 
     from dist_dpo.model_zoo import ensure_builtin_model
+    from dist_dpo.trainer import DistDPOTrainer
 
     path = ensure_builtin_model(shape=shape)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
@@ -72,7 +73,8 @@ def build(shape, pairs, fast, max_steps=3, dpo=None, **train_keys):
                      report_to=[], use_cpu=True, bf16=False, logging_steps=1, gradient_checkpointing=False, seed=0,
                      max_steps=max_steps, optim="sgd", learning_rate=0.1, lr_scheduler_type="constant",
                      save_strategy="no", dataloader_num_workers=0, **(dpo or {}))
-    trainer = DPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=AutoTokenizer.from_pretrained(path),
+    cls = DistDPOTrainer if fast else DPOTrainer  # the comparison's other side is trl's own class
+    trainer = cls(model=model, args=args, train_dataset=pairs, processing_class=AutoTokenizer.from_pretrained(path),
                          peft_config=LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
                                                 target_modules="all-linear"))
     lora_b_nonzero(trainer)
@@ -106,7 +108,7 @@ def test_speed_path_step_is_trls(shape, pairs):
     rows = [plain.train_dataset[i] for i in range(6)]
     reference = step(plain, rows)
     fast = build(shape, pairs, fast=True)
-    report = fast._dd_speed_report
+    report = fast.speed.report
     family = architectures.family_for(FAMILY_SHAPES[shape]["config"]["model_type"])
     assert report["family"] == family.name
     for piece, why in family.off.items():  # every piece the table leaves off is named with its reason
@@ -135,11 +137,11 @@ def test_packed_rows_are_trls_where_the_table_allows_them(shape, pairs):
     fast = build(shape, pairs, fast=True)
     base = fast.model.get_base_model()
     if fast.aux_loss_enabled:  # MoE: the router's loss averages over trl's rows, so no shared or packed rows
-        assert "shared_rows: the MoE router's auxiliary loss" in fast._dd_speed_report["off"]
+        assert "shared_rows: the MoE router's auxiliary loss" in fast.speed.report["off"]
         assert fast.data_collator.mode == "false"
         return
     if attention_layer_types(base.config) != {"full_attention"}:
-        assert "packed_rows: sliding-window layers" in fast._dd_speed_report["off"]
+        assert "packed_rows: sliding-window layers" in fast.speed.report["off"]
         return
     attention.install(base)
     fast.data_collator.packed = True
@@ -343,8 +345,8 @@ def test_a_family_absent_from_the_table_trains_exactly_on_trls_path(pairs, tmp_p
         rows = [plain.train_dataset[i] for i in range(6)]
         reference = step(plain, rows)
         fast = build("tiny-granite-test", pairs, fast=True)
-        assert "unlisted (granite)" == fast._dd_speed_report["family"]
-        assert f"head: {architectures.UNLISTED}" in fast._dd_speed_report["off"]
+        assert "unlisted (granite)" == fast.speed.report["family"]
+        assert f"head: {architectures.UNLISTED}" in fast.speed.report["off"]
         candidate = step(fast, rows)
     finally:
         for table in (model_zoo.SHAPES, model_zoo.FAMILY_SHAPES):

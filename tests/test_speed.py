@@ -34,6 +34,7 @@ def build(pairs, fast=False, prefix_sharing="auto", loss_type="sigmoid", max_len
     from trl import DPOConfig, DPOTrainer
 
     from dist_dpo.model_zoo import ensure_builtin_model
+    from dist_dpo.trainer import DistDPOTrainer
 
     path = ensure_builtin_model()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cuda else torch.float32,
@@ -41,7 +42,8 @@ def build(pairs, fast=False, prefix_sharing="auto", loss_type="sigmoid", max_len
     args = DPOConfig(output_dir="/tmp/dist_dpo_test_speed", per_device_train_batch_size=6, max_length=max_length,
                      report_to=[], use_cpu=not cuda, bf16=cuda, logging_steps=1, gradient_checkpointing=False, loss_type=[loss_type],
                      seed=0)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=AutoTokenizer.from_pretrained(path),
+    cls = DistDPOTrainer if fast else DPOTrainer  # the comparison's other side is trl's own class
+    trainer = cls(model=model, args=args, train_dataset=pairs, processing_class=AutoTokenizer.from_pretrained(path),
                          peft_config=LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
                                                 target_modules=["q_proj", "v_proj"]))
     lora_b_nonzero(trainer, lora_b_seed)
@@ -147,7 +149,7 @@ def test_packed_segments_are_the_masked_rows_attention():
 def test_packed_rows_stay_off_without_cuda(pairs):
     fast = build(pairs, fast=True)
     assert fast.data_collator.packed is False
-    assert "packed_rows: no CUDA device" in fast._dd_speed_report["off"]
+    assert "packed_rows: no CUDA device" in fast.speed.report["off"]
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -213,7 +215,7 @@ def test_other_loss_types_keep_trls_loss_code(pairs):
     rows = [plain.train_dataset[i] for i in range(6)]
     reference = step(plain, rows)
     fast = build(pairs, fast=True, prefix_sharing=True, loss_type="ipo")
-    assert "metrics" in fast._dd_speed_report and "trl's" in fast._dd_speed_report["metrics"]
+    assert "metrics" in fast.speed.report and "trl's" in fast.speed.report["metrics"]
     assert_same(reference, step(fast, rows))
 
 
@@ -725,7 +727,7 @@ def test_torch_rms_norm_switch_keeps_trls_loss(pairs, monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
     fast = build(pairs, fast=True)
     assert fast.args.liger_kernel_config == {"rms_norm": False}  # liger keeps SwiGLU and RoPE only
-    assert "RMSNorm" in fast._dd_speed_report
+    assert "RMSNorm" in fast.speed.report
     candidate = step(fast, rows)
     assert calls  # the switch really ran
     assert_same(reference, candidate)
@@ -739,7 +741,7 @@ def test_fused_qkv_is_the_three_projections(pairs, monkeypatch):
     calls = []
     real = torch.nn.functional.linear
     fast = build(pairs, fast=True)
-    assert fast._dd_speed_report["q/k/v"] == "one matmul (4 layers)"
+    assert fast.speed.report["q/k/v"] == "one matmul (4 layers)"
     attn = fast.model.get_base_model().model.layers[0].self_attn
     fused_w = attn.q_proj.base_layer.weight
     assert attn.k_proj.weight.data_ptr() == fused_w.data_ptr() + fused_w.numel() * fused_w.element_size()
@@ -769,19 +771,19 @@ def test_fused_qkv_and_torch_rms_norm_are_the_default_where_weights_are_whole(pa
 
     rows, reference = trl_step(pairs)
     fast = build(pairs, fast=True)
-    report = fast._dd_speed_report
+    report = fast.speed.report
     assert report["q/k/v"] == "one matmul (4 layers)" and report["RMSNorm"].startswith("torch's fused rms_norm")
     assert_same(reference, step(fast, rows))
     monkeypatch.setenv("DIST_DPO_FUSED_QKV", "0")
     monkeypatch.setenv("DIST_DPO_RMSNORM", "liger")
-    plain = build(pairs, fast=True)._dd_speed_report
+    plain = build(pairs, fast=True).speed.report
     assert "q/k/v" not in plain and "RMSNorm" not in plain
     monkeypatch.delenv("DIST_DPO_FUSED_QKV")
     assert {n for n, s in STRATEGY_TABLE.items() if not s.fuses_qkv} == {"fsdp", "zero3"}
     monkeypatch.setattr("dist_dpo.strategies.strategy_for",
                         lambda name: strategy_for("zero3"))  # what apply() asks for a ZeRO-3 run
     sharded = build(pairs, fast=True)
-    assert "q/k/v" not in sharded._dd_speed_report
+    assert "q/k/v" not in sharded.speed.report
     attn = sharded.model.get_base_model().model.layers[0].self_attn
     assert not hasattr(attn.k_proj, "_dd_own_forward")  # no fused copy made
     assert speed.env_flag("DIST_DPO_FUSED_QKV", default=True)

@@ -21,7 +21,6 @@ liger_kernels is a DPOConfig flag (dpo_args.py).
 from __future__ import annotations
 
 import os
-import types
 
 from dist_dpo.architectures import PIECES, family_of
 from dist_dpo.errors import UserError
@@ -31,7 +30,8 @@ from dist_dpo.logs import get_logger
 
 
 def apply(trainer, recipe, rt) -> dict:
-    """Switch `trainer` (a trl DPOTrainer, not yet training) to dist-dpo's speed path as the recipe says.
+    """Switch `trainer` (a DistDPOTrainer, not yet training) to dist-dpo's speed path as the recipe says: the model's
+    pieces and collator here, the trainer's hooks through `trainer.speed` (dist_dpo/trainer.py).
     Returns what was decided, also logged once by rank 0."""
     import datasets
 
@@ -40,18 +40,18 @@ def apply(trainer, recipe, rt) -> dict:
     t = recipe.train
     check_switches()
     if not isinstance(trainer.train_dataset, datasets.Dataset):  # streaming: no lengths to plan or group by
-        report = {"speed path": "off (streaming dataset)"}
+        report = trainer.speed.report
+        report["speed path"] = "off (streaming dataset)"
         _log(rt, report)
         return report
     lengths = batching.pair_lengths(trainer.train_dataset, trainer.args.max_length)
-    report = {}
+    report = trainer.speed.report
     if t.fast_path:  # before checkpointing: that plans for the micro-batch that will run
         pairs, report["micro-batches"] = microbatch.decide(trainer, recipe, rt, lengths)
         microbatch.apply(trainer, pairs)
     every, why = checkpointing.decide(trainer, recipe, rt, lengths)
     checkpointing.apply(trainer, every, strategy_for(rt.strategy).checkpointing_reentrant)
     report["checkpointing"] = why
-    trainer._dd_speed_report = report  # read by benchmarks/throughput.py
     if not t.fast_path:
         report["fast_path"] = "off (plain trl)"
         _log(rt, report)
@@ -65,20 +65,19 @@ def apply(trainer, recipe, rt) -> dict:
         # the global batch: the grouped order is then the same on any number of processes (a resume on another count)
         batch = trainer.args.train_batch_size * trainer.args.gradient_accumulation_steps * trainer.args.world_size
         seed = trainer.args.data_seed if trainer.args.data_seed is not None else trainer.args.seed
-        original = trainer._get_train_sampler
 
         def grouped_sampler(self, train_dataset=None):
             ds = train_dataset if train_dataset is not None else self.train_dataset
             if ds is None or len(ds) != len(keys):
-                return original(train_dataset)
+                return None  # not the training set: trl's sampler
             a = self.args
-            if getattr(self, "_dd_pairs_per_rank", None):  # set below with the lean loss, which weights by it
+            if self.speed.pairs_per_rank:  # set below with the lean loss, which weights by it
                 return batching.rebalanced_grouped_sampler(keys, a.per_device_train_batch_size,
                                                            a.gradient_accumulation_steps, a.world_size,
                                                            a.process_index, seed, a.dataloader_drop_last)
             return batching.length_grouped_sampler(keys, batch, seed, a.per_device_train_batch_size, a.world_size)
 
-        trainer._get_train_sampler = types.MethodType(grouped_sampler, trainer)
+        trainer.speed.sampler = grouped_sampler
         report["batches"] = "grouped by length"
 
     base = _head_model(trainer)
@@ -148,20 +147,10 @@ def apply(trainer, recipe, rt) -> dict:
 
     lean = loss.lean_unsupported_reason(trainer)
     if lean is None:
-        trainer._dd_pending = []
-        trainer._dd_trl_compute_loss = trainer.compute_loss
-        trainer.compute_loss = types.MethodType(loss.compute_loss, trainer)
-        trl_log = trainer.log
-
-        def log(self, logs, start_time=None):
-            if self.model.training:  # train logs are reached by every rank (the Trainer gathers the loss first)
-                loss.flush_metrics(self)
-            return trl_log(logs, start_time)
-
-        trainer.log = types.MethodType(log, trainer)
+        trainer.speed.lean_loss = True
         report["metrics"] = "on device, gathered once per log; entropy/logits/top-1 on logging steps only"
         if t.group_by_length and t.balance_ranks and trainer.args.world_size > 1:
-            trainer._dd_pairs_per_rank = trainer.args.per_device_train_batch_size
+            trainer.speed.pairs_per_rank = trainer.args.per_device_train_batch_size
             report["batches"] += ", split across ranks by cost (transformers' BatchRebalanceSampler)"
     else:
         report["metrics"] = f"trl's per micro-step ({lean})"

@@ -59,10 +59,9 @@ def checkpointing_paused(model):
             m.gradient_checkpointing = True
 
 
-def compute_loss(trainer, model, inputs, return_outputs=False, num_items_in_batch=None):
-    """Bound as `trainer.compute_loss` by `dist_dpo.fast.apply` when `lean_unsupported_reason` is None."""
-    if return_outputs or not trainer.model.training:
-        return trainer._dd_trl_compute_loss(model, inputs, return_outputs, num_items_in_batch)
+def compute_loss(trainer, model, inputs, num_items_in_batch=None):
+    """A training micro-step's loss (DistDPOTrainer.compute_loss calls it where `trainer.speed.lean_loss`; trl's
+    compute_loss does evaluation and `return_outputs`)."""
     from accelerate.utils import is_peft_model
     from trl.trainer.utils import use_adapter
 
@@ -89,7 +88,7 @@ def compute_loss(trainer, model, inputs, return_outputs=False, num_items_in_batc
     chosen_logratios = chosen_logps - ref_chosen
     rejected_logratios = rejected_logps - ref_rejected
     losses = -F.logsigmoid(trainer.beta * (chosen_logratios - rejected_logratios))
-    nominal = getattr(trainer, "_dd_pairs_per_rank", None)
+    nominal = trainer.speed.pairs_per_rank
     # Ranks hold unequal shares of a step under cost-balanced batches (batching.rebalanced_grouped_sampler): the sum
     # over the nominal count makes the average over ranks the mean over all the step's pairs, as with equal batches.
     loss = losses.sum() / nominal if nominal else losses.mean()
@@ -118,16 +117,16 @@ def _record(trainer, inputs, out, chosen_logps, rejected_logps, chosen_rewards, 
                 (mean_rejected * rejected_mask).sum(), rejected_mask.sum(), (top1_chosen & chosen_mask.bool()).sum()]
     else:
         row += [zero] * 8
-    trainer._dd_pending.append(torch.stack([v.float().detach() for v in row]))
+    trainer.speed.pending.append(torch.stack([v.float().detach() for v in row]))
 
 
 def flush_metrics(trainer) -> None:
     """Every rank, at a train log (a point every rank reaches): one gather, one host copy, then trl's metric lists
     get the values its own `_compute_loss` would have appended."""
-    if not trainer._dd_pending:
+    if not trainer.speed.pending:
         return
-    local = torch.stack(trainer._dd_pending)  # [micro-steps, columns]
-    trainer._dd_pending.clear()
+    local = torch.stack(trainer.speed.pending)  # [micro-steps, columns]
+    trainer.speed.pending.clear()
     steps = local.size(0)
     sums = trainer.accelerator.gather(local).view(-1, steps, len(COLUMNS)).sum(0).cpu().tolist()
     metrics = trainer._metrics["train"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import types
 
 import torch
 import torch.nn.functional as F
@@ -46,25 +45,22 @@ def running() -> bool:
 
 
 def install(trainer, recipe, rt, strategy) -> None:
-    """Run the check on the first training call of `trainer.compute_loss` (the model is wrapped and sharded then)."""
+    """Run the check on the first training call of `trainer.compute_loss` (the model is wrapped and sharded then):
+    DistDPOTrainer.compute_loss calls `trainer.speed.self_check` once."""
     if not recipe.train.speed_self_check:
         return
-    inner = trainer.compute_loss
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.model.training and not getattr(self, "_dd_self_checked", False):
-            self._dd_self_checked = True
-            _RUNNING[0] = True
-            try:
-                verdict = run(self, model, recipe, rt, strategy)
-            finally:
-                _RUNNING[0] = False
-            if not verdict["agrees"]:
-                turn_off(self)
-                return self.compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        return inner(model, inputs, return_outputs, num_items_in_batch)
+    def check(trainer, model) -> dict:
+        _RUNNING[0] = True
+        try:
+            verdict = run(trainer, model, recipe, rt, strategy)
+        finally:
+            _RUNNING[0] = False
+        if not verdict["agrees"]:
+            turn_off(trainer)
+        return verdict
 
-    trainer.compute_loss = types.MethodType(compute_loss, trainer)
+    trainer.speed.self_check = check
 
 
 def turn_off(trainer) -> None:
@@ -73,8 +69,7 @@ def turn_off(trainer) -> None:
     collator = trainer.data_collator
     if hasattr(collator, "mode"):  # the DataLoader holds this very object: it stops building shared rows
         collator.mode, collator.packed = "false", False
-    trainer.compute_loss = trainer._dd_trl_compute_loss if hasattr(trainer, "_dd_trl_compute_loss") else \
-        types.MethodType(type(trainer).compute_loss, trainer)
+    trainer.speed.lean_loss = False
 
 
 def run(trainer, model, recipe, rt, strategy) -> dict:
@@ -118,7 +113,6 @@ def run(trainer, model, recipe, rt, strategy) -> dict:
     verdict = {"agrees": agrees, "differences": diff, "bounds": {k: bounds[k] for k in diff}, "seconds": seconds,
                "culprit": culprit, "pairs_per_rank": PAIRS, "tokens_per_rank": int(batch["attention_mask"].sum()),
                **{k: round(v, 4) for k, v in timings.items()}}
-    trainer._dd_self_check = verdict  # read by benchmarks and tests
     if agrees:
         if rt.is_main:
             log.info("speed-path self-check: agrees with trl on %d pairs per rank (%s%s) in %.1f s",

@@ -66,7 +66,7 @@ def test_packed_and_masked_rows_give_trls_loss_on_gpu(pairs):  # noqa: F811
     ref_loss, ref_grads, _ = step(plain, rows)
     for packed, logging in (("auto", True), ("auto", False), (False, True)):  # not logged: fast/logprob.py's head
         fast = build(pairs, fast=True, prefix_sharing=True, cuda=True, packed_rows=packed)
-        assert fast.data_collator.packed is (packed == "auto"), fast._dd_speed_report
+        assert fast.data_collator.packed is (packed == "auto"), fast.speed.report
         loss, grads, batch = step(fast, rows, logging=logging)
         assert ("dd_varlen" in batch) is (packed == "auto")
         worst = max(((grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)).item() for n, g in ref_grads.items())

@@ -1,0 +1,78 @@
+"""`DistDPOTrainer`: trl's DPOTrainer with every change dist-dpo makes to how it trains, in one class.
+
+Each concern is a mixin in the module that owns it; each override names the upstream method it mirrors, and calls
+it wherever dist-dpo has nothing to add. Nothing is replaced on an instance.
+
+  AtomicCheckpoints  (checkpoints.py)  transformers.Trainer._save_checkpoint / _get_output_dir /
+                                       _load_optimizer_and_scheduler: complete-or-invisible checkpoints
+  PortableResume     (portable.py)     Trainer.train / _load_from_checkpoint / _load_optimizer_and_scheduler /
+                                       _load_rng_state: resume on another world size or strategy
+  WholeAdapterSaves  (checkpoints.py)  Trainer.save_model: ZeRO-1/2 adapters saved as under DDP
+  TokenizeAcrossRanks (data.py)        DPOTrainer._prepare_dataset: every rank tokenizes its part at once
+  SpeedPathHooks     (below)           Trainer._get_train_sampler, DPOTrainer.compute_loss, Trainer.log: the speed
+                                       path (dist_dpo/fast), as `fast.apply` configured it for this run
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import DPOTrainer
+
+from dist_dpo.checkpoints import AtomicCheckpoints, WholeAdapterSaves
+from dist_dpo.data import TokenizeAcrossRanks
+from dist_dpo.portable import PortableResume
+
+
+@dataclass
+class SpeedPathState:
+    """What `dist_dpo.fast.apply` decided for this run: read by the trainer's hooks, benchmarks and tests."""
+    report: dict = field(default_factory=dict)  # the `speed path:` log line, as a dict
+    sampler: object = None  # callable(trainer, dataset) -> sampler or None (trl's); pairs grouped by length
+    pairs_per_rank: int | None = None  # the lean loss divides each rank's sum by it (ranks split by cost)
+    lean_loss: bool = False  # loss.compute_loss instead of trl's (same loss, fewer host syncs)
+    pending: list = field(default_factory=list)  # the lean loss's per-micro-step metrics, gathered at each log
+    self_check: object = None  # callable(trainer, model) -> verdict dict, run before the first training loss
+    self_check_verdict: dict | None = None
+
+
+class SpeedPathHooks:
+    """Mixin for trl's DPOTrainer: where the speed path plugs into training. With `speed` at its defaults (no
+    `fast.apply`, `fast_path: false`, or after the self-check turned it off) every hook is trl's own."""
+
+    speed: SpeedPathState
+
+    def _get_train_sampler(self, train_dataset=None):  # mirrors transformers.Trainer._get_train_sampler
+        sampler = self.speed.sampler and self.speed.sampler(self, train_dataset)
+        return sampler if sampler is not None else super()._get_train_sampler(train_dataset)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # mirrors trl.DPOTrainer.compute_loss
+        if self.speed.self_check is not None and self.model.training:
+            check, self.speed.self_check = self.speed.self_check, None  # once, even if it raises
+            self.speed.self_check_verdict = check(self, model)  # may turn the speed path off for the run
+        if self.speed.lean_loss and self.model.training and not return_outputs:
+            from dist_dpo.fast import loss
+
+            return loss.compute_loss(self, model, inputs, num_items_in_batch)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def log(self, logs, start_time=None):  # mirrors transformers.Trainer.log
+        if (self.speed.lean_loss or self.speed.pending) and self.model.training:  # every rank gets here: the Trainer
+            # gathered the loss first
+            from dist_dpo.fast import loss
+
+            loss.flush_metrics(self)
+        return super().log(logs, start_time)
+
+
+class DistDPOTrainer(AtomicCheckpoints, PortableResume, WholeAdapterSaves, TokenizeAcrossRanks, SpeedPathHooks,
+                     DPOTrainer):
+    """trl's DPOTrainer as `dist-dpo train` runs it. `checkpoint_meta` (world size, strategy) goes into every
+    checkpoint's marker; `portable_resume` makes a resume load the checkpoint's portable state."""
+
+    def __init__(self, *args, checkpoint_meta: dict | None = None, portable_resume: bool = False, **kwargs):
+        self.checkpoint_meta = dict(checkpoint_meta or {})
+        self.portable_resume = portable_resume
+        self.speed = SpeedPathState()
+        super().__init__(*args, **kwargs)
