@@ -86,7 +86,7 @@ def default_rows() -> list[Row]:
         Row("trl", "tutorial", "fixed512", lane=1),
         Row("dist-dpo", "masked", "fixed512", lane=1, extra=["--packed_rows", "false"]),
         Row("dist-dpo", "default", "fixed2048", batch=8, accum=2, lane=1, profile_last=3),
-        Row("dist-dpo", "headrecompute", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_HEAD_RECOMPUTE": "1"}),
+        Row("dist-dpo", "headrecompute", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_AB_HEAD_RECOMPUTE": "1"}),
         Row("dist-dpo", "default", "var6k", lane=1),
         # multi-GPU: DDP and ZeRO-2 scaling on var6k; 7B QLoRA at 1024 tokens within a 12 GiB card
         Row("dist-dpo", "default", "var6k", gpus=2, profile_last=3),
@@ -135,31 +135,31 @@ def optional_rows() -> list[Row]:
         Row("dist-dpo", "80gib-fsdp", "fixed1024", "qlora", gpus=2, batch=1, accum=8, shape="qwen2.5-72b",
             config="fsdp", extra=["--gpu_memory_gib", "80"]),
         # DDP copying every gradient into its all-reduce bucket and back (the default keeps them in the buckets)
-        Row("dist-dpo", "gradcopy", "var6k", gpus=2, env={"DIST_DPO_DDP_GRAD_COPY": "1"}),
+        Row("dist-dpo", "gradcopy", "var6k", gpus=2, env={"DIST_DPO_AB_DDP_GRAD_COPY": "1"}),
         Row("dist-dpo", "default", "var", gpus=2, profile_last=3),  # the 768-pair epoch: start-up is ~40 % of a 2-GPU run
         Row("dist-dpo", "noliger", "fixed2048", batch=8, accum=2, lane=1, extra=["--liger_kernels", "false"]),
         # K/V heads expanded per query head, what torch 2.11's varlen_attn needed before attention._FlashGQA
         # (measured 2026-11-28: grouped x1.094 steady, 50.7 -> 46.4 GiB)
-        Row("dist-dpo", "expandkv", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_VARLEN_GQA": "expand"}),
-        Row("dist-dpo", "headrecompute", "var", env={"DIST_DPO_HEAD_RECOMPUTE": "1"}),
+        Row("dist-dpo", "expandkv", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_AB_VARLEN_GQA": "expand"}),
+        Row("dist-dpo", "headrecompute", "var", env={"DIST_DPO_AB_HEAD_RECOMPUTE": "1"}),
         # liger's Triton RMSNorm instead of torch's fused rms_norm (the default since 2026-11-28: +9 % e2e on var6k,
         # steady +12.5 %); and without liger at all on var6k
-        Row("dist-dpo", "lignorm", "var", env={"DIST_DPO_RMSNORM": "liger"}),
-        Row("dist-dpo", "lignorm", "var6k", lane=1, env={"DIST_DPO_RMSNORM": "liger"}),
-        Row("dist-dpo", "lignorm", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_RMSNORM": "liger"}),
+        Row("dist-dpo", "lignorm", "var", env={"DIST_DPO_AB_RMSNORM": "liger"}),
+        Row("dist-dpo", "lignorm", "var6k", lane=1, env={"DIST_DPO_AB_RMSNORM": "liger"}),
+        Row("dist-dpo", "lignorm", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_AB_RMSNORM": "liger"}),
         Row("dist-dpo", "noliger", "var6k", lane=1, extra=["--liger_kernels", "false"]),
         # q/k/v as three matmuls (one fused matmul is the default: var6k +7 % end to end)
-        Row("dist-dpo", "separateqkv", "var", env={"DIST_DPO_FUSED_QKV": "0"}),
-        Row("dist-dpo", "separateqkv", "var6k", lane=1, env={"DIST_DPO_FUSED_QKV": "0"}),
-        Row("dist-dpo", "separateqkv", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_FUSED_QKV": "0"}),
-        Row("dist-dpo", "separateqkv", "var6k", gpus=2, env={"DIST_DPO_FUSED_QKV": "0"}),
+        Row("dist-dpo", "separateqkv", "var", env={"DIST_DPO_AB_FUSED_QKV": "0"}),
+        Row("dist-dpo", "separateqkv", "var6k", lane=1, env={"DIST_DPO_AB_FUSED_QKV": "0"}),
+        Row("dist-dpo", "separateqkv", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_AB_FUSED_QKV": "0"}),
+        Row("dist-dpo", "separateqkv", "var6k", gpus=2, env={"DIST_DPO_AB_FUSED_QKV": "0"}),
         Row("dist-dpo", "4x4", "fixed2048", batch=4, accum=4, lane=1),
         # the 1-GPU row with the intra-op threads the launcher gives each rank of a 2-GPU row (1; a plain process
         # leaves OMP_NUM_THREADS unset and torch picks): a 1-GPU var6k row's steps were slower than each 2-GPU rank's
         Row("dist-dpo", "omp1", "var6k", lane=1, env={"OMP_NUM_THREADS": "1"}),
         # peft's fp32 copy of every LoRA input kept (what fast/lora_inputs.py removes)
-        Row("dist-dpo", "lorafp32", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_LORA_INPUT_CAST": "1"}),
-        Row("dist-dpo", "lorafp32", "var", env={"DIST_DPO_LORA_INPUT_CAST": "1"}),
+        Row("dist-dpo", "lorafp32", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_AB_LORA_INPUT_CAST": "1"}),
+        Row("dist-dpo", "lorafp32", "var", env={"DIST_DPO_AB_LORA_INPUT_CAST": "1"}),
         Row("dist-dpo", "expseg", "fixed2048", batch=8, accum=2, lane=1,
             env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
         Row("dist-dpo", "default", "var", "qlora", gpus=2),

@@ -176,10 +176,10 @@ def _train(argv: list[str]) -> int:
 def ddp_gradients_in_buckets(trainer, strat) -> None:
     """The strategy table's ddp_gradient_as_bucket_view, on the DDP settings accelerate wraps the model with at
     train() (transformers builds them from TrainingArguments, which have no such field)."""
-    from dist_dpo.fast import env_flag
+    from dist_dpo import ab_switches
 
     handler = getattr(trainer.accelerator, "ddp_handler", None)
-    copies = env_flag("DIST_DPO_DDP_GRAD_COPY")  # 1: DDP's copies kept (the benchmark's A/B row)
+    copies = ab_switches.flag("DDP_GRAD_COPY")
     if strat.ddp_gradient_as_bucket_view and handler is not None and not copies:
         handler.gradient_as_bucket_view = True
 

@@ -153,9 +153,9 @@ def test_ddp_gradient_copies_ab_switch(monkeypatch):
     from dist_dpo.train import ddp_gradients_in_buckets
 
     trainer = SimpleNamespace(accelerator=SimpleNamespace(ddp_handler=DistributedDataParallelKwargs()))
-    monkeypatch.setenv("DIST_DPO_DDP_GRAD_COPY", "1")
+    monkeypatch.setenv("DIST_DPO_AB_DDP_GRAD_COPY", "1")
     ddp_gradients_in_buckets(trainer, STRATEGY_TABLE["ddp"])
     assert "gradient_as_bucket_view" not in trainer.accelerator.ddp_handler.to_kwargs()
-    monkeypatch.setenv("DIST_DPO_DDP_GRAD_COPY", "yes")
-    with pytest.raises(UserError, match="DIST_DPO_DDP_GRAD_COPY=yes"):
+    monkeypatch.setenv("DIST_DPO_AB_DDP_GRAD_COPY", "yes")
+    with pytest.raises(UserError, match="DIST_DPO_AB_DDP_GRAD_COPY=yes"):
         ddp_gradients_in_buckets(trainer, STRATEGY_TABLE["ddp"])

@@ -608,9 +608,9 @@ def test_lora_inputs_skip_peft_copy_under_autocast_and_compute_the_same():
         assert torch.isfinite(model(input_ids=ids).logits).all()
 
 
-@pytest.mark.parametrize("name,value", [("DIST_DPO_LORA_INPUT_CAST", "yes"), ("DIST_DPO_VARLEN_GQA", "fast"),
-                                        ("DIST_DPO_HEAD_RECOMPUTE", "true"), ("DIST_DPO_RMSNORM", "apex"),
-                                        ("DIST_DPO_FUSED_QKV", "on")])
+@pytest.mark.parametrize("name,value", [("DIST_DPO_AB_LORA_INPUT_CAST", "yes"), ("DIST_DPO_AB_VARLEN_GQA", "fast"),
+                                        ("DIST_DPO_AB_HEAD_RECOMPUTE", "true"), ("DIST_DPO_AB_RMSNORM", "apex"),
+                                        ("DIST_DPO_AB_FUSED_QKV", "on"), ("DIST_DPO_AB_FUSED_QKVV", "0")])
 def test_a_bad_ab_switch_is_refused_in_one_line(pairs, monkeypatch, name, value):
     """The benchmark's A/B environment switches: a mistyped value stops the run (a UserError: one line from rank 0,
     every rank exits 2), on CPU too, instead of silently running the default."""
@@ -656,7 +656,7 @@ def test_log_probs_with_gradient_in_forward_cover_only_what_they_can(monkeypatch
     assert not logprob.covers(h.detach(), w, None, ("log_probs",))  # the reference forward
     assert not logprob.covers(h, w.requires_grad_(), None, ("log_probs",))  # a trained head
     assert not logprob.covers(h, torch.zeros(6, 4), torch.zeros(6), ("log_probs",))  # a head with bias
-    monkeypatch.setenv("DIST_DPO_HEAD_RECOMPUTE", "1")
+    monkeypatch.setenv("DIST_DPO_AB_HEAD_RECOMPUTE", "1")
     assert not logprob.covers(h, torch.zeros(6, 4), None, ("log_probs",))
 
 
@@ -721,7 +721,7 @@ def trl_step(pairs):
 
 def test_torch_rms_norm_switch_keeps_trls_loss(pairs, monkeypatch):
     rows, reference = trl_step(pairs)
-    monkeypatch.setenv("DIST_DPO_RMSNORM", "torch")
+    monkeypatch.setenv("DIST_DPO_AB_RMSNORM", "torch")
     calls = []
     real = torch.nn.functional.rms_norm
     monkeypatch.setattr(torch.nn.functional, "rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -737,7 +737,7 @@ def test_fused_qkv_is_the_three_projections(pairs, monkeypatch):
     """fast/fused_qkv.py: one matmul for q/k/v gives trl's loss and gradients (fp32, CPU), the modules' weights are
     views into the fused copy (no extra memory), and a base whose weights were re-allocated falls back to its own."""
     rows, reference = trl_step(pairs)
-    monkeypatch.setenv("DIST_DPO_FUSED_QKV", "1")
+    monkeypatch.setenv("DIST_DPO_AB_FUSED_QKV", "1")
     calls = []
     real = torch.nn.functional.linear
     fast = build(pairs, fast=True)
@@ -774,11 +774,11 @@ def test_fused_qkv_and_torch_rms_norm_are_the_default_where_weights_are_whole(pa
     report = fast.speed.report
     assert report["q/k/v"] == "one matmul (4 layers)" and report["RMSNorm"].startswith("torch's fused rms_norm")
     assert_same(reference, step(fast, rows))
-    monkeypatch.setenv("DIST_DPO_FUSED_QKV", "0")
-    monkeypatch.setenv("DIST_DPO_RMSNORM", "liger")
+    monkeypatch.setenv("DIST_DPO_AB_FUSED_QKV", "0")
+    monkeypatch.setenv("DIST_DPO_AB_RMSNORM", "liger")
     plain = build(pairs, fast=True).speed.report
     assert "q/k/v" not in plain and "RMSNorm" not in plain
-    monkeypatch.delenv("DIST_DPO_FUSED_QKV")
+    monkeypatch.delenv("DIST_DPO_AB_FUSED_QKV")
     assert {n for n, s in STRATEGY_TABLE.items() if not s.fuses_qkv} == {"fsdp", "zero3"}
     monkeypatch.setattr("dist_dpo.strategies.strategy_for",
                         lambda name: strategy_for("zero3"))  # what apply() asks for a ZeRO-3 run
@@ -786,7 +786,9 @@ def test_fused_qkv_and_torch_rms_norm_are_the_default_where_weights_are_whole(pa
     assert "q/k/v" not in sharded.speed.report
     attn = sharded.model.get_base_model().model.layers[0].self_attn
     assert not hasattr(attn.k_proj, "_dd_own_forward")  # no fused copy made
-    assert speed.env_flag("DIST_DPO_FUSED_QKV", default=True)
+    from dist_dpo import ab_switches
+
+    assert ab_switches.flag("FUSED_QKV")  # on when unset
 
 
 @pytest.mark.parametrize("lane,message", [("fixed2048", "give SUBSTRING=LANE"), ("nosuch=0", "no selected 1-GPU row")])

@@ -12,16 +12,16 @@ trl's `_compute_loss` on one batch); what changes is how much work a step does:
   microbatch.py     `merge_micro_batches: auto`: 4 x 4 accumulation as 16 x 1 when that fits (same loss)
   attention.py      packed shared-prompt rows through flash attention's variable-length kernel (no mask)
   lora_inputs.py    LoRA layers skip peft's fp32 copy of their input where autocast recasts it anyway
-  rms_norm.py       the decoder's RMSNorm as torch's one fused op (A/B switch DIST_DPO_RMSNORM=liger)
-  fused_qkv.py      each layer's q/k/v projections as one matmul where weights are whole (A/B DIST_DPO_FUSED_QKV=0)
+  rms_norm.py       the decoder's RMSNorm as torch's one fused op
+  fused_qkv.py      each layer's q/k/v projections as one matmul where weights are whole
+The benchmark measures each piece against its alternative through dist_dpo/ab_switches.py.
 Recipe keys: fast_path, group_by_length, prefix_sharing, packed_rows, gradient_checkpointing (config.py documents them);
 liger_kernels is a DPOConfig flag (dpo_args.py).
 """
 
 from __future__ import annotations
 
-import os
-
+from dist_dpo import ab_switches
 from dist_dpo.architectures import PIECES, family_of
 from dist_dpo.errors import UserError
 from dist_dpo.fast import (attention, batching, checkpointing, fused_qkv, head, lora_inputs, loss, microbatch, rms_norm,
@@ -124,22 +124,22 @@ def apply(trainer, recipe, rt) -> dict:
         report["prompt"] += ", pairs packed in one row (flash, variable length)" if not_packed is None else \
             ", padded rows with a mask"
 
-    # q/k/v as one matmul where every rank holds whole weights (the strategy table); DIST_DPO_FUSED_QKV=0: the A/B row
+    # q/k/v as one matmul where every rank holds whole weights (the strategy table)
     if allowed("fused_qkv", None if strategy_for(rt.strategy).fuses_qkv else f"weights sharded under {rt.strategy}") \
-            and env_flag("DIST_DPO_FUSED_QKV", default=True):
+            and ab_switches.flag("FUSED_QKV"):
         n = [fused_qkv.install(m) for m in _with_reference(trainer, base)][0]
         if n:
             report["q/k/v"] = f"one matmul ({n} layers)"
 
-    # DIST_DPO_RMSNORM=liger: the A/B row (rms_norm.py); liger keeps SwiGLU, RoPE
+    # liger keeps SwiGLU, RoPE
     if allowed("torch_norm", None if family.norm_classes else "no RMSNorm class of this family is proven") and \
-            _rms_norm_choice() == "torch":
+            ab_switches.value("RMSNORM") == "torch":
         n = [rms_norm.install(m, family.norm_classes) for m in _with_reference(trainer, base)][0]
         if n:
             trainer.args.liger_kernel_config = {**(trainer.args.liger_kernel_config or {}), "rms_norm": False}
             report["RMSNorm"] = f"torch's fused rms_norm ({n} norms)"
 
-    if allowed("lora_cast") and not env_flag("DIST_DPO_LORA_INPUT_CAST"):  # 1: peft's copy kept (A/B row)
+    if allowed("lora_cast") and not ab_switches.flag("LORA_INPUT_CAST"):
         n = lora_inputs.install(trainer.model)  # inert without autocast: fp32 runs, DeepSpeed's bf16 engine
         a = trainer.args
         if n and (a.bf16 or a.fp16) and not getattr(trainer, "is_deepspeed_enabled", False):
@@ -168,39 +168,11 @@ def _finish(rt, report: dict, off: dict) -> dict:
     return report
 
 
-# The benchmark's A/B switches (environment, read where they act): on/off ones here, DIST_DPO_RMSNORM and
-# DIST_DPO_VARLEN_GQA (attention.gqa_modes) with values of their own.
-AB_SWITCHES = ("DIST_DPO_LORA_INPUT_CAST", "DIST_DPO_HEAD_RECOMPUTE", "DIST_DPO_FUSED_QKV", "DIST_DPO_DDP_GRAD_COPY")
-
-
 def check_switches() -> None:
-    """A mistyped A/B switch stops the run with one line (a UserError) before any heavy work, on every device,
-    instead of silently running the default. train.py calls it before the process group; apply again."""
-    for name in AB_SWITCHES:
-        env_flag(name)
-    _rms_norm_choice()
-    attention.gqa_modes()
+    """The benchmark's A/B switches and the test-only break switch: a mistyped one stops the run with one line (a
+    UserError) before any heavy work. train.py calls it before the process group; apply again."""
+    ab_switches.check()
     switch.check_break()
-
-
-def env_flag(name: str, default: bool = False) -> bool:
-    """An A/B switch of the benchmark: 1 is on, 0 is off, unset is `default`, anything else is refused."""
-    value = os.environ.get(name, "")
-    if value not in ("", "0", "1"):
-        from dist_dpo.errors import UserError
-
-        raise UserError(f"{name}={value}: use 1 (on) or 0 (off), or unset it")
-    return default if value == "" else value == "1"
-
-
-def _rms_norm_choice() -> str:
-    """DIST_DPO_RMSNORM: unset/torch (rms_norm.py) or liger (liger's kernel when use_liger_kernel); others refused."""
-    value = os.environ.get("DIST_DPO_RMSNORM", "") or "torch"
-    if value not in ("liger", "torch"):
-        from dist_dpo.errors import UserError
-
-        raise UserError(f"DIST_DPO_RMSNORM={value}: use torch or liger, or unset it")
-    return value
 
 
 def _not_packed_because(trainer, base, t, sharing: str, family) -> str | None:

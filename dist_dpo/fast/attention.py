@@ -130,20 +130,16 @@ _GQA: dict = {}  # "mode": how grouped K/V heads run, as `kernel_reason` found o
 
 
 def gqa_modes() -> list[str]:
-    """How this torch can run grouped K/V heads, best first (DIST_DPO_VARLEN_GQA=expand forces the expansion:
-    the benchmark's A/B of what the grouped kernel buys)."""
-    import os
+    """How this torch can run grouped K/V heads, best first (the A/B switch VARLEN_GQA forces one: what the grouped
+    kernel buys)."""
+    from dist_dpo import ab_switches
 
+    forced = ab_switches.value("VARLEN_GQA")
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return ["expand"]
     modes = ["varlen"] if "enable_gqa" in _parameters(varlen_attn) else ["aten", "expand"]
-    forced = os.environ.get("DIST_DPO_VARLEN_GQA")
-    if forced and forced not in ("varlen", "aten", "expand"):
-        from dist_dpo.errors import UserError
-
-        raise UserError(f"DIST_DPO_VARLEN_GQA={forced}: use varlen, aten or expand (or unset it)")
     return [forced] if forced else modes
 
 

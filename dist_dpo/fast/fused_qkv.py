@@ -1,5 +1,5 @@
 """q, k and v projections of each attention layer as ONE matmul: the default where every rank holds whole weights
-(the strategy table's `fuses_qkv`); DIST_DPO_FUSED_QKV=0 is the benchmark's A/B row without it.
+(the strategy table's `fuses_qkv`); DIST_DPO_AB_FUSED_QKV=0 is the benchmark's A/B row without it.
 
 What it buys (the `separateqkv` rows of benchmarks/throughput.py, benchmarks/README.md): +7 % end to end on the
 var6k set on one GPU, with a shorter host step; on 2048-token pairs the steady rate is unchanged.

@@ -15,7 +15,7 @@ bf16 as trl's recomputed tile does, and the matmul accumulates in fp32 (trl's `_
 
 Only for what it covers: log-probs alone (logging steps that want entropy & co. use trl's kernel), a gradient for
 the hidden states only (a frozen head without bias: LoRA / QLoRA), no logit scaling (head.unsupported_reason).
-DIST_DPO_HEAD_RECOMPUTE=1 keeps trl's kernel everywhere (the benchmark's A/B row).
+The A/B switch HEAD_RECOMPUTE keeps trl's kernel everywhere (dist_dpo/ab_switches.py).
 """
 
 from __future__ import annotations
@@ -34,11 +34,10 @@ except ImportError:  # pragma: no cover - CPU wheels
 
 def covers(hidden: torch.Tensor, weight: torch.Tensor, bias, outputs: tuple[str, ...]) -> bool:
     """Whether `log_probs` (below) can stand in for trl's kernel on this call."""
-    import os
+    from dist_dpo import ab_switches
 
     return (tuple(outputs) == ("log_probs",) and torch.is_grad_enabled() and hidden.requires_grad
-            and not weight.requires_grad and bias is None
-            and os.environ.get("DIST_DPO_HEAD_RECOMPUTE", "") != "1")  # fast.apply refuses values other than 0/1
+            and not weight.requires_grad and bias is None and not ab_switches.flag("HEAD_RECOMPUTE"))
 
 
 def log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""The decoder's RMSNorm as one torch op instead of liger's Triton kernel: the default; DIST_DPO_RMSNORM=liger is the
-benchmark's A/B row with liger's.
+"""The decoder's RMSNorm as one torch op instead of liger's Triton kernel: the default; the A/B switch
+DIST_DPO_AB_RMSNORM=liger is the benchmark's row with liger's.
 
 What it buys on short pairs (the `lignorm` rows of benchmarks/throughput.py, benchmarks/README.md): +9 % end to
 end on the var6k set, one GPU, with a shorter host step.
