@@ -150,8 +150,9 @@ class TrainArgs:
     balance_ranks: bool = _f(
         False,
         "Several GPUs with group_by_length: true splits each step's pairs across ranks by padded cost (fewer long "
-        "pairs, more short ones; the loss is the same mean). false: the same number of pairs on every rank. Measured "
-        "with a 1.5B shape on short pairs, steady 2-GPU DDP scaling was lower with it (benchmarks/README.md).",
+        "pairs, more short ones; the loss is the same mean). false: the same number of pairs on every rank. It helps "
+        "where one step mixes very long and very short pairs, so that one rank would wait for the others; on short, "
+        "similar pairs it costs more than it saves (the `balance` row of benchmarks/throughput.py).",
     )
     prefix_sharing: bool | str = _f(
         "auto",
@@ -196,9 +197,9 @@ class TrainArgs:
     cpu_affinity: bool | str = _f(
         False,
         "Pin each rank to its own physical cores next to its GPU (dist_dpo/cpu_pinning.py; auto/true: when several "
-        "processes share a machine's GPUs). Off by default: on a 2 x H200 VM (32 vCPUs, one NUMA node) pinned ranks "
-        "ran 2-GPU DDP steps 13 % slower than unpinned ones (benchmarks/NOTES.md, section 5f). Try it on bare metal "
-        "with several NUMA nodes.",
+        "processes share a machine's GPUs). It helps on hosts with several NUMA nodes, where a rank's kernel "
+        "launches and data loading would otherwise run on cores far from its GPU; on a one-NUMA-node VM pinned ranks "
+        "ran slower than unpinned ones (the `pinned` row of benchmarks/throughput.py), hence off by default.",
         bool_or_auto=True,
     )
     dpo_extra: dict = _f({}, "Any other trl DPOConfig field, e.g. {precompute_ref_log_probs: true}.")

@@ -26,7 +26,6 @@ from dist_dpo.errors import UserError
 from dist_dpo.run_artifacts import CommandParser, locate
 
 EVAL_JSON, EVAL_MD = "eval.json", "eval.md"
-DATA_PARALLEL = ("single", "ddp")  # eval replicates the model and shards rows; it never shards weights
 
 
 def build_parser() -> CommandParser:
@@ -189,7 +188,9 @@ def main(argv: list[str]) -> int:
 
     rt = resolve_runtime()
     log = setup_console(rt)
-    if rt.strategy not in DATA_PARALLEL:
+    from dist_dpo.strategies import strategy_for
+
+    if not strategy_for(rt.strategy).evaluates:  # eval replicates the model and shards rows
         raise UserError(f"eval shards rows, not weights: launch it with accelerate_configs/ddp.yaml or cpu.yaml, "
                         f"torchrun or plain python, not {rt.strategy}")
     batch_size = a.batch_size or recipe.train.per_device_eval_batch_size

@@ -36,6 +36,16 @@ def strategy_names() -> list[str]:
     return sorted(p.stem for p in ACCELERATE_CONFIGS.glob("*.yaml"))
 
 
+def _engine(name: str) -> str:
+    """The strategy table's engine for a launch strategy (cpu: none, the CPU demo's plain processes)."""
+    from dist_dpo.strategies import planned
+
+    try:
+        return planned(name)[0].engine
+    except KeyError:
+        return "none"
+
+
 @dataclass
 class Job:
     strategy: str
@@ -84,11 +94,10 @@ def parse(argv: list[str], environ) -> tuple[Job, bool, bool]:
     names = strategy_names()
     if args.strategy not in names:
         raise UserError(f"launch: unknown strategy '{args.strategy}': use one of {', '.join(names)}")
-    zero = args.strategy.startswith("zero")
-    if args.launcher == "deepspeed" and not zero:
+    if args.launcher == "deepspeed" and _engine(args.strategy) != "deepspeed":
         raise UserError(f"launch: the deepspeed launcher runs the ZeRO strategies only; run {args.strategy} with "
                         "--launcher accelerate or torchrun")
-    if args.launcher == "torchrun" and args.strategy == "fsdp":
+    if args.launcher == "torchrun" and _engine(args.strategy) == "fsdp2":
         raise UserError("launch: fsdp is configured by accelerate_configs/fsdp.yaml: use --launcher accelerate")
     slurm = slurm_job(environ)
     nnodes = _first(args.nnodes, slurm.get("nnodes"), 1)

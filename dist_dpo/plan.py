@@ -37,13 +37,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dist_dpo.errors import UserError
+from dist_dpo.strategies import planned, planned_names, relative_speed
 
 GIB = 2**30
-STRATEGIES = ("ddp", "zero2", "fsdp", "zero3", "zero3_offload")
+STRATEGIES = planned_names()  # from the strategy table, fastest first (zero3_offload: ZeRO-3 with CPU offload)
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Relative speed of the strategies for adapter training on one node (a prediction: LoRA gradients are tiny, so what
-# differs is the per-layer weight gathering of the sharded strategies and the host traffic of offload).
-STRATEGY_SPEED = {"single": 1.0, "ddp": 1.0, "zero2": 0.97, "fsdp": 0.9, "zero3": 0.85, "zero3_offload": 0.35}
 # trl's fused LM head (trl/trainer/utils.py, trl/kernels/chunked_logprob.py): tokens per tile x vocabulary per tile.
 HEAD_TOKENS, HEAD_VOCAB = 4096, 32768
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weight + 8-bit absmax per 64 + fp32 scale per 256 absmax
@@ -196,7 +194,8 @@ def trainable_params(job: Job) -> int:
 def estimate(job: Job) -> dict[str, float]:
     """Peak allocated GiB per rank, by term."""
     s, w = job.shape, max(job.gpus, 1)
-    sharded = job.strategy in ("fsdp", "zero3", "zero3_offload")
+    strategy, offload = planned(job.strategy)
+    sharded = strategy.weights != "replicated"
     embed = s.vocab * s.hidden * (1 if s.tied else 2)
     other = s.params - embed - s.linear_params  # norms, biases
     if job.quant == "4bit":
@@ -211,11 +210,11 @@ def estimate(job: Job) -> dict[str, float]:
     # policy forward, backward), so up to 1e9 parameters stay gathered - all of a model below 1B (measured: ZeRO-3
     # used more than DDP on a 0.5B shape), 2 GB of a 7B one in bf16.
     live = weights * min(1.0, ZERO3_MAX_LIVE_PARAMS / s.params)
-    if job.strategy == "zero3_offload":
+    if strategy.weights == "zero3" and offload:
         weights = max(live, 2 * layer_bytes + 2.0 * embed)  # nothing resident: gathered copies only
-    elif job.strategy == "zero3":
+    elif strategy.weights == "zero3":
         weights = weights / w + max(live, 2 * layer_bytes)
-    elif sharded:  # FSDP2: own shard + the layer gathered now and the one prefetched + the embedding and the head,
+    elif strategy.weights == "fsdp2":  # FSDP2: own shard + the layer gathered now and the one prefetched + the embedding and the head,
         # which FSDP2 keeps gathered between forward and backward. A tied head is ONE parameter in two units
         # (accelerate carves the embedding and [norm, head] apart): each unit gathers its own full copy. Measured on
         # 2 x H200 (0.5B shape, tied): FSDP2 peaks 0.2 GiB (~ one embedding) above the untied formula, on 1 and 2 GPUs.
@@ -226,18 +225,18 @@ def estimate(job: Job) -> dict[str, float]:
     full = job.lora_r == 0
     # Adapters: fp32 (peft's default; dist-dpo keeps QLoRA's fp32 too), bf16 where DeepSpeed holds bf16 working copies
     # of them (QLoRA under ZeRO, every PEFT run under ZeRO-3: trl's autocast_adapter_dtype=False there)
-    deepspeed_bf16 = job.strategy in ("zero3", "zero3_offload") or (job.quant == "4bit" and job.strategy == "zero2")
+    deepspeed_bf16 = strategy.engine == "deepspeed" and (strategy.weights == "zero3" or job.quant == "4bit")
     pbytes = 2 if (deepspeed_bf16 or full) else 4
     grads = n_train * pbytes
     moments = 0 if job.paged_optimizer else 2 * n_train * pbytes
-    if job.strategy in ("zero2", "zero3", "zero3_offload", "fsdp"):
-        master = 4 * n_train if pbytes == 2 and job.strategy != "fsdp" else 0  # ZeRO keeps fp32 master weights
+    if strategy.engine in ("deepspeed", "fsdp2"):  # the optimizer state is sharded
+        master = 4 * n_train if pbytes == 2 and strategy.engine == "deepspeed" else 0  # ZeRO keeps fp32 masters
         opt = (grads + moments + master) / w + (0 if sharded else n_train * pbytes)
-        if job.strategy == "zero3_offload":
+        if offload:
             opt = grads / w  # moments and master weights live on the host
     else:
         opt = n_train * pbytes + grads + moments  # params + grads + moments; DDP adds its gradient bucket
-        if job.strategy == "ddp" and w > 1:
+        if strategy.engine == "ddp" and w > 1:
             opt += grads
 
     act_bytes = 4 if job.prepare_kbit and job.quant == "4bit" else 2
@@ -306,7 +305,7 @@ def plan_rows(job: Job, strategies: list[str], gpu_mem_gib: float, checkpointing
                              if checkpointing in ("none", "all") else int(checkpointing))
         est = estimate(chosen)
         fits = est["needs"] <= gpu_mem_gib
-        rows.append(Row(chosen, est, fits, STRATEGY_SPEED[name] * checkpoint_speed(chosen)))
+        rows.append(Row(chosen, est, fits, relative_speed(name) * checkpoint_speed(chosen)))
     return rows
 
 

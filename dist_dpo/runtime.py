@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dist_dpo.errors import UserError
+from dist_dpo.strategies import STRATEGY_TABLE
 
-STRATEGIES = ("single", "ddp", "fsdp", "zero2", "zero3")
+STRATEGIES = tuple(STRATEGY_TABLE)  # what resolve_runtime can find a job running
 
 
 def _env_int(*names: str, default: int) -> int:
@@ -131,7 +132,7 @@ def resolve_runtime(deepspeed_config: str | None = None, device_type: str | None
         num_nodes=num_nodes,
         strategy=strategy,
         launcher=launcher,
-        deepspeed_config=ds_path if strategy.startswith("zero") else None,
+        deepspeed_config=ds_path if STRATEGY_TABLE[strategy].engine == "deepspeed" else None,
         offload=offload,
         device_type=device_type,
         hostname=socket.gethostname(),

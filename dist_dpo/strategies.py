@@ -87,6 +87,19 @@ class Strategy:
     # What the GPU matrix measured against this strategy with QLoRA that a user should know before choosing it
     # (benchmarks/results/gpu_matrix.json); train warns and doctor lists it. None: nothing to add.
     qlora_caveat: str | None = None
+    # The wrapper that owns the weights' placement and the optimizer state: "none" (one process), "ddp",
+    # "fsdp2" (DTensor shards), "deepspeed" (its engine: flat partitions, fp32 masters beside bf16 working copies).
+    engine: str = "none"
+    # How a rank holds the frozen weights, for the memory plan (plan.py): "replicated"; "fsdp2": its shard plus the
+    # units being gathered; "zero3": its partition plus up to stage3_max_live_parameters gathered.
+    weights: str = "replicated"
+    # Relative speed for adapter training on one node, for the plan's ranking: a prediction (LoRA gradients are tiny,
+    # so what differs is the per-layer weight gathering of the sharded strategies). offload_relative_speed: the same
+    # with ZeRO-3's CPU offload (host traffic every step); None where the strategy has no offload.
+    relative_speed: float = 1.0
+    offload_relative_speed: float | None = None
+    # Whether `dist-dpo eval` runs under it: eval shards rows over ranks that each hold a whole, plain model.
+    evaluates: bool = False
 
 
 STRATEGY_TABLE: dict[str, Strategy] = {
@@ -103,6 +116,7 @@ STRATEGY_TABLE: dict[str, Strategy] = {
         ddp_gradient_as_bucket_view=None,
         adapter_save="rank0",
         runs_on_cpu=True,
+        evaluates=True,
     ),
     "ddp": Strategy(
         name="ddp",
@@ -118,6 +132,8 @@ STRATEGY_TABLE: dict[str, Strategy] = {
         ddp_gradient_as_bucket_view=True,  # gradients live in the buckets: no copy in, no copy out
         adapter_save="rank0",
         runs_on_cpu=True,
+        engine="ddp",
+        evaluates=True,
     ),
     "fsdp": Strategy(
         name="fsdp",
@@ -136,6 +152,9 @@ STRATEGY_TABLE: dict[str, Strategy] = {
         fuses_qkv=False,  # weights sharded after the speed path is installed
         self_check_gradients=False,  # gradients are reduce-scattered in FSDP2's backward hooks
         portable_state="dtensor",
+        engine="fsdp2",
+        weights="fsdp2",
+        relative_speed=0.9,
     ),
     "zero2": Strategy(
         name="zero2",
@@ -152,6 +171,8 @@ STRATEGY_TABLE: dict[str, Strategy] = {
         merges_micro_batches=False,  # DeepSpeed: train_micro_batch_size_per_gpu is set at engine init
         qlora_adapters_fp32=False,  # DeepSpeed's engine holds bf16 working copies and fp32 masters itself
         portable_state="deepspeed",
+        engine="deepspeed",
+        relative_speed=0.97,
     ),
     "zero3": Strategy(
         name="zero3",
@@ -171,12 +192,45 @@ STRATEGY_TABLE: dict[str, Strategy] = {
         self_check_gradients=False,  # partitioned gradients; reentrant checkpointing refuses autograd.grad
         moe_blocks_as_leaves=True,
         portable_state="deepspeed",
+        engine="deepspeed",
+        weights="zero3",
+        relative_speed=0.85,
+        offload_relative_speed=0.35,
     ),
 }
 
 
 def strategy_for(name: str) -> Strategy:
     return STRATEGY_TABLE[name]
+
+
+OFFLOAD = "_offload"  # a strategy with its CPU offload on, as the plan and the launch files name it: zero3_offload
+
+
+def planned_name(strategy: str, offload: bool) -> str:
+    """The name the memory plan knows a run by: its strategy, with CPU offload where it is on."""
+    return strategy + OFFLOAD if offload else strategy
+
+
+def planned(name: str) -> tuple[Strategy, bool]:
+    """(the strategy, whether offload is on) of a planned name; KeyError for a name the table does not have."""
+    base = name[:-len(OFFLOAD)] if name.endswith(OFFLOAD) else name
+    strategy = STRATEGY_TABLE[base]
+    if base != name and strategy.offload_relative_speed is None:
+        raise KeyError(name)
+    return strategy, base != name
+
+
+def planned_names() -> tuple[str, ...]:
+    """Every multi-process strategy the plan compares, with the offload variants, fastest first."""
+    names = [n for n, s in STRATEGY_TABLE.items() if s.engine != "none"]
+    names += [n + OFFLOAD for n in names if STRATEGY_TABLE[n].offload_relative_speed is not None]
+    return tuple(sorted(names, key=lambda n: -relative_speed(n)))
+
+
+def relative_speed(name: str) -> float:
+    strategy, offload = planned(name)
+    return strategy.offload_relative_speed if offload else strategy.relative_speed
 
 
 # --- What a recipe may not combine with a strategy -------------------------------------------------------------------

@@ -16,7 +16,7 @@ from dist_dpo import plan
 
 def job_for(trainer, recipe, rt, lengths: tuple[list[int], list[int], list[int]]) -> plan.Job:
     from dist_dpo.modeling import uses_prepare_kbit
-    from dist_dpo.strategies import strategy_for
+    from dist_dpo.strategies import planned_name, strategy_for
 
     model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
     cfg = model.config.get_text_config().to_dict()
@@ -24,7 +24,7 @@ def job_for(trainer, recipe, rt, lengths: tuple[list[int], list[int], list[int]]
     p, c, r = lengths
     widths = [a + max(b, d) for a, b, d in zip(p, c, r)]
     scored = sum(c) + sum(r)
-    strategy = "zero3_offload" if rt.strategy == "zero3" and rt.offload else rt.strategy
+    strategy = planned_name(rt.strategy, rt.offload)
     quant = "4bit" if recipe.model.load_in_4bit else "none"
     lo = recipe.lora
     return plan.Job(
