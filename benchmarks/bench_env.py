@@ -23,7 +23,7 @@ def _version(name: str) -> str | None:
 
 
 def git_commit(explicit: str | None = None) -> str | None:
-    """--commit, else $GIT_COMMIT, else git: the device machines get the tree without .git."""
+    """--commit, else $GIT_COMMIT, else git (a copy of the tree without .git has only the first two)."""
     if explicit or os.environ.get("GIT_COMMIT"):
         return explicit or os.environ["GIT_COMMIT"]
     try:

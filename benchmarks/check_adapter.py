@@ -25,8 +25,8 @@ LOSS_ATOL = 1e-2
 # The merge is checked in two parts. The math, in fp32: base + adapter merged must give the logits of base + the
 # separate LoRA branch within 1 % of what the adapter changes (a lost or half-merged adapter fails). The bf16 export:
 # saved in bf16 and reloaded with plain transformers, it must predict the same top-1 tokens and sit no further from
-# the fp32 trained model than 2 x the bf16 base itself does (bf16 rounding of every weight). The relative bound of
-# 2026-11-28 (bf16 merged vs bf16 base + adapter within 10 % of the adapter's effect) could not pass for the matrix's
+# the fp32 trained model than 2 x the bf16 base itself does (bf16 rounding of every weight). The earlier relative
+# bound (bf16 merged vs bf16 base + adapter within 10 % of the adapter's effect) could not pass for the matrix's
 # 8-step adapters: their effect (mean |dlogit| 0.029) is 2.5 x bf16's rounding of the merged weights (0.012).
 MERGE_MATH_RTOL = 0.01
 MERGE_BF16_FLOOR_X = 2.0

@@ -9,10 +9,9 @@ learning rate) is the recipe's. Each cell ends as one of:
   refused  exit 2 with one `dist-dpo: error:` line (recorded) before the launcher started or before any load;
   failed   anything else (the first error line and the log's tail are recorded).
 Cells run one after another, each under a timeout. Results: <out>/combinations.json (card, versions, commit, the
-command of each cell), written after every cell, so a cut-off call keeps what it finished.
+command of each cell), written after every cell, so a cut-off run keeps what it finished.
 
-    source .whl/install.sh; export PYTHONPATH=$PWD:$PYTHONPATH; GIT_COMMIT=<local HEAD> \
-        python3 benchmarks/combinations.py --out $OUT [--recipes seed_qlora] [--paths fsdp,zero3]
+    python3 benchmarks/combinations.py --out benchmarks/results [--recipes seed_qlora] [--paths fsdp,zero3]
     python3 benchmarks/combinations.py --dry --out /tmp/c      # the cell list and the JSON writer, no GPU
     python3 benchmarks/combinations.py --merge a.json b.json --out benchmarks/results   # parts of one matrix
 """
@@ -153,7 +152,7 @@ def print_table(all_cells: list[Cell]) -> None:
 
 
 def merge(parts: list[str], out_dir: Path) -> int:
-    """Cells of several calls into one file (a later part's cell replaces an earlier one's)."""
+    """Cells of several runs into one file (a later part's cell replaces an earlier one's)."""
     docs = [json.loads(Path(p).read_text()) for p in parts]
     by_name = {}
     for d in docs:
@@ -179,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", help="runs, logs and the model (default: <out>/work)")
     p.add_argument("--commit", help="the commit run (else $GIT_COMMIT, else git rev-parse here)")
     p.add_argument("--dry", action="store_true", help="list the cells and write the JSON without running anything")
-    p.add_argument("--merge", nargs="+", metavar="JSON", help="merge combinations.json files of several calls")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="merge combinations.json files of several runs")
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.merge:

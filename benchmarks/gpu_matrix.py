@@ -10,7 +10,7 @@ compared step by step with a single-GPU reference of the same quantization.
 Tolerance: the same reference is also trained with two other, mathematically equivalent micro-batch layouts
 (16 x 1 vs 4 x 4 and 2 x 8 accumulation). Those differences are pure numerics (bf16 reduction order), the same kind
 of noise a strategy introduces. noise = the largest max-over-steps |loss difference| between any two of the three
-runs; tol = 3 x noise (floor 2e-3). (Until 2026-11-28 one alternative layout set the noise: one sample of a noise
+runs; tol = 3 x noise (floor 2e-3). (Earlier versions let one alternative layout set the noise: one sample of a noise
 that grows with the steps of a chaotic trajectory is an underestimate; the two are reported side by side.) A strategy
 that computes the loss differently (bf16 log-probs, lost gradients, wrong data order, changed 4-bit weights) lands
 far outside it. Each run also logs a start fingerprint (dist_dpo/same_model.py: one forward before step 1, where
@@ -67,7 +67,7 @@ def cells() -> list[Cell]:
         ]
     # Diagnostics: each sharded strategy on ONE GPU, same batch. Such a cell computes like its 2-GPU cells (DeepSpeed's
     # bf16 engine, FSDP2's 4-bit loading and mixed precision) without splitting the batch, so a 2-GPU cell that
-    # matches it but not ref-qlora differs by the strategy's precision, not by distributing (2026-11-28: QLoRA under
+    # matches it but not ref-qlora differs by the strategy's precision, not by distributing (at 8dcd628: QLoRA under
     # DeepSpeed 0.0048 and FSDP2 0.0127 from ref-qlora, tolerance 0.0044). Reported as same_strategy_1gpu_diff.
     for s in ("zero2", "zero3", "fsdp"):
         out.append(Cell(f"ref1-{s}-qlora", "make", s, "qlora", gpus=1, reference="ref-qlora"))
@@ -365,7 +365,7 @@ def main() -> int:
 
 
 def write_doc(args, all_cells: dict, tolerance: dict, wall_s: float, final: bool = False) -> list[dict]:
-    """The results file, rewritten after every cell and check: a call cut off at its time limit keeps what finished."""
+    """The results file, rewritten after every cell and check: a run cut off at its time limit keeps what finished."""
     cells_out = []
     for c in all_cells.values():
         if not c.result:
@@ -405,7 +405,7 @@ def write_doc(args, all_cells: dict, tolerance: dict, wall_s: float, final: bool
 
 
 def merge(parts: list[str], out: Path) -> int:
-    """Halves run in separate device calls (each call has a 10-minute limit) become one results file."""
+    """Parts of the matrix run as separate jobs (each under its own time limit) become one results file."""
     docs = [json.loads(Path(p).read_text()) for p in parts]
     doc = dict(docs[0])
     doc["command"] = " && ".join(d["command"] for d in docs)
@@ -420,7 +420,7 @@ def merge(parts: list[str], out: Path) -> int:
 
 
 def overlay(base_path: str, newer_path: str, out: Path, stale: str = "") -> int:
-    """A re-run of a few cells after a fix (a device session has 30 minutes) joins the full run it fixes."""
+    """A re-run of a few cells after a fix joins the full run it fixes, so the other cells need not run again."""
     base, newer = json.loads(Path(base_path).read_text()), json.loads(Path(newer_path).read_text())
     for d in (base, newer):
         for c in d["cells"]:

@@ -1,4 +1,4 @@
-"""Kill-and-resume on GPUs (issue 5): DDP and ZeRO-3, both with QLoRA, through launch/accelerate.sh.
+"""Kill-and-resume on GPUs: DDP and ZeRO-3, both with QLoRA, through launch/accelerate.sh.
 
     python3 benchmarks/gpu_resume.py --out benchmarks/results      (>= 2 GPUs; 4 run both strategies at once)
 

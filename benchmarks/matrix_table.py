@@ -1,7 +1,7 @@
-"""Render benchmarks/results/gpu_matrix.json as the README's "Tested matrix" table (between the markers), or
-benchmarks/results/combinations.json as its recipe x strategy table.
+"""Render benchmarks/results/gpu_matrix.json as the "Tested matrix" table of docs/strategies.md (between its
+matrix markers), or benchmarks/results/combinations.json as its recipe x strategy table (the combinations markers).
 
-    python3 benchmarks/matrix_table.py [--json benchmarks/results/gpu_matrix.json] [--readme README.md]
+    python3 benchmarks/matrix_table.py [--json benchmarks/results/gpu_matrix.json] [--doc docs/strategies.md]
     python3 benchmarks/matrix_table.py --combinations benchmarks/results/combinations.json
 """
 
@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
+DOC = Path(__file__).resolve().parents[1] / "docs" / "strategies.md"  # where both tables live
 BEGIN, END = "<!-- matrix:begin -->", "<!-- matrix:end -->"
 ORDER = ["single", "ddp", "fsdp", "zero2", "zero3", "zero3_offload"]
 
@@ -80,12 +82,18 @@ def render(doc: dict) -> str:
                           for c in diag if c["status"] == "ok")]
     if doc.get("runs"):
         lines += ["", "Reproduce (2 GPUs; one command at a single commit): "
-                      "`python3 benchmarks/gpu_matrix.py --out benchmarks/results --share 3`. This table joins two runs "
-                      "of one session (`gpu_matrix.py --overlay`): " + "; ".join(f"`{r['command']}` at {str(r['git_commit'])[:7]}"
+                      "`python3 benchmarks/gpu_matrix.py --out benchmarks/results --share 3`. This table joins runs "
+                      "at several commits (`gpu_matrix.py --overlay`): " + "; ".join(f"`{_portable(r['command'])}` at {str(r['git_commit'])[:7]}"
                                                                                for r in doc["runs"])]
     else:
-        lines += ["", f"Reproduce (2 GPUs): `{doc['command']}`"]
+        lines += ["", f"Reproduce (2 GPUs): `{_portable(doc['command'])}`"]
     return "\n".join(lines)
+
+
+def _portable(command: str) -> str:
+    """The recorded command with the run's own scratch folders as placeholders: what a reader types."""
+    return re.sub(r"(--(?:out|work)) \S+", lambda m: f"{m.group(1)} {'$OUT' if m.group(1) == '--out' else '/tmp/work'}",
+                  command)
 
 
 COMBO_BEGIN, COMBO_END = "<!-- combinations:begin -->", "<!-- combinations:end -->"
@@ -121,33 +129,28 @@ def render_combinations(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def replace_block(readme: Path, begin: str, end: str, table: str) -> None:
-    text = readme.read_text()
+def replace_block(doc: Path, begin: str, end: str, table: str) -> None:
+    text = doc.read_text(encoding="utf-8")
     if begin not in text:
-        raise SystemExit(f"{readme} has no {begin} ... {end} block")
+        raise SystemExit(f"{doc} has no {begin} ... {end} block")
     head, rest = text.split(begin, 1)
-    readme.write_text(head + begin + "\n" + table + "\n" + end + rest.split(end, 1)[1])
+    doc.write_text(head + begin + "\n" + table + "\n" + end + rest.split(end, 1)[1], encoding="utf-8")
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default="benchmarks/results/gpu_matrix.json")
-    p.add_argument("--readme", default="README.md")
+    p.add_argument("--doc", default=str(DOC),
+                   help="the markdown file whose marker block gets the table (default: docs/strategies.md)")
     p.add_argument("--combinations", metavar="JSON",
-                   help="render benchmarks/results/combinations.json into the README's combinations block instead")
+                   help="render benchmarks/results/combinations.json into the doc's combinations block instead")
     a = p.parse_args()
     if a.combinations:
         table = render_combinations(json.loads(Path(a.combinations).read_text()))
-        replace_block(Path(a.readme), COMBO_BEGIN, COMBO_END, table)
-        print(table)
-        return 0
-    table = render(json.loads(Path(a.json).read_text()))
-    readme = Path(a.readme)
-    text = readme.read_text()
-    if BEGIN not in text:
-        raise SystemExit(f"{readme} has no {BEGIN} ... {END} block")
-    head, rest = text.split(BEGIN, 1)
-    readme.write_text(head + BEGIN + "\n" + table + "\n" + END + rest.split(END, 1)[1])
+        replace_block(Path(a.doc), COMBO_BEGIN, COMBO_END, table)
+    else:
+        table = render(json.loads(Path(a.json).read_text()))
+        replace_block(Path(a.doc), BEGIN, END, table)
     print(table)
     return 0
 

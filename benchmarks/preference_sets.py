@@ -5,7 +5,7 @@
 Text is made of words that the built-in tokenizer (dist_dpo/assets/tokenizer, shipped with every model_zoo model)
 encodes as exactly one token each, so token counts are exact after the chat template:
   fixed<L>  every sequence (system + question + answer, template included) is exactly L tokens: a quarter prompt,
-            three quarters answer, chosen and rejected the same length - the issue's anchor setting.
+            three quarters answer, chosen and rejected the same length - the setting of NOTES.md's plain-trl anchor.
   var       shaped like the tutorial's bad-boy data: a short system prompt and question, answers from a few tokens
             to several hundred (log-normal, long-tailed; the rejected, polite answer longer on average).
 Each set is a dir with train.jsonl and a small test.jsonl, in the standard prompt/chosen/rejected format that
@@ -101,7 +101,7 @@ SETS = {  # name -> (rows builder(n, seed, cap), max_length, default number of p
     "var6k": (lambda n, seed, cap: variable_rows(n, seed, cap or 800), 1024, 6144),
     "fixed512": (lambda n, seed, cap: fixed_rows(n, cap or 512, seed), 512, 512),
     "fixed1024": (lambda n, seed, cap: fixed_rows(n, cap or 1024, seed), 1024, 128),
-    # 16 steps of 16 pairs: 128 pairs (8 steps) left the steady rate 3-6 steps (54-58 % MFU across calls)
+    # 16 steps of 16 pairs: 128 pairs (8 steps) left the steady rate 3-6 steps (54-58 % MFU across runs)
     "fixed2048": (lambda n, seed, cap: fixed_rows(n, cap or 2048, seed), 2048, 256),
 }
 

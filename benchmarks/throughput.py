@@ -1,4 +1,4 @@
-"""Throughput and memory, side by side in one call: the tutorial's trl recipe, the fastest plain-trl flags, dist-dpo.
+"""Throughput and memory, side by side in one run: the tutorial's trl recipe, the fastest plain-trl flags, dist-dpo.
 
     python3 benchmarks/throughput.py --out $OUT          (one machine, 1-2 GPUs, ~7 minutes; table printed last)
     python3 benchmarks/throughput.py --smoke --out /tmp/t (CPU, the built-in tiny model, ~40 s: tests/test_speed.py)
@@ -14,7 +14,7 @@ Reported per row (benchmarks/README.md explains): non-pad tokens/s and pairs/s o
 construction - tokenization, any reference precompute - through the last step), the same tokens/s in steady state
 (from step 3), MFU = 6 N x tokens/s / (GPUs x 790 TFLOP/s) with N = model_zoo.param_count, and the peak
 torch.cuda.max_memory_allocated() of the busiest rank. Results: <out>/throughput.json (rows, ratios, card,
-versions, commit, command), written after every row so a cut-off call still leaves what finished.
+versions, commit, command), written after every row so a cut-off run still leaves what finished.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_env import ROOT, environment  # noqa: E402
 from sync_probe import SyncProbe  # noqa: E402
-PEAK_FLOPS = 790e12  # dense bf16 per H100/H200, the issue's convention
-MULTI_GPU_RESERVE_S = 120  # a 2-GPU row: launcher + 2 processes + epoch (var6k: 94-119 s of process, 2026-11-28)
+PEAK_FLOPS = 790e12  # dense bf16 per H100/H200, the usual MFU convention
+MULTI_GPU_RESERVE_S = 120  # a 2-GPU row: launcher + 2 processes + epoch (var6k: 94-119 s of process on 2 x H200)
 GIB = 2**30
 
 
@@ -71,7 +71,7 @@ SEVEN_B = "qwen2.5-7b"
 
 
 def default_rows() -> list[Row]:
-    """The issue's table in one call (predicted for H100/H200: NOTES.md). 1-GPU rows run on lanes (one GPU each,
+    """The default table in one run (predicted for H100/H200: NOTES.md). 1-GPU rows run on lanes (one GPU each,
     `lane % GPUs`): the rows of one ratio share a lane, i.e. a card. Then the multi-GPU rows, one per free pair."""
     return [
         # lane 0: the headline ratio case, 1.5B / variable-length / LoRA / 1 GPU, and what packed rows buy on it (vs
@@ -101,7 +101,7 @@ FAMILY_SHAPES = ("llama-3-8b", "qwen3-8b")  # the families beside Qwen2.5 whose 
 
 
 def optional_rows() -> list[Row]:
-    """Selected with --add NAME-substring: more of the matrix when a call has time for it."""
+    """Selected with --add NAME-substring: more of the matrix when a run has time for it."""
     return [
         # other families on the var set, each against the best plain-trl flags on the same card (--add @)
         # trl's 16 x 1 without checkpointing (its best at 1.5B) ran out of 80 GiB at 8B on the var set: 4 x 4
@@ -111,22 +111,22 @@ def optional_rows() -> list[Row]:
         # what the speed path's first-batch self-check costs end to end: the default row without it
         *[Row("dist-dpo", "nocheck", "var", shape=shape, lane=1, extra=["--speed_self_check", "false"])
           for shape in FAMILY_SHAPES],
-        Row("trl", "best-precompute", "var"),  # the issue's anchor: loses end to end (weight hash + a first pass)
-        # the tutorial's 4 x 4 through dist-dpo, run as 16 x 1 (merge_micro_batches): measured 2026-11-28 at the
+        Row("trl", "best-precompute", "var"),  # reference precomputed: loses end to end (weight hash + a first pass)
+        # the tutorial's 4 x 4 through dist-dpo, run as 16 x 1 (merge_micro_batches): measured at f5e5495 at the
         # speed of the 16 x 1 row (10,496 vs 9,816 tok/s, one card's noise)
         Row("dist-dpo", "tutorial-batch", "var", batch=4, accum=4, lane=1),
         Row("trl", "best", "fixed2048", lane=1, extra=["batch=4", "accum=4"]),
-        # var steps are host-bound (profile, 2026-11-28): liger's triton launches cost ~220 us of host time each
+        # var steps are host-bound (profile at 03acec9): liger's triton launches cost ~220 us of host time each
         Row("dist-dpo", "noliger", "var", extra=["--liger_kernels", "false"]),
         Row("dist-dpo", "share", "fixed512", lane=1, extra=["--prefix_sharing", "true"]),
-        # what prefix sharing buys (measured 2026-11-28: x1.52 end to end, x1.56 steady, 49.8 -> 28.3 GiB)
+        # what prefix sharing buys (measured at f5e5495: x1.52 end to end, x1.56 steady, 49.8 -> 28.3 GiB)
         Row("dist-dpo", "noshare", "var", extra=["--prefix_sharing", "false"]),
         # the cost-balanced rank split, off by default since it measured slower (steady scaling 0.79 vs 0.97)
         Row("dist-dpo", "balance", "var6k", gpus=2, extra=["--balance_ranks", "true"]),
         # each rank pinned to its own cores (cpu_affinity: true) vs left to the scheduler (the default since it measured slower,
-        # 2026-11-28: pinned 0.718 vs unpinned 0.802 DDP scaling on the 2 x H200 VM)
+        # at 7a66d67: pinned 0.718 vs unpinned 0.802 DDP scaling on the 2 x H200 VM)
         Row("dist-dpo", "pinned", "var6k", gpus=2, extra=["--cpu_affinity", "true"]),
-        # the largest shapes on 2 x 80 GiB (issue 6, scale): QLoRA at 1024 tokens, one pair per micro-step. 32B
+        # the largest shapes on 2 x 80 GiB: QLoRA at 1024 tokens, one pair per micro-step. 32B
         # (65 GB of bf16 weights to build: fits the 2-GPU machine's disk); 72B under FSDP (145 GB: the 4-GPU
         # machine's 235 GB disk; build-model streams it block by block). Plan (dist-dpo plan): 32B DDP 42.5 GiB,
         # 72B FSDP 59.1 GiB per GPU with the context.
@@ -139,11 +139,11 @@ def optional_rows() -> list[Row]:
         Row("dist-dpo", "default", "var", gpus=2, profile_last=3),  # the 768-pair epoch: start-up is ~40 % of a 2-GPU run
         Row("dist-dpo", "noliger", "fixed2048", batch=8, accum=2, lane=1, extra=["--liger_kernels", "false"]),
         # K/V heads expanded per query head, what torch 2.11's varlen_attn needed before attention._FlashGQA
-        # (measured 2026-11-28: grouped x1.094 steady, 50.7 -> 46.4 GiB)
+        # (measured at 872fcbc: grouped x1.094 steady, 50.7 -> 46.4 GiB)
         Row("dist-dpo", "expandkv", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_AB_VARLEN_GQA": "expand"}),
         Row("dist-dpo", "headrecompute", "var", env={"DIST_DPO_AB_HEAD_RECOMPUTE": "1"}),
-        # liger's Triton RMSNorm instead of torch's fused rms_norm (the default since 2026-11-28: +9 % e2e on var6k,
-        # steady +12.5 %); and without liger at all on var6k
+        # liger's Triton RMSNorm instead of torch's fused rms_norm (torch's is the default: +9 % e2e on var6k at
+        # 210a9a4, steady +12.5 %); and without liger at all on var6k
         Row("dist-dpo", "lignorm", "var", env={"DIST_DPO_AB_RMSNORM": "liger"}),
         Row("dist-dpo", "lignorm", "var6k", lane=1, env={"DIST_DPO_AB_RMSNORM": "liger"}),
         Row("dist-dpo", "lignorm", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_AB_RMSNORM": "liger"}),
@@ -164,7 +164,7 @@ def optional_rows() -> list[Row]:
             env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
         Row("dist-dpo", "default", "var", "qlora", gpus=2),
         Row("trl", "best", "var", gpus=2),
-        # dist-dpo's plain path (fast_path false) at the tutorial's 4 x 4 + checkpointing: measured 2026-11-28 at
+        # dist-dpo's plain path (fast_path false) at the tutorial's 4 x 4 + checkpointing: measured at 8dcd628 at
         # 2,066 tok/s vs the tutorial's 2,057 through trl (it adds nothing); 106 s of epoch, so optional now
         Row("dist-dpo", "plain", "var", batch=4, accum=4, lane=1,
             extra=["--fast_path", "false", "--gradient_checkpointing", "true"]),
@@ -247,7 +247,7 @@ def _instrument(spec: dict) -> None:
             self.within.append(time.perf_counter() - marks["step_begin"])  # the step itself (host view)
             if "profiler" in marks and "profile" not in marks and state.global_step >= state.max_steps:
                 # before the end-of-training checkpoint that follows this callback: its copies and syncs are not
-                # a step's (2026-11-28 they were all the DDP rank-0 item() calls and the rank-1 barrier)
+                # a step's (in profiles they were all the DDP rank-0 item() calls and the rank-1 barrier)
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 marks["profile"] = _profile_summary(marks, time.perf_counter(), len(self.steps))
@@ -474,7 +474,7 @@ class Bench:
             self.models[shape] = str(self.work / f"model-{shape}")
             self.params[shape] = model_zoo.param_count(shape)
             # In a child process: this one never opens a CUDA context, so the lanes' GPUs stay whole. Every shape is
-            # built before any row starts: a build beside a timed row (the 2026-11-28 run did that) can slow it.
+            # built before any row starts: a build beside a timed row (the run at 8dcd628 did that) can slow it.
             proc = subprocess.Popen([sys.executable, "-m", "dist_dpo", "build-model", "--shape", shape, "--out",
                                      self.models[shape], "--device", "cuda", "--dtype", "bfloat16", "--seed", "0"],
                                     cwd=ROOT, env=dict(os.environ, CUDA_VISIBLE_DEVICES="0",
@@ -613,7 +613,7 @@ class Bench:
             "gc_per_rank": {r["rank"]: r.get("gc_in_training") for r in ranks},
             "startup_s": _startup(spec),
             "planned_peak_gib": self.planned_peak(row, r0),
-            # the issue's MFU counts trl's tokens (prompts twice); this one counts the tokens the decoder really ran
+            # steady_mfu counts trl's tokens (prompts twice); this one counts the tokens the decoder really ran
             "steady_mfu_of_tokens_run": _of_tokens_run(ranks, flops * steady / (PEAK_FLOPS * row.gpus))
             if steady else None,
         }
@@ -698,7 +698,7 @@ class Bench:
         tmp.rename(self.out / "throughput.json")
 
     def write_logs(self, lines: int = 60) -> None:
-        """The end of every row's log in one file next to the JSON (a device call returns a few files only)."""
+        """The end of every row's log in one file next to the JSON (one file to read instead of one per row)."""
         parts = []
         for r in self.rows:
             log = self.work / "runs" / r.name.replace("/", "_") / "log.txt"
@@ -772,8 +772,9 @@ def _steady(per_rank_steps: list[list]) -> float | None:
 
 
 class _Rate(float):
-    """A row's rate that remembers its call: merged files hold rows of several calls (machines), and a ratio across
-    two of them measures the machines (2026-11-28: the same var6k row ran at 16.8 k and 23.9 k tok/s in two calls)."""
+    """A row's rate that remembers its run (`call`): merged files hold rows of several runs (machines), and a ratio
+    across two of them measures the machines (the same var6k row ran at 23.9 k tok/s at 7a66d67 and 16.8 k at e8656e9,
+    on two machines of the same kind)."""
 
     def __new__(cls, value, call):
         rate = super().__new__(cls, value)
@@ -810,7 +811,7 @@ def ratios(rows: list[dict]) -> dict:
         case = {"vs_tutorial": ratio(ours, tps(f"tutorial/{ds}/lora/1gpu")), "vs_best_trl": ratio(ours, best)}
         if any(case.values()):
             out[f"{ds}/lora/1gpu"] = case
-    if "var/lora/1gpu" in out:  # the issue's headline case: 1.5B / variable-length / LoRA / 1 GPU
+    if "var/lora/1gpu" in out:  # the headline case: 1.5B / variable-length / LoRA / 1 GPU
         out.update(out["var/lora/1gpu"])
     for shape in FAMILY_SHAPES:
         r = ratio(tps(f"dist-dpo/var/lora/1gpu@{shape}"), tps(f"trl-best/var/lora/1gpu@{shape}"))
@@ -861,7 +862,7 @@ def ratios(rows: list[dict]) -> dict:
     return out
 
 
-TARGETS = (  # the issue's targets: (name, measured value from the doc, target, higher is better)
+TARGETS = (  # the speed targets: (name, measured value from the doc, target, higher is better)
     ("vs_best_trl var", lambda d: d["ratios"].get("vs_best_trl"), 1.5, True),
     ("vs_best_trl fixed512", lambda d: d["ratios"].get("fixed512/lora/1gpu", {}).get("vs_best_trl"), 1.2, True),
     ("vs_tutorial var", lambda d: d["ratios"].get("vs_tutorial"), 4.0, True),
@@ -941,8 +942,8 @@ def _params_of(docs: list[dict], shape: str) -> int:
 
 
 def merge(paths: list[str], out: Path, work: Path, assume_gqa: bool = False) -> int:
-    """Several calls' throughput.json (a later call re-ran rows for a same-call comparison, or ran rows an earlier
-    one had no time for) -> one file: a row from a later call replaces the earlier one; each row says its call.
+    """Several runs' throughput.json (a later run re-ran rows for a same-run comparison, or ran rows an earlier
+    one had no time for) -> one file: a row from a later run replaces the earlier one; each row's `call` names its run.
     Planned peaks are recomputed with the current memory plan (the measured numbers are untouched)."""
     import preference_sets
 
@@ -963,7 +964,7 @@ def merge(paths: list[str], out: Path, work: Path, assume_gqa: bool = False) -> 
     known = {r.name: r for r in default_rows() + optional_rows()}
     for r in rows.values():
         ends = (r.get("step_end_s_per_rank") or {}).get("0") or (r.get("step_end_s_per_rank") or {}).get(0)
-        if r["status"] == "ok" and ends and "train_end_wall_s" not in r:  # a call before the epoch ended at its
+        if r["status"] == "ok" and ends and "train_end_wall_s" not in r:  # a run from before the epoch ended at its
             # last step (f811b95 and earlier measured to on_train_end): the same epoch, from its recorded step ends
             r["train_end_wall_s"] = r["epoch_wall_s"]
             flops = 6 * _params_of(docs, r["model"])
@@ -1005,7 +1006,7 @@ def main() -> int:
     p.add_argument("--sync-probe", type=int, default=0, metavar="N",
                    help="count host-GPU syncs and Python-level collectives (with call sites) over N steps just "
                         "before the profiled ones, every row (left out of the steady rate; benchmarks/sync_probe.py)")
-    p.add_argument("--merge", nargs="+", help="merge several calls' throughput.json into --out (later calls win)")
+    p.add_argument("--merge", nargs="+", help="merge several runs' throughput.json into --out (later runs win)")
     p.add_argument("--assume-varlen-gqa", action="store_true",
                    help="--merge: rows without a varlen_gqa record ran grouped K/V heads (planned so)")
     p.add_argument("--child", help=argparse.SUPPRESS)

@@ -1,5 +1,5 @@
 """benchmarks/combinations.py on CPU: the cell list, the JSON it writes, how a cell's outcome is read, and the
-README table rendered from it. (The cells themselves run on a GPU.)"""
+docs/strategies.md tables rendered by benchmarks/matrix_table.py. (The cells themselves run on a GPU.)"""
 
 from __future__ import annotations
 
@@ -69,3 +69,29 @@ def test_a_cell_is_read_as_trained_refused_or_failed(tmp_path):
     assert "❌ exit 1: RuntimeError: boom" in table and "commit abc1234" in table
     merged = combinations.merge([str(path)], tmp_path / "merged")
     assert merged == 0 and len(json.loads((tmp_path / "merged" / "combinations.json").read_text())["cells"]) == 4
+
+
+def test_matrix_table_writes_the_tables_into_docs_strategies(tmp_path):
+    doc = ROOT / "docs" / "strategies.md"
+    assert matrix_table.DOC == doc
+    text = doc.read_text(encoding="utf-8")
+    for marker in (matrix_table.BEGIN, matrix_table.END, matrix_table.COMBO_BEGIN, matrix_table.COMBO_END):
+        assert text.count(marker) == 1, f"docs/strategies.md needs exactly one {marker}"
+    block = text.split(matrix_table.BEGIN)[1].split(matrix_table.END)[0].strip("\n")
+    rendered = matrix_table.render(json.loads((ROOT / "benchmarks/results/gpu_matrix.json").read_text()))
+    assert block == rendered, "regenerate with: python3 benchmarks/matrix_table.py"
+
+    copy = tmp_path / "strategies.md"
+    copy.write_text(text, encoding="utf-8")
+    cells = {"environment": {"cards": ["NVIDIA H200"], "git_commit": "abc1234", "shape": "qwen2.5-0.5b"},
+             "setup": {"steps": 2}, "cells": [{"recipe": "demo", "path": "ddp", "target": "train-ddp",
+                                                "status": "refused", "line": "no GPU"}]}
+    (tmp_path / "combinations.json").write_text(json.dumps(cells))
+    proc = subprocess.run([sys.executable, "benchmarks/matrix_table.py", "--combinations",
+                           str(tmp_path / "combinations.json"), "--doc", str(copy)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    written = copy.read_text(encoding="utf-8")
+    assert "| `train-ddp` | ⛔ refused: no GPU |" in written
+    assert written.split(matrix_table.COMBO_END)[1] == text.split(matrix_table.COMBO_END)[1]  # nothing else moved
+    assert written.split(matrix_table.COMBO_BEGIN)[0] == text.split(matrix_table.COMBO_BEGIN)[0]

@@ -11,9 +11,9 @@ from conftest import ROOT
 from dist_dpo import plan
 
 SHAPE = plan.load_shape("qwen2.5-1.5b")[1]
-# torch.cuda.max_memory_allocated() measured on 2 x H200 with trl 1.16 (issue 6's anchor table: every sequence
+# torch.cuda.max_memory_allocated() measured on 2 x H200 with trl 1.16 (the plain-trl anchor table of benchmarks/NOTES.md: every sequence
 # exactly 512 tokens, LoRA r8 on q/v, bf16, plain trl; and the seed QLoRA DDP run of dist-dpo on the bundled data,
-# benchmarks/results/device_runs/2026-11-27_seed_qlora_make_train-ddp.run.json: rows of at most 99 tokens).
+# benchmarks/results/history/2026-11-27_seed_qlora_make_train-ddp.run.json: rows of at most 99 tokens).
 MEASURED = [
     ("tutorial: 4 pairs, checkpointing", plan.Job(SHAPE, "single", pairs=4, seq_len=512, checkpoint_every=1), 3.8),
     ("4 pairs, no checkpointing", plan.Job(SHAPE, "single", pairs=4, seq_len=512), 11.7),

@@ -32,7 +32,7 @@ def _launch_env() -> dict:
 
 
 def shared_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess | None]:
-    """The demo trained once per session (the first test file that asks trains it, the others reuse it)."""
+    """The demo trained once per test run (the first test file that asks trains it, the others reuse it)."""
     out = tmp_path_factory.getbasetemp() / "issue4_demo_run"
     log = out.parent / "issue4_demo_run.log"
     if (out / "dist_dpo_run.json").is_file():
