@@ -25,7 +25,7 @@ SYS = Path("/sys")
 PINNED: list[int] | None = None  # this process's CPUs once pin_this_rank has run: already its share of the machine
 
 
-def plan_cpus(gpu: int, gpu_nodes: list[int], node_cpus: dict[int, list[int]], allowed: set[int],
+def cpus_for_gpu(gpu: int, gpu_nodes: list[int], node_cpus: dict[int, list[int]], allowed: set[int],
               core_of: dict[int, tuple]) -> list[int] | None:
     """The CPUs for the process that drives GPU number `gpu` of the machine, or None when they cannot be split
     (fewer physical cores than GPUs to share them).
@@ -121,7 +121,7 @@ def pin_this_rank(local_rank: int) -> list[int] | None:
     mine = _torch_bus(local_rank)
     if mine not in gpus:
         return None
-    cpus = plan_cpus(gpus.index(mine), [_numa_node(b) for b in gpus], node_cpus, allowed, core_of)
+    cpus = cpus_for_gpu(gpus.index(mine), [_numa_node(b) for b in gpus], node_cpus, allowed, core_of)
     if not cpus:
         return None
     for tid in os.listdir("/proc/self/task"):  # sched_setaffinity binds one thread: bind the running ones too

@@ -37,7 +37,8 @@ _CKPT_BYTES_LORA, _CKPT_BYTES_FULL, _CKPT_EXTRA = 12, 16, 2**20
 
 
 @dataclass
-class Plan:
+class Checked:
+    """What the preflight read and decided, the same on every rank (not the memory plan: that is dist_dpo/plan.py)."""
     model_path: str
     tokenizer: Any
     train_ds: Any
@@ -171,15 +172,15 @@ def check_rules(r: Recipe, rt: Runtime, say: bool = True) -> None:
             get_logger().warning("%s", rule.says.format(**facts))
 
 
-def run(r: Recipe, rt: Runtime) -> Plan:
-    plan, error, bug = None, None, None
+def run(r: Recipe, rt: Runtime) -> Checked:
+    checked, error, bug = None, None, None
     try:
-        plan = checks(r, rt)
+        checked = checks(r, rt)
     except UserError as e:
         error = str(e)
     except Exception as e:  # a bug on this rank must not leave the others waiting either
         error, bug = f"{type(e).__name__}: {e}".splitlines()[0], e
-    shared = (plan.resume, plan.resume_portable, plan.resume_accumulation) if plan is not None and rt.is_main else None
+    shared = (checked.resume, checked.resume_portable, checked.resume_accumulation) if checked is not None and rt.is_main else None
     reports = agree(rt, error, shared)
     if bug is not None:
         raise bug  # its traceback, on this rank; the others exit 2 with the line below
@@ -187,16 +188,16 @@ def run(r: Recipe, rt: Runtime) -> Plan:
     if failed:
         rank, host, err = failed[0]
         raise UserError(err if rank == rt.rank or rank == 0 else f"rank {rank} on {host}: {err}")
-    plan.resume, plan.resume_portable, plan.resume_accumulation = reports[0][3]
-    return plan
+    checked.resume, checked.resume_portable, checked.resume_accumulation = reports[0][3]
+    return checked
 
 
-def checks(r: Recipe, rt: Runtime) -> Plan:
+def checks(r: Recipe, rt: Runtime) -> Checked:
     """This rank's share of the checks (all of them on rank 0), without the agreement: `doctor` uses it too."""
-    plan = _every_rank(r)
+    checked = _every_rank(r)
     if rt.is_main:
-        _rank_zero(r, rt, plan)
-    return plan
+        _rank_zero(r, rt, checked)
+    return checked
 
 
 def agree(rt: Runtime, error: str | None, shared: Any) -> list[tuple]:
@@ -213,31 +214,31 @@ def agree(rt: Runtime, error: str | None, shared: Any) -> list[tuple]:
     return reports
 
 
-def _every_rank(r: Recipe) -> Plan:
+def _every_rank(r: Recipe) -> Checked:
     from dist_dpo.data import load_preference_data
     from dist_dpo.modeling import load_tokenizer, resolve_model_path
 
     model_path = resolve_model_path(r.model.model_name_or_path)
     tokenizer = load_tokenizer(r.model, model_path)
     train_ds, eval_ds = load_preference_data(r.data, tokenizer, r.train.max_length, r.train.seed)
-    return Plan(model_path, tokenizer, train_ds, eval_ds)
+    return Checked(model_path, tokenizer, train_ds, eval_ds)
 
 
-def _rank_zero(r: Recipe, rt: Runtime, plan: Plan) -> None:
-    plan.params, plan.trainable = skeleton_counts(r, plan.model_path)
+def _rank_zero(r: Recipe, rt: Runtime, checked: Checked) -> None:
+    checked.params, checked.trainable = skeleton_counts(r, checked.model_path)
     check_trackers(r.train.report_to)
     out = Path(r.train.output_dir)
-    choice = check_output_dir(r, rt, out, len(plan.train_ds) if hasattr(plan.train_ds, "__len__") else None)
+    choice = check_output_dir(r, rt, out, len(checked.train_ds) if hasattr(checked.train_ds, "__len__") else None)
     if choice is not None:
-        plan.resume, plan.resume_portable, plan.resume_accumulation = choice.path, choice.portable, choice.accumulation
+        checked.resume, checked.resume_portable, checked.resume_accumulation = choice.path, choice.portable, choice.accumulation
     check_writable(out)
-    plan.disk_need = checkpoint_disk_need(r, plan.trainable)
-    plan.disk_free = free_bytes(out)
-    if plan.disk_free < plan.disk_need:
+    checked.disk_need = checkpoint_disk_need(r, checked.trainable)
+    checked.disk_free = free_bytes(out)
+    if checked.disk_free < checked.disk_need:
         raise UserError(
-            f"output_dir '{out}' has {human(plan.disk_free)} free but the checkpoints need about "
-            f"{human(plan.disk_need)} "
-            f"({r.train.save_total_limit} kept + 1 being written, {plan.trainable:,} trainable params): free space, "
+            f"output_dir '{out}' has {human(checked.disk_free)} free but the checkpoints need about "
+            f"{human(checked.disk_need)} "
+            f"({r.train.save_total_limit} kept + 1 being written, {checked.trainable:,} trainable params): free space, "
             "lower save_total_limit or choose another output_dir"
         )
 

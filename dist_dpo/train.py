@@ -77,21 +77,21 @@ def _train(argv: list[str]) -> int:
 
     args = build_dpo_config(recipe, rt, strat)  # joins the process group; before the model: ZeRO-3 partitions at load
     startup.mark("process group")
-    plan = preflight.run(recipe, rt)  # data, model, output dir, disk: one verdict for every rank, before heavy work
+    checked = preflight.run(recipe, rt)  # data, model, output dir, disk: one verdict for every rank, before heavy work
     startup.mark("preflight (data read and checked)")
     if recipe.dry_run:
-        return dry_run_report(recipe, rt, plan)
-    if plan.resume_accumulation not in (None, recipe.train.gradient_accumulation_steps):
-        recipe.train.gradient_accumulation_steps = plan.resume_accumulation  # the checkpoint's global batch, here
+        return dry_run_report(recipe, rt, checked)
+    if checked.resume_accumulation not in (None, recipe.train.gradient_accumulation_steps):
+        recipe.train.gradient_accumulation_steps = checked.resume_accumulation  # the checkpoint's global batch, here
         args = build_dpo_config(recipe, rt, strat)
     if rt.device_type == "cuda":
         from dist_dpo.plan import cap_gpu_memory
 
         cap_gpu_memory(recipe.train.gpu_memory_gib, rt.local_rank)  # before any weight lands on the GPU
-    model = load_model(recipe.model, plan.model_path, rt, strat, recipe.train.gradient_checkpointing)
+    model = load_model(recipe.model, checked.model_path, rt, strat, recipe.train.gradient_checkpointing)
     startup.mark("model load")
     peft_config = lora_config(recipe.lora, model)
-    tokenizer, train_ds, eval_ds = plan.tokenizer, plan.train_ds, plan.eval_ds
+    tokenizer, train_ds, eval_ds = checked.tokenizer, checked.train_ds, checked.eval_ds
 
     # Everything that can be wrong with the input has been checked: only now touch the output dir.
     add_rank_file(rt, out)
@@ -115,7 +115,7 @@ def _train(argv: list[str]) -> int:
         processing_class=tokenizer,
         peft_config=peft_config,
         checkpoint_meta={"world_size": rt.world_size, "strategy": rt.strategy},
-        portable_resume=plan.resume_portable,
+        portable_resume=checked.resume_portable,
     )
     startup.mark("trainer (tokenization)")
     startup.part("of which tokenizing", trainer.tokenize_seconds)  # the rest: trl, peft, accelerate
@@ -143,7 +143,7 @@ def _train(argv: list[str]) -> int:
     )
     log_header(log, recipe, rt, strat, trainer, len(train_ds), len(eval_ds))
 
-    result = train_or_explain(trainer, plan.resume, rt, out)
+    result = train_or_explain(trainer, checked.resume, rt, out)
     trainer.save_model(str(out))  # gathers ZeRO-3 / FSDP shards as the strategy requires
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
@@ -261,15 +261,15 @@ def model_device(model) -> str:
     return "model on " + ", ".join(devices)
 
 
-def dry_run_report(r: Recipe, rt: Runtime, plan) -> int:
+def dry_run_report(r: Recipe, rt: Runtime, checked) -> int:
     from dist_dpo.preflight import human
 
     get_logger().info(
         "dry run OK: %s (%.2fB params, %s trainable) | %d train / %d test pairs | output_dir %s (%s free, ~%s for "
         "checkpoints)%s | %s",
-        plan.model_path, plan.params / 1e9, f"{plan.trainable:,}", len(plan.train_ds), len(plan.eval_ds),
-        r.train.output_dir, human(plan.disk_free), human(plan.disk_need),
-        f" | resumes from {plan.resume}" if plan.resume else "", rt.describe(),
+        checked.model_path, checked.params / 1e9, f"{checked.trainable:,}", len(checked.train_ds), len(checked.eval_ds),
+        r.train.output_dir, human(checked.disk_free), human(checked.disk_need),
+        f" | resumes from {checked.resume}" if checked.resume else "", rt.describe(),
     )
     return 0
 

@@ -1,7 +1,7 @@
-"""cpu_pinning.plan_cpus: each local rank gets whole physical cores of its GPU's NUMA node, never a core another rank
+"""cpu_pinning.cpus_for_gpu: each local rank gets whole physical cores of its GPU's NUMA node, never a core another rank
 holds; what cannot be split is left alone."""
 
-from dist_dpo.cpu_pinning import _cpulist, plan_cpus
+from dist_dpo.cpu_pinning import _cpulist, cpus_for_gpu
 from dist_dpo.train import _ranges
 
 # 2 sockets x 4 cores x 2 hardware threads: cpu c and c+8 are one core; node 0 = cores 0-3, node 1 = cores 4-7
@@ -11,37 +11,37 @@ ALL = set(range(16))
 
 
 def test_two_gpus_on_one_node_split_its_cores_without_sharing_one():
-    r0 = plan_cpus(0, [0, 0], NODES, ALL, CORE)
-    r1 = plan_cpus(1, [0, 0], NODES, ALL, CORE)
+    r0 = cpus_for_gpu(0, [0, 0], NODES, ALL, CORE)
+    r1 = cpus_for_gpu(1, [0, 0], NODES, ALL, CORE)
     assert r0 == [0, 1, 8, 9] and r1 == [2, 3, 10, 11]  # both threads of each core go to one rank
     assert not set(r0) & set(r1)
 
 
 def test_gpus_on_two_nodes_each_get_their_own_node():
-    assert plan_cpus(0, [0, 1], NODES, ALL, CORE) == NODES[0]
-    assert plan_cpus(1, [0, 1], NODES, ALL, CORE) == sorted(NODES[1])
+    assert cpus_for_gpu(0, [0, 1], NODES, ALL, CORE) == NODES[0]
+    assert cpus_for_gpu(1, [0, 1], NODES, ALL, CORE) == sorted(NODES[1])
 
 
 def test_unknown_numa_node_splits_every_allowed_cpu():
-    r0, r1 = (plan_cpus(r, [-1, -1], NODES, ALL, CORE) for r in (0, 1))
+    r0, r1 = (cpus_for_gpu(r, [-1, -1], NODES, ALL, CORE) for r in (0, 1))
     assert len(r0) == len(r1) == 8 and not set(r0) & set(r1) and set(r0) | set(r1) == ALL
 
 
 def test_a_node_without_our_cpus_falls_back_for_every_rank():
     allowed = set(NODES[0])  # a cpuset that holds node 0 only, GPU 1 on node 1
-    r0, r1 = (plan_cpus(r, [0, 1], NODES, allowed, CORE) for r in (0, 1))
+    r0, r1 = (cpus_for_gpu(r, [0, 1], NODES, allowed, CORE) for r in (0, 1))
     assert set(r0) | set(r1) == allowed and not set(r0) & set(r1)
 
 
 def test_two_jobs_on_one_machine_take_different_cores():
     """Job A on GPUs 0,1 and job B on GPUs 2,3, all four on node 0: each GPU's process gets its own core."""
     nodes = [0, 0, 0, 0]
-    shares = [plan_cpus(g, nodes, NODES, ALL, CORE) for g in range(4)]
+    shares = [cpus_for_gpu(g, nodes, NODES, ALL, CORE) for g in range(4)]
     assert shares == [[0, 8], [1, 9], [2, 10], [3, 11]]
 
 
 def test_fewer_cores_than_ranks_is_left_alone():
-    assert plan_cpus(2, [0, 0, 0, 0, 0], {0: [0, 1]}, {0, 1}, {0: (0,), 1: (1,)}) is None
+    assert cpus_for_gpu(2, [0, 0, 0, 0, 0], {0: [0, 1]}, {0, 1}, {0: (0,), 1: (1,)}) is None
 
 
 def test_cpulist_and_ranges_round_trip():
