@@ -202,20 +202,10 @@ class AtomicCheckpoints:
         device = self.args.device
         if device.type != "cpu" or device.index is None:
             return super()._load_optimizer_and_scheduler(checkpoint)
-        import torch
+        from dist_dpo.upstream.swaps import torch_load_on_cpu
 
-        load = torch.load
-
-        def load_on_cpu(*args, **kwargs):
-            if isinstance(kwargs.get("map_location"), torch.device) and kwargs["map_location"].type == "cpu":
-                kwargs["map_location"] = "cpu"
-            return load(*args, **kwargs)
-
-        torch.load = load_on_cpu
-        try:
+        with torch_load_on_cpu():
             return super()._load_optimizer_and_scheduler(checkpoint)
-        finally:
-            torch.load = load
 
 
 class WholeAdapterSaves:

@@ -353,8 +353,10 @@ class TokenizeAcrossRanks:
         import torch.distributed as dist
         import trl.trainer.dpo_trainer as dpo_module
 
-        ordered = getattr(dpo_module, "global_then_local_main_first", None)  # trl 1.16's name; gone: trl's way
-        if ordered is None or not isinstance(dataset, datasets.Dataset):
+        from dist_dpo.upstream.swaps import trl_tokenize_order_off
+
+        known = hasattr(dpo_module, "global_then_local_main_first")  # trl 1.16's name; gone: trl's way
+        if not known or not isinstance(dataset, datasets.Dataset):
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         if dataset.cache_files:  # trl's order: the main process tokenizes alone, the others read its cache files
             return super()._prepare_dataset(dataset, processing_class, _tokenize_args(args, dataset, alone=True),
@@ -363,16 +365,15 @@ class TokenizeAcrossRanks:
         sharded = 1 < world <= len(dataset)  # the same decision on every rank: they hold the same rows
         if sharded:
             dataset = dataset.shard(num_shards=world, index=dist.get_rank(), contiguous=True)
-        dpo_module.global_then_local_main_first = contextlib.nullcontext
         try:
-            part = tokenize_pairs(dataset, processing_class, args)
-            if part is None:  # a layout the batched calls do not cover: trl's own, in worker processes
-                part = super()._prepare_dataset(dataset, processing_class, _tokenize_args(args, dataset), dataset_name)
+            with trl_tokenize_order_off():
+                part = tokenize_pairs(dataset, processing_class, args)
+                if part is None:  # a layout the batched calls do not cover: trl's own, in worker processes
+                    part = super()._prepare_dataset(dataset, processing_class, _tokenize_args(args, dataset),
+                                                    dataset_name)
             failed = None
         except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have heard of it
             part, failed = e, f"{type(e).__name__}: {e}"
-        finally:
-            dpo_module.global_then_local_main_first = ordered
         if not sharded:
             if failed:
                 raise part

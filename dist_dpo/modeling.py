@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
@@ -12,24 +11,9 @@ from dist_dpo.config import BUILTIN_MODEL, LoraArgs, ModelArgs
 from dist_dpo.errors import UserError
 from dist_dpo.runtime import Runtime
 from dist_dpo.strategies import Strategy
+from dist_dpo.upstream.swaps import zero3_init_off
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-@contextlib.contextmanager
-def outside_zero3_init():
-    """Build a model as if ZeRO-3 were off. Once the DPOConfig registered a ZeRO-3 config, transformers builds every
-    model inside deepspeed.zero.Init, which broadcasts each parameter from rank 0: a model built on ONE rank only
-    (the meta skeleton of the preflight, the built-in model) then waits forever for peers that never join: without
-    this, `make train-zero3` hung in the preflight until killed."""
-    from transformers.integrations import deepspeed as hf_ds
-
-    saved = hf_ds._hf_deepspeed_config_weak_ref  # transformers has set/unset but no getter; restore exactly
-    hf_ds._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
 def resolve_model_path(name: str) -> str:
@@ -37,7 +21,7 @@ def resolve_model_path(name: str) -> str:
     if name.startswith("builtin:"):  # the built-in tiny Qwen2, or a tiny model of another family (builtin:tiny-llama)
         from dist_dpo.model_zoo import ensure_builtin_model
 
-        with outside_zero3_init():
+        with zero3_init_off():
             return str(ensure_builtin_model(shape=name.split(":", 1)[1]))
     p = Path(name).expanduser()
     if p.exists():

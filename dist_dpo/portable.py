@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import random
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -281,23 +280,6 @@ def load_rng(trainer, ckpt: Path) -> None:
         torch.cuda.set_rng_state(torch.tensor(s["cuda"], dtype=torch.uint8))
 
 
-@contextmanager
-def _without_native_deepspeed_load():
-    """Written against transformers 5.17: Trainer._prepare_for_training calls the module-level
-    `deepspeed_load_checkpoint(engine, checkpoint)` on every resume under DeepSpeed, which raises without the
-    checkpoint's `global_step*/` folder (one written under another strategy) and would load per-partition files
-    of another world size. The portable state is loaded by `_load_optimizer_and_scheduler`, which runs right after.
-    tests/test_portable.py fails the day the name moves."""
-    import transformers.trainer as hf
-
-    native = hf.deepspeed_load_checkpoint
-    hf.deepspeed_load_checkpoint = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        hf.deepspeed_load_checkpoint = native
-
-
 class PortableResume:
     """Mixin for a transformers Trainer: with `portable_resume` on, a resume loads `portable/` instead of the
     checkpoint's per-layout files. Any resume also tells the data sampler its epoch (see `_epoch_on_resume`)."""
@@ -318,7 +300,9 @@ class PortableResume:
 
             self.add_callback(EpochOnResume)
         if resume_from_checkpoint and self.portable_resume:
-            with _without_native_deepspeed_load():
+            from dist_dpo.upstream.swaps import deepspeed_resume_load_off
+
+            with deepspeed_resume_load_off():
                 return super().train(resume_from_checkpoint, *args, **kwargs)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 

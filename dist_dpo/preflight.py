@@ -249,11 +249,12 @@ def skeleton_counts(r: Recipe, model_path: str) -> tuple[int, int]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dist_dpo.modeling import lora_config, outside_zero3_init
+    from dist_dpo.modeling import lora_config
+    from dist_dpo.upstream.swaps import zero3_init_off
 
     try:
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=r.model.trust_remote_code)
-        with torch.device("meta"), outside_zero3_init():  # rank 0 alone builds it: no collective init
+        with torch.device("meta"), zero3_init_off():  # rank 0 alone builds it: no collective init
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=r.model.trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot build model '{model_path}' from its config.json: {str(e).splitlines()[0]}") from None

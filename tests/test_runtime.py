@@ -98,12 +98,12 @@ def test_rank_local_model_builds_stay_outside_zero3_init(tmp_path):
 
     from dist_dpo.config import parse_recipe
     from dist_dpo.model_zoo import ensure_builtin_model
-    from dist_dpo.modeling import outside_zero3_init
+    from dist_dpo.upstream.swaps import zero3_init_off
     from dist_dpo.preflight import skeleton_counts
 
     ds = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
     assert is_deepspeed_zero3_enabled()
-    with outside_zero3_init():
+    with zero3_init_off():
         assert not is_deepspeed_zero3_enabled()
     assert is_deepspeed_zero3_enabled()  # restored
     params, trainable = skeleton_counts(parse_recipe([]), str(ensure_builtin_model()))

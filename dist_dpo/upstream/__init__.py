@@ -1,4 +1,5 @@
 """Every private name of trl, transformers, peft, accelerate, DeepSpeed and torch that dist-dpo relies on, in one list.
+The module globals it swaps for one call are in `swaps.py` beside this file.
 
 dist-dpo stays thin over these libraries, but a few things can only be done through their internals: a Trainer
 method overridden (there is no hook), a private constant read (trl's tiling), a module global swapped for one call.
@@ -70,17 +71,17 @@ INTERNALS: tuple[Internal, ...] = (
              set_by_source=True),
     Internal("trl:DPOTrainer._is_vision_dataset", "read", "fast/loss.py", "the lean loss takes text pairs only", TRL,
              set_by_source=True),
-    Internal("transformers.integrations.deepspeed:_hf_deepspeed_config_weak_ref", "swap", "modeling.py",
+    Internal("transformers.integrations.deepspeed:_hf_deepspeed_config_weak_ref", "swap", "upstream/swaps.py",
              "unset while a model is built on one rank only (inside ZeRO-3's Init it would wait for the others)",
              TRANSFORMERS),
     # --- module globals swapped for the length of one call ---
-    Internal("trl.trainer.dpo_trainer:global_then_local_main_first", "swap", "data.py",
+    Internal("trl.trainer.dpo_trainer:global_then_local_main_first", "swap", "upstream/swaps.py, data.py",
              "off while every rank tokenizes its own part", TRL),
-    Internal("transformers.integrations.deepspeed:deepspeed_load_checkpoint", "swap", "portable.py",
+    Internal("transformers.trainer:deepspeed_load_checkpoint", "swap", "upstream/swaps.py",
              "off while a portable resume loads its own state", TRANSFORMERS, ("deepspeed_engine", "checkpoint_path")),
-    Internal("transformers:Trainer._prepare_for_training", "read", "portable.py",
-             "it calls deepspeed_load_checkpoint on a resume: the swap above must wrap it", TRANSFORMERS),
-    Internal("torch:load", "swap", "checkpoints.py", "map_location 'cpu' for a CPU rank named 'cpu:0'", TORCH),
+    Internal("transformers:Trainer._prepare_for_training", "read", "upstream/swaps.py",
+             "it calls deepspeed_load_checkpoint on a resume: the swap must wrap it", TRANSFORMERS),
+    Internal("torch:load", "swap", "upstream/swaps.py", "map_location 'cpu' for a CPU rank named 'cpu:0'", TORCH),
     # --- trl's fused log-prob head, fed dist-dpo's rows ---
     Internal("trl.trainer.utils:_CHUNKED_LOGPROB_CHUNK_SIZE", "import", "fast/head.py",
              "the vocabulary chunk trl's head uses (same numbers as trl)", TRL),
@@ -156,11 +157,3 @@ def problem(entry: Internal) -> str | None:
 
 def problems() -> list[str]:
     return [p for p in map(problem, INTERNALS) if p]
-
-
-if __name__ == "__main__":
-    import sys
-
-    found = problems()
-    print("\n".join(found) if found else f"all {len(INTERNALS)} upstream internals hold at the installed versions")
-    sys.exit(1 if found else 0)
