@@ -1,4 +1,7 @@
-"""`dist-dpo train`: parse -> resolve the runtime -> load tokenizer, model, data -> trl DPOTrainer -> train -> save."""
+"""`dist-dpo train`: parse -> resolve the runtime -> load tokenizer, model, data -> DistDPOTrainer -> train -> save.
+
+Whatever launched it (accelerate_configs/*.yaml, ds_configs/*.json, torchrun, plain python), the runtime names the
+strategy once and every per-strategy setting comes from its row of the table in dist_dpo/strategies.py."""
 
 from __future__ import annotations
 
