@@ -27,6 +27,7 @@ from dist_dpo.portable import PortableResume
 @dataclass
 class SpeedPathState:
     """What `dist_dpo.fast.apply` decided for this run: read by the trainer's hooks, benchmarks and tests."""
+    applied: bool = False  # fast.apply ran: a second call returns the first one's report and changes nothing
     report: dict = field(default_factory=dict)  # the `speed path:` log line, as a dict
     sampler: object = None  # callable(trainer, dataset) -> sampler or None (trl's); pairs grouped by length
     pairs_per_rank: int | None = None  # the lean loss divides each rank's sum by it (ranks split by cost)

@@ -796,3 +796,20 @@ def test_throughput_refuses_a_bad_lane_in_one_line(lane, message):
     proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--lane", lane, "--list"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_speed_path_is_applied_once(pairs):
+    """A second fast.apply on the same trainer changes nothing (the same report, trl's loss and gradients), and each
+    piece installed twice on a model is still installed once."""
+    from dist_dpo.fast import fused_qkv, rms_norm
+    from dist_dpo.architectures import family_of
+
+    rows, reference = trl_step(pairs)
+    fast = build(pairs, fast=True)
+    report = dict(fast.speed.report)
+    apply_speed_path(fast)
+    assert fast.speed.report == report
+    base = fast.model.get_base_model()
+    assert rms_norm.install(base, family_of(base).norm_classes) == 2 * 4 + 1  # the same norms as the first time
+    assert fused_qkv.install(base) == 4
+    assert_same(reference, step(fast, rows))

@@ -39,6 +39,9 @@ def apply(trainer, recipe, rt) -> dict:
 
     t = recipe.train
     check_switches()
+    if trainer.speed.applied:
+        return trainer.speed.report
+    trainer.speed.applied = True
     if not isinstance(trainer.train_dataset, datasets.Dataset):  # streaming: no lengths to plan or group by
         report = trainer.speed.report
         report["speed path"] = "off (streaming dataset)"

@@ -74,12 +74,16 @@ def _qualifies(linears) -> bool:
 
 
 def install(model) -> int:
-    """Fuse q/k/v of every attention module of `model` that qualifies; returns how many."""
+    """Fuse q/k/v of every attention module of `model` that qualifies; returns how many. Installing twice changes
+    nothing."""
     n = 0
     for attn in model.modules():
         if not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj")):
             continue
         wrappers = [getattr(attn, p) for p in ("q_proj", "k_proj", "v_proj")]
+        if "_dd_own_forward" in _base(wrappers[0]).__dict__:  # fused already
+            n += 1
+            continue
         if any(getattr(w, "lora_variant", None) for w in wrappers):  # DoRA & co. may update their part in place
             continue
         linears = [_base(w) for w in wrappers]

@@ -61,7 +61,12 @@ def shared_layout_ok(model) -> bool:
 
 
 def install(model, state: HeadState) -> None:
-    """Wrap the forward trl patched onto `model` (the bare CausalLM, under any PEFT wrapper)."""
+    """Wrap the forward trl patched onto `model` (the bare CausalLM, under any PEFT wrapper); a second call only
+    hands the installed head the new state."""
+    if "_dd_head_state" in model.__dict__:
+        model._dd_head_state.__dict__.update(state.__dict__)
+        return
+    model._dd_head_state = state
     trl_forward = model.forward
 
     @functools.wraps(type(model).forward)

@@ -29,9 +29,12 @@ def install(model, norm_classes: tuple[str, ...]) -> int:
     """Every module of `model` whose class is one of `norm_classes` (the architecture table's: norms proven to compute
     x * rsqrt(mean(x^2) + eps) * w) and whose weight and epsilon we can read runs through F.rms_norm; returns how
     many. A module whose weight is kept in another dtype than its input (QLoRA's fp32 norms under fp16) falls back
-    to its own forward, call by call."""
+    to its own forward, call by call. Installing twice changes nothing."""
     n = 0
     for m in model.modules():
+        if "_dd_eps" in m.__dict__:  # installed already
+            n += 1
+            continue
         eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
         weight = getattr(m, "weight", None)
         if type(m).__name__ in norm_classes and isinstance(weight, torch.Tensor) and weight.dim() == 1 and \
