@@ -115,3 +115,31 @@ def test_the_resume_path_dist_dpo_swaps_around_still_calls_deepspeeds_loader():
     from transformers import Trainer
 
     assert "deepspeed_load_checkpoint(" in inspect.getsource(Trainer._prepare_for_training)
+
+
+def _modeling_module(model_type: str):
+    import importlib
+    import sys
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    import transformers
+
+    cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+    importlib.import_module(cls.__module__)
+    return sys.modules[cls.__module__]
+
+
+@pytest.mark.parametrize("family", [f for f in __import__("dist_dpo.architectures", fromlist=["x"]).ARCHITECTURE_TABLE
+                                    if f.norm_classes or f.moe_block], ids=lambda f: f.model_types[0])
+def test_the_classes_the_architecture_table_names_exist_with_the_forward_it_replaces(family):
+    """fast/rms_norm.py replaces the forward of each family's norm classes with a one-tensor forward; ZeRO-3 makes the
+    family's MoE block a leaf module by class. A class renamed or given another forward fails here."""
+    for model_type in family.model_types:
+        module = _modeling_module(model_type)
+        for name in family.norm_classes:
+            cls = getattr(module, name, None)
+            assert cls is not None, f"{module.__name__} has no {name}"
+            assert list(inspect.signature(cls.forward).parameters)[1:] in (["hidden_states"], ["x"]), name
+        if family.moe_block and model_type == family.model_types[-1]:
+            assert any(hasattr(_modeling_module(t), family.moe_block) for t in family.model_types), family.moe_block
