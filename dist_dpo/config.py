@@ -168,6 +168,14 @@ class TrainArgs:
         "the reason if it cannot; false: padded shared rows with a 4-D mask.",
         bool_or_auto=True,
     )
+    ref_logps_cache: bool | str = _f(
+        "auto",
+        "With the speed path: keep each pair's reference log-probs from the first epoch (its own reference forward, "
+        "no separate pass) and skip the reference forward in later epochs and after a resume (checkpoints carry "
+        "them). auto: wherever the reference is fixed (not with sync_ref_model or a model with dropout); true: stop "
+        "with the reason if it cannot; false: the reference forward every step, as trl does.",
+        bool_or_auto=True,
+    )
     liger_kernels: bool | str = _f(
         "auto",
         "liger-kernel's fused SwiGLU / RoPE (trl's use_liger_kernel; RMSNorm is torch's fused op on the fast path): "

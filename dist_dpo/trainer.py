@@ -9,13 +9,17 @@ it wherever dist-dpo has nothing to add. Nothing is replaced on an instance.
                                        _load_rng_state: resume on another world size or strategy
   WholeAdapterSaves  (checkpoints.py)  Trainer.save_model: ZeRO-1/2 adapters saved as under DDP
   TokenizeAcrossRanks (data.py)        DPOTrainer._prepare_dataset: every rank tokenizes its part at once
-  SpeedPathHooks     (below)           Trainer._get_train_sampler, DPOTrainer.compute_loss, Trainer.log: the speed
-                                       path (dist_dpo/fast), as `fast.apply` configured it for this run
+  SpeedPathHooks     (below)           Trainer._get_train_sampler, DPOTrainer.compute_loss, Trainer.log,
+                                       DPOTrainer._set_signature_columns_if_needed, Trainer._save_checkpoint,
+                                       Trainer.train: the speed path (dist_dpo/fast), as `fast.apply` configured it
+                                       for this run
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from trl import DPOTrainer
 
@@ -35,6 +39,7 @@ class SpeedPathState:
     pending: list = field(default_factory=list)  # the lean loss's per-micro-step metrics, gathered at each log
     self_check: object = None  # callable(trainer, model) -> verdict dict, run before the first training loss
     self_check_verdict: dict | None = None
+    ref_cache: object = None  # fast/ref_cache.RefLogpsCache: reference log-probs kept across epochs
 
 
 class SpeedPathHooks:
@@ -49,6 +54,8 @@ class SpeedPathHooks:
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # mirrors trl.DPOTrainer.compute_loss
+        from dist_dpo.fast import ref_cache
+
         if self.speed.self_check is not None and self.model.training:
             check, self.speed.self_check = self.speed.self_check, None  # once, even if it raises
             self.speed.self_check_verdict = check(self, model)  # may turn the speed path off for the run
@@ -56,7 +63,34 @@ class SpeedPathHooks:
             from dist_dpo.fast import loss
 
             return loss.compute_loss(self, model, inputs, num_items_in_batch)
+        inputs = {k: v for k, v in inputs.items() if k not in ref_cache.BATCH_KEYS}  # trl hands the rest to the model
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _set_signature_columns_if_needed(self):  # mirrors trl.DPOTrainer._set_signature_columns_if_needed
+        super()._set_signature_columns_if_needed()
+        from dist_dpo.fast import ref_cache
+
+        if self.speed.ref_cache is not None and ref_cache.COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, ref_cache.COLUMN]  # the rows reach the collator
+
+    def _save_checkpoint(self, model, trial):  # mirrors transformers.Trainer._save_checkpoint
+        super()._save_checkpoint(model, trial)
+        cache = self.speed.ref_cache
+        if cache is not None:  # every rank saves a checkpoint at the same step: they share, then one writes
+            cache.share()
+            if self.args.should_save:
+                cache.save(Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}")
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):  # mirrors transformers.Trainer.train
+        cache = self.speed.ref_cache
+        if cache is not None and isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            why = cache.load(Path(resume_from_checkpoint))
+            if self.is_world_process_zero():
+                from dist_dpo.logs import get_logger
+
+                get_logger().info("reference log-probs: %s", f"{int(cache.held.sum())} pairs read from the checkpoint"
+                                  if why is None else f"computed again ({why})")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def log(self, logs, start_time=None):  # mirrors transformers.Trainer.log
         if (self.speed.lean_loss or self.speed.pending) and self.model.training:  # every rank gets here: the Trainer

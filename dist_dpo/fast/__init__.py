@@ -24,8 +24,8 @@ from __future__ import annotations
 from dist_dpo import ab_switches
 from dist_dpo.architectures import PIECES, family_of
 from dist_dpo.errors import UserError
-from dist_dpo.fast import (attention, batching, checkpointing, fused_qkv, head, lora_inputs, loss, microbatch, rms_norm,
-                           self_check, switch)
+from dist_dpo.fast import (attention, batching, checkpointing, fused_qkv, head, lora_inputs, loss, microbatch,
+                           ref_cache, rms_norm, self_check, switch)
 from dist_dpo.logs import get_logger
 
 
@@ -157,11 +157,34 @@ def apply(trainer, recipe, rt) -> dict:
             report["batches"] += ", split across ranks by cost (transformers' BatchRebalanceSampler)"
     else:
         report["metrics"] = f"trl's per micro-step ({lean})"
+    _keep_reference(trainer, recipe, rt, base, lean, report)
     if trainer.args.use_liger_kernel:  # trl patches the model with them when train() starts
         kept = {k for k, v in (trainer.args.liger_kernel_config or {}).items() if v is False}
         report["liger"] = "kernels on" + (f" (not {', '.join(sorted(kept))})" if kept else "")
     self_check.install(trainer, recipe, rt, strategy_for(rt.strategy))
     return _finish(rt, report, off)
+
+
+def _keep_reference(trainer, recipe, rt, base, lean: str | None, report: dict) -> None:
+    """Reference log-probs kept across epochs where the reference is fixed (ref_cache.py)."""
+    from dist_dpo.strategies import strategy_for
+
+    why = ref_cache.unsupported_reason(trainer, recipe, base) if lean is None else f"trl's loss: {lean}"
+    if why is not None:
+        if recipe.train.ref_logps_cache is True:
+            raise UserError(f"ref_logps_cache: true, but the reference log-probs cannot be kept here: {why}. "
+                            "Set ref_logps_cache: auto")
+        report["reference"] = f"computed every step ({why})"
+        return
+    trainer.train_dataset = ref_cache.add_rows(trainer.train_dataset)
+    # a reference forward that gathers sharded weights is a collective: there, only a complete cache is read
+    per_batch = strategy_for(rt.strategy).weights == "replicated"
+    cache = ref_cache.RefLogpsCache(len(trainer.train_dataset), trainer.args.device, per_batch,
+                                    ref_cache.key_parts(trainer, base), trainer.train_dataset)
+    trainer.speed.ref_cache = cache
+    trainer.data_collator.ref_rows = True
+    trainer.add_callback(ref_cache.ShareAtEpochEnd(cache))
+    report["reference"] = "log-probs kept from the first epoch: later epochs and resumes skip the reference forward"
 
 
 def _finish(rt, report: dict, off: dict) -> dict:

@@ -159,9 +159,14 @@ class SharedPromptCollator:
     tokens_real: int = 0  # non-pad tokens of trl's layout (what throughput counts)
     tokens_run: int = 0  # tokens the decoder actually ran (padding and repeated prompts included)
     batches: dict = field(default_factory=lambda: {"packed": 0, "shared": 0, "pairs": 0})
+    ref_rows: bool = False  # hand the train set's row indices on (fast/ref_cache.py)
 
     def __call__(self, examples: list[dict]) -> dict:
         batch = self.base(examples)
+        if self.ref_rows and examples and "ref_row" in examples[0]:  # training rows (evaluation rows have none)
+            from dist_dpo.fast.ref_cache import batch_rows
+
+            batch.update(batch_rows(examples))
         real = int(batch["attention_mask"].sum())
         self.tokens_real += real
         if not self._share(examples, batch, real):

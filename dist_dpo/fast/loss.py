@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from dist_dpo.fast.head import EXTRAS
 
-NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "ref_rows", "ref_rows_host"}
 # Per micro-step sums, one row each, gathered once per log.
 COLUMNS = ("pairs", "rewards_chosen", "rewards_rejected", "accuracies", "margins", "logps_chosen", "logps_rejected",
            "tokens", "has_extras", "entropy", "completion_tokens", "logits_chosen", "chosen_tokens",
@@ -73,8 +73,12 @@ def compute_loss(trainer, model, inputs, num_items_in_batch=None):
     out = model(**kwargs, labels=labels, fused_lm_head=True, dd_extras=extras)
     chosen_logps, rejected_logps = out.log_probs.sum(dim=1).chunk(2, dim=0)
 
+    cache = trainer.speed.ref_cache
+    cached = cache.lookup(inputs) if cache is not None else None
     if trainer.precompute_ref_logps:
         ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+    elif cached is not None:  # the values an earlier epoch's reference forward gave for these very pairs
+        ref_chosen, ref_rejected = cached
     else:
         with torch.no_grad(), checkpointing_paused(trainer.model):
             if is_peft_model(trainer.model) and trainer.ref_model is None:
@@ -84,6 +88,8 @@ def compute_loss(trainer, model, inputs, num_items_in_batch=None):
             else:
                 ref = trainer.ref_model(**kwargs, labels=labels, fused_lm_head=True, dd_extras=())
         ref_chosen, ref_rejected = ref.log_probs.sum(dim=1).chunk(2, dim=0)
+        if cache is not None:
+            cache.store(inputs, ref_chosen, ref_rejected)
 
     chosen_logratios = chosen_logps - ref_chosen
     rejected_logratios = rejected_logps - ref_rejected

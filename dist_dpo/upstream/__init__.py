@@ -38,8 +38,9 @@ class Internal:
 
 INTERNALS: tuple[Internal, ...] = (
     # --- Trainer methods overridden by DistDPOTrainer's mixins (no hook exists for what they do) ---
-    Internal("transformers:Trainer._save_checkpoint", "override", "checkpoints.py",
-             "save into a staging directory, then publish atomically", TRANSFORMERS, ("self", "model", "trial")),
+    Internal("transformers:Trainer._save_checkpoint", "override", "checkpoints.py, trainer.py",
+             "save into a staging directory, then publish atomically; the reference log-probs go with it",
+             TRANSFORMERS, ("self", "model", "trial")),
     Internal("transformers:Trainer._get_output_dir", "override", "checkpoints.py",
              "where _save_checkpoint writes: the staging directory while it runs", TRANSFORMERS, ("self", "trial")),
     Internal("transformers:Trainer._load_optimizer_and_scheduler", "override", "checkpoints.py, portable.py",
@@ -57,6 +58,10 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("trl:DPOTrainer._prepare_dataset", "override", "data.py",
              "every rank tokenizes its part of the data at once", TRL,
              ("self", "dataset", "processing_class", "args", "dataset_name")),
+    Internal("trl:DPOTrainer._set_signature_columns_if_needed", "override", "trainer.py",
+             "the train set's row index reaches the collator (reference log-probs kept across epochs)", TRL, ("self",)),
+    Internal("transformers:Trainer._signature_columns", "read", "trainer.py",
+             "the columns the Trainer keeps; the row index is added to trl's", TRANSFORMERS, set_by_source=True),
     Internal("trl:DPOTrainer._compute_loss", "read", "config.py",
              "its branches are the recipe's loss_type choices (the contract test checks each one)", TRL),
     # --- Trainer state read or written ---
