@@ -76,6 +76,7 @@ def _own_private_names() -> set[str]:
         names |= set(re.findall(r"(?:def|class)\s+(_[A-Za-z]\w*)", text))
         names |= set(re.findall(r"^\s*(_[A-Za-z]\w*)\s*[:=]", text, re.M))
         names |= set(re.findall(r"self\.(_[A-Za-z]\w*)\s*=", text))
+        names |= set(re.findall(r"\b(_dd_\w+)", text))  # what dist-dpo keeps on modules it installs pieces on
     return names
 
 
