@@ -178,7 +178,7 @@ class _TokenCounter:
     """Wraps trl's collator: counts the non-pad tokens of trl's layout that each step trains on."""
 
     def __init__(self, base):
-        self.base, self.tokens = base, 0
+        self.base, self.tokens, self.tokens_sq = base, 0, 0  # tokens_sq: the rows' squared lengths (attention)
 
     def __call__(self, examples):
         from dist_dpo.fast import self_check
@@ -186,6 +186,7 @@ class _TokenCounter:
         batch = self.base(examples)
         if not self_check.running():  # the self-check's few pairs are not trained on (its time counts, end to end)
             self.tokens += int(batch["attention_mask"].sum())
+            self.tokens_sq += int((batch["attention_mask"].sum(dim=1).long() ** 2).sum())
         return batch
 
     def __getattr__(self, name):
@@ -274,6 +275,7 @@ def _instrument(spec: dict) -> None:
             out = {
                 "rank": rank, "init_s": marks["train"] - marks["init"], "train_s": end - marks["train"],
                 "wall_s": end - marks["init"], "steps": self.steps, "tokens": self.counter.tokens,
+                "tokens_sq": self.counter.tokens_sq,
                 "pairs": len(self.trainer.train_dataset) if rank == 0 else 0,
                 "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB if cuda else 0.0,
                 "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else 0.0,
@@ -593,11 +595,18 @@ class Bench:
         # profiled and probed steps run slower (their own cost): the steady rate stops where the first began
         steady = _steady([r["steps"][:r["profiled_from"]] if r.get("profiled_from") else r["steps"] for r in ranks])
         flops = 6 * self.params[self.shape_of(row)]
+        palm = palm_terms(self.shape_of(row))
+        tokens_sq = sum(r.get("tokens_sq", 0) for r in ranks)
+        # PaLM-style: the non-embedding parameters per token plus attention per squared row length (palm_terms)
+        palm_per_token = palm[0] + palm[1] * tokens_sq / tokens if palm and tokens else None
         return "ok", {
             "tokens": tokens, "pairs": r0["pairs"], "init_s": round(r0["init_s"], 2),
             "train_s": round(r0["train_s"], 2), "process_s": round(process_s, 1),
             "train_end_wall_s": round(r0["wall_s"], 2), **_epoch(tokens, r0["pairs"], wall, flops, row.gpus),
             "steady_tokens_per_s": steady, "steady_mfu": flops * steady / (PEAK_FLOPS * row.gpus) if steady else None,
+            "mfu_palm": palm_per_token * tokens / wall / (PEAK_FLOPS * row.gpus) if palm_per_token else None,
+            "steady_mfu_palm": palm_per_token * steady / (PEAK_FLOPS * row.gpus) if palm_per_token and steady
+            else None,
             "peak_mem_gib": max(r["peak_alloc_gib"] for r in ranks),
             "peak_reserved_gib": max(r["peak_reserved_gib"] for r in ranks),
             "peak_device_gib": max(r.get("peak_device_gib", 0.0) for r in ranks),
@@ -745,6 +754,26 @@ class Bench:
         print_hosts(doc)
         print_syncs(doc)
         return 0 if all(r.status == "ok" for r in self.rows) else 1
+
+
+def palm_terms(shape: str) -> tuple[float, float] | None:
+    """Model FLOPs as PaLM counts them (Chowdhery et al. 2022, appendix B), for LoRA DPO: (FLOPs per token, FLOPs per
+    squared row length). Per token 6 x the non-embedding parameters (policy forward 2, its backward 2 - the frozen
+    weights take no gradient -, reference forward 2; the embedding and LM head left out, so a big vocabulary does not
+    flatter the figure). Attention: 4 x L x H x Q FLOPs per query-key pair per layer (QK^T and AV), T^2 / 2 causal
+    pairs per row of T tokens, 4 passes (policy forward, its backward at twice the forward, reference forward):
+    8 x L x H x Q per squared row length. None for a shape where a token runs only part of the parameters (MoE) or
+    where layers are not all attention."""
+    from dist_dpo import model_zoo
+
+    c = model_zoo.get_shape(shape)["config"]
+    mixers = set(c.get("layer_types") or []) - {"full_attention", "sliding_attention"}
+    if c.get("num_experts") or c.get("num_local_experts") or mixers:
+        return None
+    h, heads = c["hidden_size"], c["num_attention_heads"]
+    embed = c["vocab_size"] * h * (1 if c.get("tie_word_embeddings") else 2)
+    dense = 6 * (model_zoo.param_count(shape) - embed)
+    return float(dense), float(8 * c["num_hidden_layers"] * heads * (c.get("head_dim") or h // heads))
 
 
 def _epoch(tokens: int, pairs: int, wall: float, flops_per_token: float, gpus: int) -> dict:
@@ -898,14 +927,16 @@ def print_table(doc: dict) -> None:
     sizes = ", ".join(f"{k} {v / 1e9:.2f}B" for k, v in (doc.get("params_per_shape") or {}).items())
     print(f"\n{sizes} on {', '.join(doc['cards'])} | commit {doc['commit']}")
     print(f"{'row':36} {'status':7} {'tok/s':>8} {'steady':>8} {'pairs/s':>8} {'epoch s':>8} {'MFU':>6} "
-          f"{'peak GiB':>8} {'plan':>6} {'ckpt':>4}")  # ckpt: decoder layers checkpointed
+          f"{'PaLM':>6} {'peak GiB':>8} {'plan':>6} {'ckpt':>4}")  # PaLM: mfu_palm; ckpt: layers checkpointed
     def fmt(v, f):
         return (f % v) if isinstance(v, (int, float)) else "-"
 
     for r in doc["rows"]:
         print(f"{r['name']:36} {r['status']:7} {fmt(r['tokens_per_s'], '%8.0f')} "
               f"{fmt(r.get('steady_tokens_per_s'), '%8.0f')} {fmt(r['pairs_per_s'], '%8.2f')} "
-              f"{fmt(r['epoch_wall_s'], '%8.1f')} {fmt(r['mfu'] * 100 if r['mfu'] is not None else None, '%5.1f%%')} {fmt(r['peak_mem_gib'], '%8.2f')} "
+              f"{fmt(r['epoch_wall_s'], '%8.1f')} {fmt(r['mfu'] * 100 if r['mfu'] is not None else None, '%5.1f%%')} "
+              f"{fmt(r['mfu_palm'] * 100 if r.get('mfu_palm') is not None else None, '%5.1f%%')} "
+              f"{fmt(r['peak_mem_gib'], '%8.2f')} "
               f"{fmt(r.get('planned_peak_gib'), '%6.2f')} "
               f"{r.get('ckpt_layers') if r['status'] == 'ok' else '-':>4}"
               + (f"  {r.get('reason', '')[:80]}" if r["status"] not in ("ok", "pending") else ""))

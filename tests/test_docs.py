@@ -54,3 +54,11 @@ def test_relative_links_lead_somewhere(page):
         elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
             broken.append(f"{target} (no such heading)")
     assert not broken, f"{page.relative_to(ROOT)}: {broken}"
+
+
+def test_benchmarks_readme_lists_the_ab_switches_as_the_module_has_them():
+    from dist_dpo import ab_switches
+
+    text = (ROOT / "benchmarks" / "README.md").read_text(encoding="utf-8")
+    block = text.split("<!-- ab-switches:begin -->\n", 1)[1].split("\n<!-- ab-switches:end -->", 1)[0]
+    assert block == ab_switches.markdown()
