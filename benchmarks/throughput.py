@@ -108,6 +108,10 @@ def optional_rows() -> list[Row]:
         *[r for shape in FAMILY_SHAPES for r in (Row("dist-dpo", "default", "var", shape=shape, lane=1),
                                                  Row("trl", "best", "var", shape=shape, lane=1,
                                                      extra=["batch=4", "accum=4"]))],
+        # the tutorial's 3 epochs: reference log-probs kept from the first epoch, and the same run computing them
+        # every step (ratio "ref_logps_cache 3 epochs var", with the largest loss difference)
+        Row("dist-dpo", "3epochs", "var", lane=1, extra=["--num_train_epochs", "3"]),
+        Row("dist-dpo", "3epochs-nocache", "var", lane=1, extra=["--num_train_epochs", "3", "--ref_logps_cache", "false"]),
         # what the speed path's first-batch self-check costs end to end: the default row without it
         *[Row("dist-dpo", "nocheck", "var", shape=shape, lane=1, extra=["--speed_self_check", "false"])
           for shape in FAMILY_SHAPES],
@@ -285,6 +289,7 @@ def _instrument(spec: dict) -> None:
                 if cuda else 0.0,
                 "speed_path": getattr(getattr(self.trainer, "speed", None), "report", None),  # trl's rows: None
                 "self_check": getattr(getattr(self.trainer, "speed", None), "self_check_verdict", None),
+                "losses": [h["loss"] for h in state.log_history if "loss" in h],
                 "gradient_checkpointing": bool(self.trainer.args.gradient_checkpointing),
                 "micro_batch": self.trainer.args.per_device_train_batch_size,  # after merge_micro_batches
                 "ckpt_layers": marks.get("ckpt_layers"), "liger": bool(self.trainer.args.use_liger_kernel),
@@ -613,7 +618,7 @@ class Bench:
             "gradient_checkpointing": r0["gradient_checkpointing"], "ckpt_layers": r0["ckpt_layers"],
             "micro_batch": r0.get("micro_batch"), "varlen_gqa": r0.get("varlen_gqa"),
             "liger": r0["liger"], "speed_path": r0["speed_path"], "layout": r0["layout"], "steps": len(r0["steps"]),
-            "self_check": r0.get("self_check"),
+            "self_check": r0.get("self_check"), "losses": r0.get("losses"),
             # per rank: seconds from trainer construction to the end of each step (a slow rank shows here)
             "step_end_s_per_rank": {r["rank"]: [round(t, 3) for t, _ in r["steps"]] for r in ranks},
             "profile_per_rank": {r["rank"]: r["profile"] for r in ranks if r.get("profile")} or None,
@@ -857,6 +862,13 @@ def ratios(rows: list[dict]) -> dict:
                 "steady_step_s": round(step, 3) if step else None,
                 "cost_in_steps": round(cost / step, 2) if step else None,
                 "check": {k: v for k, v in (a.get("self_check") or {}).items() if k != "bounds"}}
+    cached, plain = ok.get("dist-dpo-3epochs/var/lora/1gpu"), ok.get("dist-dpo-3epochs-nocache/var/lora/1gpu")
+    r = ratio(tps("dist-dpo-3epochs/var/lora/1gpu"), tps("dist-dpo-3epochs-nocache/var/lora/1gpu"))
+    if r:
+        a, b = cached.get("losses") or [], plain.get("losses") or []
+        out["ref_logps_cache 3 epochs var"] = {
+            "ratio": r, "max_loss_diff": max((abs(x - y) for x, y in zip(a, b)), default=None) if len(a) == len(b)
+            else None}
     q = ratio(tps("dist-dpo/var/qlora/1gpu"), tps("tutorial/var/qlora/1gpu"))
     if q:
         out["qlora_vs_tutorial_qlora"] = q
@@ -901,6 +913,10 @@ TARGETS = (  # the speed targets: (name, measured value from the doc, target, hi
     ("zero2_scaling_2gpu", lambda d: d["ratios"].get("zero2_scaling_2gpu"), 0.90, True),
     ("7B QLoRA 1024 peak GiB/GPU", lambda d: _row(d, f"dist-dpo-12gib/fixed1024/qlora/2gpu@{SEVEN_B}",
                                                   "peak_device_gib"), 12.0, False),
+    ("3 epochs var, cache vs none", lambda d: (d["ratios"].get("ref_logps_cache 3 epochs var") or {}).get("ratio"),
+     1.25, True),
+    ("self-check cost, steps @8B", lambda d: (d["ratios"].get("self_check var@llama-3-8b") or {}).get("cost_in_steps"),
+     1.0, False),
 )
 
 
