@@ -254,6 +254,7 @@ def skeleton_counts(r: Recipe, model_path: str) -> tuple[int, int]:
 
     try:
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=r.model.trust_remote_code)
+        check_forced_speed_path(r, config)
         with torch.device("meta"), zero3_init_off():  # rank 0 alone builds it: no collective init
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=r.model.trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
@@ -266,6 +267,35 @@ def skeleton_counts(r: Recipe, model_path: str) -> tuple[int, int]:
 
     adapted = get_peft_model(skeleton, peft_config)
     return params, sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+
+
+def check_forced_speed_path(r: Recipe, config) -> None:
+    """A speed-path option the recipe forces (`true`) that this model cannot take, refused before anything loads.
+    (fast.apply refuses what only the loaded model and the GPU show: the variable-length kernel's probe.)"""
+    from dist_dpo.architectures import attention_layer_types, family_for
+    from dist_dpo.fast import ref_cache
+
+    t = r.train
+    family = family_for(config.get_text_config().model_type)
+    aux = "the MoE router's auxiliary loss averages over every token of trl's rows" \
+        if getattr(config.get_text_config(), "output_router_logits", False) else None
+    if t.fast_path and t.prefix_sharing is True:
+        why = family.reason("head") or family.reason("shared_rows") or aux or (
+            None if r.model.attn_implementation in ("sdpa", "eager") else
+            f"attn_implementation {r.model.attn_implementation} takes no 4-D mask")
+        if why:
+            raise UserError(f"prefix_sharing: true, but the prompt cannot be shared here: {why}. Set prefix_sharing: "
+                            "auto")
+    if t.fast_path and t.packed_rows is True:
+        why = family.reason("head") or family.reason("packed_rows") or aux or (
+            "sliding-window layers" if attention_layer_types(config) != {"full_attention"} else None)
+        if why:
+            raise UserError(f"packed_rows: true, but packed rows cannot run here: {why}. Set packed_rows: auto")
+    if t.ref_logps_cache is True:
+        why = ref_cache.recipe_reason(r, config)
+        if why:
+            raise UserError(f"ref_logps_cache: true, but the reference log-probs cannot be kept here: {why}. Set "
+                            "ref_logps_cache: auto")
 
 
 def check_trackers(report_to: list[str]) -> None:

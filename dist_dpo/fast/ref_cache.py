@@ -40,13 +40,25 @@ DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "hidden_dropout_prob", "a
 
 def unsupported_reason(trainer, recipe, base) -> str | None:
     """Why reference log-probs cannot be kept across epochs for this run (None: they can)."""
-    if recipe.train.ref_logps_cache is False:
+    return recipe_reason(recipe, base.config) or \
+        ("trl's precompute_ref_log_probs gives them" if trainer.precompute_ref_logps else None) or \
+        ("sync_ref_model: the reference moves" if getattr(trainer.args, "sync_ref_model", False) else None)
+
+
+def recipe_reason(recipe, config) -> str | None:
+    """What in the recipe or the model's config keeps the cache off (the preflight asks it before anything loads)."""
+    t = recipe.train
+    if t.ref_logps_cache is False:
         return "ref_logps_cache: false"
-    if trainer.precompute_ref_logps:
+    if not t.fast_path:
+        return "fast_path: false (trl's own loss)"
+    if t.loss_type != "sigmoid":
+        return f"trl's loss: loss_type {t.loss_type}"
+    if t.dpo_extra.get("precompute_ref_log_probs"):
         return "trl's precompute_ref_log_probs gives them"
-    if getattr(trainer.args, "sync_ref_model", False):
+    if t.dpo_extra.get("sync_ref_model"):
         return "sync_ref_model: the reference moves"
-    cfg = base.config.get_text_config()
+    cfg = config.get_text_config()
     dropout = {k: getattr(cfg, k) for k in DROPOUT_KEYS if isinstance(getattr(cfg, k, None), (int, float))
                and getattr(cfg, k) > 0}
     if dropout:
