@@ -8,10 +8,10 @@ learning rate) is the recipe's. Each cell ends as one of:
   trained  the run finished, its adapter was verified by `train` (every trainable tensor saved, none empty);
   refused  exit 2 with one `dist-dpo: error:` line (recorded) before the launcher started or before any load;
   failed   anything else (the first error line and the log's tail are recorded).
-Cells run one after another, each under a timeout. Results: <out>/combinations.json (card, versions, commit, the
+Cells run one after another (or --share N at once, each on its own rendezvous port), each under a timeout. Results: <out>/combinations.json (card, versions, commit, the
 command of each cell), written after every cell, so a cut-off run keeps what it finished.
 
-    python3 benchmarks/combinations.py --out benchmarks/results [--recipes seed_qlora] [--paths fsdp,zero3]
+    python3 benchmarks/combinations.py --out benchmarks/results [--recipes seed_qlora] [--paths fsdp,zero3] [--share 4]
     python3 benchmarks/combinations.py --dry --out /tmp/c      # the cell list and the JSON writer, no GPU
     python3 benchmarks/combinations.py --merge a.json b.json --out benchmarks/results   # parts of one matrix
 """
@@ -19,6 +19,7 @@ command of each cell), written after every cell, so a cut-off run keeps what it 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import re
@@ -27,6 +28,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -87,18 +89,21 @@ def command(cell: Cell, model: Path, out: Path) -> list[str]:
             f"PYTHON={sys.executable}", "ARGS=" + shlex.join(train_args(model, out))]
 
 
-def run_cell(cell: Cell, model: Path, work: Path) -> None:
+def run_cell(cell: Cell, model: Path, work: Path, port: int | None = None, timeout_s: float = CELL_TIMEOUT_S) -> None:
+    """One cell; `port`: its own rendezvous port (MASTER_PORT, read by launch/env.sh), for cells that share the GPU."""
     out = work / "runs" / cell.name
     log = work / "logs" / f"{cell.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = command(cell, model, out)
     cell.command = shlex.join(cmd)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", DIST_DPO_STACKS_AFTER_S=str(CELL_TIMEOUT_S - 20))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", DIST_DPO_STACKS_AFTER_S=str(int(timeout_s) - 20))
+    if port is not None:
+        env["MASTER_PORT"] = str(port)
     start = time.time()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            rc = proc.wait(timeout=CELL_TIMEOUT_S)
+            rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:  # the whole tree (make, launcher, ranks): the GPU must be free again
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -179,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--commit", help="the commit run (else $GIT_COMMIT, else git rev-parse here)")
     p.add_argument("--dry", action="store_true", help="list the cells and write the JSON without running anything")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="merge combinations.json files of several runs")
+    p.add_argument("--share", type=int, default=1, metavar="N",
+                   help="run N cells at once on the GPU, each on its own rendezvous port (a 0.5B cell needs a few GiB; "
+                        "the cells' peak memory is each process's own, and no timing is compared)")
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.merge:
@@ -204,10 +212,18 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work / stale, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "dist_dpo", "build-model", "--shape", args.shape, "--out", str(model),
                     "--device", "cuda", "--dtype", "bfloat16", "--seed", "0"], cwd=ROOT, check=True)
-    for c in todo:
-        run_cell(c, model, work)
-        write(out, env, todo, time.time() - t0)
-        print(f"[{time.time() - t0:6.0f} s] {c.name}: {c.status} {(c.line or '')[:120]}", flush=True)
+    lock = threading.Lock()
+    timeout_s = CELL_TIMEOUT_S * max(1.0, args.share / 2)  # sharing the host's cores slows each cell down
+
+    def one(i_cell):
+        i, c = i_cell
+        run_cell(c, model, work, port=29600 + i if args.share > 1 else None, timeout_s=timeout_s)
+        with lock:
+            write(out, env, todo, time.time() - t0)
+            print(f"[{time.time() - t0:6.0f} s] {c.name}: {c.status} {(c.line or '')[:120]}", flush=True)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.share)) as pool:
+        list(pool.map(one, enumerate(todo)))
     print_table(todo)
     return 0
 
