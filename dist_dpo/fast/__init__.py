@@ -177,8 +177,10 @@ def _keep_reference(trainer, recipe, rt, base, lean: str | None, report: dict) -
         report["reference"] = f"computed every step ({why})"
         return
     trainer.train_dataset = ref_cache.add_rows(trainer.train_dataset)
-    # a reference forward that gathers sharded weights is a collective: there, only a complete cache is read
-    per_batch = strategy_for(rt.strategy).weights == "replicated"
+    # Under a wrapper whose forward may talk to the other ranks (FSDP2 and ZeRO-3 gather weights in it; a DeepSpeed
+    # engine is left no room to differ), every rank must run the reference forward or none: only a complete cache is
+    # read there. Plain processes and DDP (no collective in a no-grad forward) decide per micro-batch.
+    per_batch = strategy_for(rt.strategy).engine in ("none", "ddp")
     cache = ref_cache.RefLogpsCache(len(trainer.train_dataset), trainer.args.device, per_batch,
                                     ref_cache.key_parts(trainer, base), trainer.train_dataset)
     trainer.speed.ref_cache = cache

@@ -14,9 +14,10 @@ the batch) and `ref_rows_host` (the same as a list, for decisions on the host wi
 stored on the device as they are computed, without a host sync; at each epoch's end and before each checkpoint every
 rank takes the others' (one all-reduce) so that all ranks hold every value computed so far.
 
-When a cached value is used: where every rank holds whole weights, per micro-batch, as soon as all of its rows are
-held; where weights are sharded (FSDP2, ZeRO-3) the reference forward gathers weights, a collective every rank must
-join, so there only once every row of the train set is held (the same decision on every rank).
+When a cached value is used: in one process or under DDP (a no-grad forward talks to no other rank), per
+micro-batch, as soon as all of its rows are held; under FSDP2 and DeepSpeed the reference forward may be a collective
+every rank must join (weights are gathered in it), so there only once every row of the train set is held (the same
+decision on every rank).
 
 A checkpoint carries the values (`ref_logps.pt`) with a key of the model, the data's tokens and the truncation;
 a resume whose key differs recomputes them and says so once.
