@@ -25,7 +25,7 @@ def layout_ratios(pairs: int = 16) -> dict:
     import preference_sets as ps
     from transformers import AutoConfig
 
-    from dist_dpo.fast.batching import PAD_MULTIPLE, LayoutCost, length_grouped_sampler
+    from dist_dpo.speed.batching import PAD_MULTIPLE, LayoutCost, length_grouped_sampler
     from dist_dpo.model_zoo import SHAPES
 
     cost = LayoutCost.for_config(AutoConfig.for_model(**SHAPES["qwen2.5-1.5b"]["config"]))
@@ -85,7 +85,7 @@ def step_times(steps: int = 6) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from dist_dpo import fast
+    from dist_dpo import speed
     from dist_dpo.config import Recipe
     from dist_dpo.model_zoo import ensure_builtin_model
     from dist_dpo.runtime import resolve_runtime
@@ -106,7 +106,7 @@ def step_times(steps: int = 6) -> dict:
             recipe = Recipe()
             recipe.train.gradient_checkpointing = False
             recipe.train.prefix_sharing = label == "speed path"
-            fast.apply(trainer, recipe, resolve_runtime(device_type="cpu"))
+            speed.apply(trainer, recipe, resolve_runtime(device_type="cpu"))
         rows = list(trainer.train_dataset)
         rows.sort(key=lambda r: len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]))  # grouped
         trainer.model.train()

@@ -80,7 +80,7 @@ def default_rows() -> list[Row]:
         Row("dist-dpo", "masked", "var", extra=["--packed_rows", "false"]),
         Row("dist-dpo", "default", "var", "qlora"), Row("trl", "tutorial", "var", "qlora"),
         # lane 1: fixed 512-token pairs (and the masked rows there), 2048 tokens (MFU; and trl's head, which
-        # computes every logits tile again in the backward: what fast/logprob.py saves), then the one-GPU baseline
+        # computes every logits tile again in the backward: what speed/logprob.py saves), then the one-GPU baseline
         # of the scaling rows (8x the pairs: ~100 s)
         Row("dist-dpo", "default", "fixed512", lane=1), Row("trl", "best", "fixed512", lane=1),
         Row("trl", "tutorial", "fixed512", lane=1),
@@ -161,7 +161,7 @@ def optional_rows() -> list[Row]:
         # the 1-GPU row with the intra-op threads the launcher gives each rank of a 2-GPU row (1; a plain process
         # leaves OMP_NUM_THREADS unset and torch picks): a 1-GPU var6k row's steps were slower than each 2-GPU rank's
         Row("dist-dpo", "omp1", "var6k", lane=1, env={"OMP_NUM_THREADS": "1"}),
-        # peft's fp32 copy of every LoRA input kept (what fast/lora_inputs.py removes)
+        # peft's fp32 copy of every LoRA input kept (what speed/lora_inputs.py removes)
         Row("dist-dpo", "lorafp32", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_AB_LORA_INPUT_CAST": "1"}),
         Row("dist-dpo", "lorafp32", "var", env={"DIST_DPO_AB_LORA_INPUT_CAST": "1"}),
         Row("dist-dpo", "expseg", "fixed2048", batch=8, accum=2, lane=1,
@@ -185,7 +185,7 @@ class _TokenCounter:
         self.base, self.tokens, self.tokens_sq = base, 0, 0  # tokens_sq: the rows' squared lengths (attention)
 
     def __call__(self, examples):
-        from dist_dpo.fast import self_check
+        from dist_dpo.speed import self_check
 
         batch = self.base(examples)
         if not self_check.running():  # the self-check's few pairs are not trained on (its time counts, end to end)
@@ -372,7 +372,7 @@ def _startup(spec: dict) -> dict | None:
 
 
 def _native_gqa() -> bool:
-    from dist_dpo.fast.attention import native_gqa
+    from dist_dpo.speed.attention import native_gqa
 
     return native_gqa()
 
@@ -650,7 +650,7 @@ class Bench:
             strategy = row.config if row.gpus > 1 else "single"
             if batches.get("packed"):  # one row per micro-batch, no padding, no mask (attention.py)
                 split = "by cost" in str((r0.get("speed_path") or {}).get("batches"))
-                from dist_dpo.fast import batching
+                from dist_dpo.speed import batching
 
                 lengths = list(zip(p, c, r))  # the trainer's grouped order (its seed: 42, run_child)
                 order = None if split else list(batching.length_grouped_sampler(

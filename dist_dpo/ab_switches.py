@@ -21,14 +21,14 @@ class Switch:
 
 
 SWITCHES = {
-    "LORA_INPUT_CAST": Switch(("0", "1"), "1: keep peft's fp32 copy of every LoRA input (fast/lora_inputs.py)"),
+    "LORA_INPUT_CAST": Switch(("0", "1"), "1: keep peft's fp32 copy of every LoRA input (speed/lora_inputs.py)"),
     "HEAD_RECOMPUTE": Switch(("0", "1"), "1: trl's log-prob kernel, which computes every logits tile again in the "
-                                         "backward (fast/logprob.py)"),
-    "FUSED_QKV": Switch(("1", "0"), "0: q/k/v as three matmuls (fast/fused_qkv.py)"),
+                                         "backward (speed/logprob.py)"),
+    "FUSED_QKV": Switch(("1", "0"), "0: q/k/v as three matmuls (speed/fused_qkv.py)"),
     "DDP_GRAD_COPY": Switch(("0", "1"), "1: DDP copies every gradient into its all-reduce bucket and back"),
     "RMSNORM": Switch(("torch", "liger"), "liger: liger's Triton RMSNorm instead of torch's fused rms_norm "
-                                          "(fast/rms_norm.py; needs liger's kernels on)"),
-    # "": the best mode this torch has (fast/attention.py picks it); the others force one
+                                          "(speed/rms_norm.py; needs liger's kernels on)"),
+    # "": the best mode this torch has (speed/attention.py picks it); the others force one
     "VARLEN_GQA": Switch(("", "varlen", "aten", "expand"), "expand: K/V heads expanded per query head in packed rows; "
                                                            "varlen / aten: that grouped kernel"),
 }

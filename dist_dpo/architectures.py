@@ -7,7 +7,7 @@ trl's loss and LoRA gradients on a tiny random model of every family below; benc
 a GPU in bf16, LoRA and QLoRA). A family that is not here gets no piece that depends on the architecture: trl's own
 forward, and the speed-path line says so. Nothing is decided by a class-name pattern.
 
-The pieces (dist_dpo/fast/):
+The pieces (dist_dpo/speed/):
   head          the log-prob head over dist-dpo's row layouts, logging-only outputs on logging steps only
                 (head.py, logprob.py, loss.py); every piece below rides on it
   shared_rows   each prompt computed once: one row [prompt | chosen | rejected] per pair with a 4-D mask

@@ -178,7 +178,7 @@ class TrainArgs:
     )
     liger_kernels: bool | str = _f(
         "auto",
-        "liger-kernel's fused SwiGLU / RoPE (trl's use_liger_kernel; RMSNorm is torch's fused op on the fast path): "
+        "liger-kernel's fused SwiGLU / RoPE (trl's use_liger_kernel; RMSNorm is torch's fused op on the speed path): "
         "less activation memory, faster layers. "
         "auto: on GPUs when the package is installed and fast_path is on.",
         bool_or_auto=True,

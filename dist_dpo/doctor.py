@@ -262,7 +262,7 @@ def packed_rows_rows(gpus: int) -> list[Row]:
                     "GPU only (flash attention's variable-length kernel): CPU runs use masked rows")]
     import torch
 
-    from dist_dpo.fast.attention import kernel_reason, native_gqa
+    from dist_dpo.speed.attention import kernel_reason, native_gqa
 
     bf16 = torch.cuda.get_device_properties(0).major >= 8
     why = kernel_reason(0, torch.bfloat16 if bf16 else torch.float16, 128)

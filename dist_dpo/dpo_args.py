@@ -40,7 +40,7 @@ def build_dpo_config(r: Recipe, rt: Runtime, strat: Strategy):
         beta=t.beta,
         loss_type=[t.loss_type],
         max_length=t.max_length,
-        # auto: on until dist_dpo.fast.apply has planned it against the tokenized data (trl and peft set up the
+        # auto: on until dist_dpo.speed.apply has planned it against the tokenized data (trl and peft set up the
         # model for checkpointing at build time; apply turns it down or off)
         gradient_checkpointing=t.gradient_checkpointing is not False,
         gradient_checkpointing_kwargs={"use_reentrant": strat.checkpointing_reentrant},

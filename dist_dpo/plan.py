@@ -134,7 +134,7 @@ class Job:
     paged_optimizer: bool = False  # paged_adamw_8bit: moments in managed memory, not the allocator's
     masked_attention: bool = False  # padding in the batch or the shared-prompt mask: sdpa leaves flash attention
     shared_mask: bool = False  # one float mask for all layers (dist-dpo's layout) instead of a copy per layer
-    # dist-dpo's packed rows (fast/attention.py): one unpadded row, no mask; seq_len is then the mean tokens per pair
+    # dist-dpo's packed rows (speed/attention.py): one unpadded row, no mask; seq_len is then the mean tokens per pair
     # of the micro-batch, and attention keeps keys/values for each prompt twice (prompt+chosen, prompt+rejected)
     kv_token_frac: float = 1.0  # keys/values kept per token: 1 + the prompt share under packed rows
     repeat_kv: bool | None = None  # K/V expanded to every query head; None: when attention is masked (sdpa's path)
@@ -146,9 +146,9 @@ class Job:
 
 
 def packed_job(job: Job, lengths, ranks: int = 1, expand_kv: bool = True, order: list[int] | None = None) -> Job:
-    """`job` as dist-dpo's packed rows run it (fast/attention.py) on pairs of these (prompt, chosen, rejected)
+    """`job` as dist-dpo's packed rows run it (speed/attention.py) on pairs of these (prompt, chosen, rejected)
     lengths: the micro-batch with the most tokens, unpadded, each prompt's K/V kept twice. `order`: the sampler's
-    order of the pairs (fast/batching.py; micro-batches are consecutive runs of `job.pairs` in it); without it, the
+    order of the pairs (speed/batching.py; micro-batches are consecutive runs of `job.pairs` in it); without it, the
     `job.pairs` longest pairs together - an upper bound: transformers' length grouping sorts within random
     megabatches, so the longest pairs rarely share a batch (on the var set 10.6 k instead of 13.3 k tokens, which
     planned the measured peak at -0.2 % instead of +21 %). `ranks` > 1: a step's pairs split by cost across that

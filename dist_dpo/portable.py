@@ -13,7 +13,7 @@ It is written inside the staged checkpoint before its marker (dist_dpo/checkpoin
 atomically with the rest. `train` uses it only when the world size or the strategy changed; otherwise it keeps
 transformers' native resume. The global batch (per device x accumulation x processes) is kept by recomputing the
 accumulation for the new process count, so the optimizer steps see the same pairs: the grouped and the random order
-depend on the seed, the epoch and the global batch only (dist_dpo/fast/batching.py), and the Trainer skips
+depend on the seed, the epoch and the global batch only (dist_dpo/speed/batching.py), and the Trainer skips
 `global_step x global batch` pairs of the epoch on any layout.
 """
 

@@ -271,9 +271,9 @@ def skeleton_counts(r: Recipe, model_path: str) -> tuple[int, int]:
 
 def check_forced_speed_path(r: Recipe, config) -> None:
     """A speed-path option the recipe forces (`true`) that this model cannot take, refused before anything loads.
-    (fast.apply refuses what only the loaded model and the GPU show: the variable-length kernel's probe.)"""
+    (speed.apply refuses what only the loaded model and the GPU show: the variable-length kernel's probe.)"""
     from dist_dpo.architectures import attention_layer_types, family_for
-    from dist_dpo.fast import ref_cache
+    from dist_dpo.speed import ref_cache
 
     t = r.train
     family = family_for(config.get_text_config().model_type)

@@ -63,7 +63,7 @@ class Strategy:
     # a layer bf16, the case that sends packed 4-bit bytes through a float copy (see fsdp_4bit_gather_as_stored).
     qlora_adapters_fp32: bool = True
     # Whether each layer's q/k/v projections may run as one matmul over a fused copy of their frozen weights
-    # (fast/fused_qkv.py). Only where every rank holds whole weights: FSDP2 / ZeRO-3 shard them after the speed path
+    # (speed/fused_qkv.py). Only where every rank holds whole weights: FSDP2 / ZeRO-3 shard them after the speed path
     # is installed, so the fused copy would stay whole beside the shards.
     fuses_qkv: bool = True
     # Whether the recipe's micro-batches x accumulation may run as fewer, larger micro-batches (merge_micro_batches):
@@ -75,7 +75,7 @@ class Strategy:
     # "deepspeed": the ZeRO optimizer owns fp32 masters and moments in flat partitions; only
     # deepspeed.utils.safe_{get,set}_full_{fp32_param,optimizer_state} see them per parameter.
     portable_state: str = "local"
-    # Whether the speed path's first-batch self-check (fast/self_check.py) also compares LoRA gradients. It takes them
+    # Whether the speed path's first-batch self-check (speed/self_check.py) also compares LoRA gradients. It takes them
     # with torch.autograd.grad on the unwrapped model, outside the wrapper's backward. Where weights are whole on every
     # rank that is plain autograd; FSDP2 / ZeRO-3 gather and reduce parameters in backward hooks that must run inside
     # the wrapper's own step (and ZeRO-3's reentrant checkpointing refuses autograd.grad), so there it compares the

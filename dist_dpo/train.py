@@ -69,7 +69,7 @@ def _train(argv: list[str]) -> int:
     # launch scripts' one-process check asks it for the job they are about to start; that job says its fixes.
     planned = planned_runtime(recipe.train.deepspeed) if recipe.dry_run else None
     preflight.check_combination(recipe, planned or rt, say=planned is None)
-    from dist_dpo.fast import check_switches
+    from dist_dpo.speed import check_switches
 
     check_switches()  # the benchmark's A/B environment switches: a typo stops here, not after tokenization
     pinned = pin_cpus(recipe, rt)  # before any worker thread starts: they inherit it
@@ -105,7 +105,7 @@ def _train(argv: list[str]) -> int:
     from transformers.trainer_callback import ProgressCallback
 
     from dist_dpo.callbacks import RankZeroProgress
-    from dist_dpo import fast
+    from dist_dpo import speed
     from dist_dpo.precision import keep_logprobs_fp32, keep_qlora_adapters_fp32, refuse_float_gathered_4bit
     from dist_dpo.run_stats import RunStats
     from dist_dpo.trainer import DistDPOTrainer
@@ -126,7 +126,7 @@ def _train(argv: list[str]) -> int:
     keep_qlora_adapters_fp32(trainer, strat)  # dist_dpo/precision.py: what trl / FSDP2 would get wrong, in order
     refuse_float_gathered_4bit(trainer.model, strat)
     keep_logprobs_fp32(trainer, strat)
-    fast.apply(trainer, recipe, rt)  # the speed path, same loss as trl's (dist_dpo/fast/__init__.py)
+    speed.apply(trainer, recipe, rt)  # the speed path, same loss as trl's (dist_dpo/speed/__init__.py)
     startup.mark("speed path")
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(RankZeroProgress())

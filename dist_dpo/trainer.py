@@ -11,7 +11,7 @@ it wherever dist-dpo has nothing to add. Nothing is replaced on an instance.
   TokenizeAcrossRanks (data.py)        DPOTrainer._prepare_dataset: every rank tokenizes its part at once
   SpeedPathHooks     (below)           Trainer._get_train_sampler, DPOTrainer.compute_loss, Trainer.log,
                                        DPOTrainer._set_signature_columns_if_needed, Trainer._save_checkpoint,
-                                       Trainer.train: the speed path (dist_dpo/fast), as `fast.apply` configured it
+                                       Trainer.train: the speed path (dist_dpo/speed), as `speed.apply` configured it
                                        for this run
 """
 
@@ -30,21 +30,21 @@ from dist_dpo.portable import PortableResume
 
 @dataclass
 class SpeedPathState:
-    """What `dist_dpo.fast.apply` decided for this run: read by the trainer's hooks, benchmarks and tests."""
-    applied: bool = False  # fast.apply ran: a second call returns the first one's report and changes nothing
+    """What `dist_dpo.speed.apply` decided for this run: read by the trainer's hooks, benchmarks and tests."""
+    applied: bool = False  # speed.apply ran: a second call returns the first one's report and changes nothing
     report: dict = field(default_factory=dict)  # the `speed path:` log line, as a dict
     sampler: object = None  # callable(trainer, dataset) -> sampler or None (trl's); pairs grouped by length
-    pairs_per_rank: int | None = None  # the lean loss divides each rank's sum by it (ranks split by cost)
-    lean_loss: bool = False  # loss.compute_loss instead of trl's (same loss, fewer host syncs)
-    pending: list = field(default_factory=list)  # the lean loss's per-micro-step metrics, gathered at each log
+    pairs_per_rank: int | None = None  # the speed path's loss divides each rank's sum by it (ranks split by cost)
+    own_loss: bool = False  # the speed path computes the loss (speed/loss.py: trl's loss, fewer host syncs)
+    pending: list = field(default_factory=list)  # the speed path's loss's per-micro-step metrics, gathered at each log
     self_check: object = None  # callable(trainer, model) -> verdict dict, run before the first training loss
     self_check_verdict: dict | None = None
-    ref_cache: object = None  # fast/ref_cache.RefLogpsCache: reference log-probs kept across epochs
+    ref_cache: object = None  # speed/ref_cache.RefLogpsCache: reference log-probs kept across epochs
 
 
 class SpeedPathHooks:
     """Mixin for trl's DPOTrainer: where the speed path plugs into training. With `speed` at its defaults (no
-    `fast.apply`, `fast_path: false`, or after the self-check turned it off) every hook is trl's own."""
+    `speed.apply`, `fast_path: false`, or after the self-check turned it off) every hook is trl's own."""
 
     speed: SpeedPathState
 
@@ -54,13 +54,13 @@ class SpeedPathHooks:
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # mirrors trl.DPOTrainer.compute_loss
-        from dist_dpo.fast import ref_cache
+        from dist_dpo.speed import ref_cache
 
         if self.speed.self_check is not None and self.model.training:
             check, self.speed.self_check = self.speed.self_check, None  # once, even if it raises
             self.speed.self_check_verdict = check(self, model)  # may turn the speed path off for the run
-        if self.speed.lean_loss and self.model.training and not return_outputs:
-            from dist_dpo.fast import loss
+        if self.speed.own_loss and self.model.training and not return_outputs:
+            from dist_dpo.speed import loss
 
             return loss.compute_loss(self, model, inputs, num_items_in_batch)
         inputs = {k: v for k, v in inputs.items() if k not in ref_cache.BATCH_KEYS}  # trl hands the rest to the model
@@ -68,7 +68,7 @@ class SpeedPathHooks:
 
     def _set_signature_columns_if_needed(self):  # mirrors trl.DPOTrainer._set_signature_columns_if_needed
         super()._set_signature_columns_if_needed()
-        from dist_dpo.fast import ref_cache
+        from dist_dpo.speed import ref_cache
 
         if self.speed.ref_cache is not None and ref_cache.COLUMN not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, ref_cache.COLUMN]  # the rows reach the collator
@@ -93,9 +93,9 @@ class SpeedPathHooks:
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def log(self, logs, start_time=None):  # mirrors transformers.Trainer.log
-        if (self.speed.lean_loss or self.speed.pending) and self.model.training:  # every rank gets here: the Trainer
+        if (self.speed.own_loss or self.speed.pending) and self.model.training:  # every rank gets here: the Trainer
             # gathered the loss first
-            from dist_dpo.fast import loss
+            from dist_dpo.speed import loss
 
             loss.flush_metrics(self)
         return super().log(logs, start_time)

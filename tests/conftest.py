@@ -48,7 +48,7 @@ def lora_b_nonzero(trainer, seed: int = 1) -> None:
 def apply_speed_path(trainer, device_type: str = "cpu", **train_keys) -> None:
     """dist-dpo's speed path on a plain trl trainer as `train` applies it, without gradient checkpointing and without
     the first-batch self-check (tests/test_families.py tests that one on its own); `train_keys` set recipe keys."""
-    from dist_dpo import fast
+    from dist_dpo import speed
     from dist_dpo.config import Recipe
     from dist_dpo.runtime import resolve_runtime
 
@@ -57,4 +57,4 @@ def apply_speed_path(trainer, device_type: str = "cpu", **train_keys) -> None:
     recipe.train.speed_self_check = False
     for key, value in train_keys.items():
         setattr(recipe.train, key, value)
-    fast.apply(trainer, recipe, resolve_runtime(device_type=device_type))
+    speed.apply(trainer, recipe, resolve_runtime(device_type=device_type))

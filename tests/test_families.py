@@ -129,7 +129,7 @@ def test_packed_rows_are_trls_where_the_table_allows_them(shape, pairs):
     """Packed rows through attention.py's per-segment reference (what the GPU kernel is held to before any run);
     a family with sliding-window layers keeps the masked rows, and says why."""
     from dist_dpo.architectures import attention_layer_types
-    from dist_dpo.fast import attention
+    from dist_dpo.speed import attention
 
     plain = build(shape, pairs, fast=False)
     rows = [plain.train_dataset[i] for i in range(6)]
@@ -372,7 +372,7 @@ def test_self_check_with_lora_dropout_agrees_and_leaves_the_rng_alone(tmp_path):
 def test_moe_without_the_router_loss_shares_and_packs_rows_exactly(pairs):
     """router_aux_loss_coef 0: no sequence-wide term left, each token routes alone, so the prompt is shared (and on
     the CPU reference path, packed) and the step is still trl's."""
-    from dist_dpo.fast import attention
+    from dist_dpo.speed import attention
 
     plain = build("tiny-qwen3_moe", pairs, fast=False, dpo={"router_aux_loss_coef": 0.0})
     assert not plain.aux_loss_enabled
@@ -391,7 +391,7 @@ def test_moe_without_the_router_loss_shares_and_packs_rows_exactly(pairs):
 
 def test_a_mistyped_break_switch_is_refused(monkeypatch):
     from dist_dpo.errors import UserError
-    from dist_dpo.fast import check_switches
+    from dist_dpo.speed import check_switches
 
     monkeypatch.setenv("DIST_DPO_TEST_BREAK", "torchnorm")
     with pytest.raises(UserError, match="DIST_DPO_TEST_BREAK=torchnorm: use one of torch_norm, shared_rows"):

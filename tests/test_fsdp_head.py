@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent(r"""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    from dist_dpo.fast import head as head_mod
+    from dist_dpo.speed import head as head_mod
 
     dist.init_process_group("gloo")
     rank, grouping = dist.get_rank(), sys.argv[1]

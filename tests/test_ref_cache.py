@@ -1,4 +1,4 @@
-"""Reference log-probs kept across epochs (dist_dpo/fast/ref_cache.py): later epochs read the first epoch's values
+"""Reference log-probs kept across epochs (dist_dpo/speed/ref_cache.py): later epochs read the first epoch's values
 instead of running the reference forward, with trl's losses; a resumed run reads them from its checkpoint; values
 written for another model or data are not taken; where the reference is not fixed the cache is off, with the reason.
 """
@@ -85,7 +85,7 @@ def test_a_fixed_reference_is_required(pairs):
 
 
 def test_values_are_shared_across_ranks_and_keyed(pairs, tmp_path):
-    from dist_dpo.fast import ref_cache
+    from dist_dpo.speed import ref_cache
 
     trainer = build(pairs, fast=True)
     cache = trainer.speed.ref_cache
@@ -135,7 +135,7 @@ def test_a_resumed_run_reads_the_reference_from_its_checkpoint(tmp_path):
     assert all(s in resumed for s in range(7, 13))  # 1-6 come with the checkpoint's trainer state
     assert [resumed[s] for s in range(7, 13)] == pytest.approx([straight[s] for s in range(7, 13)], abs=1e-5)
     # values written for other data are not taken: the run computes them again and says why
-    from dist_dpo.fast import ref_cache
+    from dist_dpo.speed import ref_cache
 
     other = tmp_path / "other"
     other.mkdir()

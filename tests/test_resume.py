@@ -170,7 +170,7 @@ def test_the_grouped_order_is_drawn_per_epoch_through_accelerates_loader(world):
     from accelerate.data_loader import BatchSamplerShard, DataLoaderShard
     from torch.utils.data import BatchSampler
 
-    from dist_dpo.fast.batching import length_grouped_sampler
+    from dist_dpo.speed.batching import length_grouped_sampler
 
     rng = random.Random(0)
     lengths = [rng.randint(5, 300) for _ in range(200)]

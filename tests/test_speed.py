@@ -1,4 +1,4 @@
-"""dist-dpo's speed path (dist_dpo/fast) computes trl's DPO loss: same batch through plain trl and through the fast
+"""dist-dpo's speed path (dist_dpo/speed) computes trl's DPO loss: same batch through plain trl and through the speed
 path, same loss, same gradients, same logged metrics. Plus the pieces around it (length grouping under DDP sharding,
 per-layer checkpointing, the auto decision) and the CPU smoke run of benchmarks/throughput.py."""
 
@@ -54,7 +54,7 @@ def build(pairs, fast=False, prefix_sharing="auto", loss_type="sigmoid", max_len
 
 def step(trainer, rows, logging=True):
     """One training micro-step's loss and LoRA gradients on `rows` (a logging step, or a step that is not logged:
-    the fast path then skips the vocabulary extras and takes fast/logprob.py's head)."""
+    the speed path then skips the vocabulary extras and takes speed/logprob.py's head)."""
     batch = trainer.data_collator([{k: r[k] for k in KEYS} for r in rows])
     if trainer.args.device.type == "cuda":
         from accelerate.utils import send_to_device
@@ -98,7 +98,7 @@ def test_fast_path_gives_trls_loss_and_gradients(pairs, prefix_sharing, max_leng
 def force_packed(trainer):
     """Packed rows on the CPU: the segments run through attention.reference (sdpa per segment, explicit bottom-right
     causal mask), the path the GPU probe holds flash attention's variable-length kernel to."""
-    from dist_dpo.fast import attention
+    from dist_dpo.speed import attention
 
     attention.install(trainer.model.get_base_model())
     trainer.data_collator.packed = True
@@ -122,7 +122,7 @@ def test_packed_rows_give_trls_loss_and_gradients(pairs, max_length):
 
 def test_packed_segments_are_the_masked_rows_attention():
     """The two segments per pair attend exactly like the shared row's 4-D mask: same output for every token."""
-    from dist_dpo.fast import attention, batching, head
+    from dist_dpo.speed import attention, batching, head
 
     class Base:
         max_length, truncation_mode, pad_to_multiple_of, pad_token_id = None, "keep_start", None, 0
@@ -154,7 +154,7 @@ def test_packed_rows_stay_off_without_cuda(pairs):
 
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_packed_rows_under_partial_checkpointing_give_trls_gradients(pairs, reentrant):
-    from dist_dpo.fast import checkpointing
+    from dist_dpo.speed import checkpointing
 
     plain = build(pairs)
     rows = [plain.train_dataset[i] for i in range(6)]
@@ -167,7 +167,7 @@ def test_packed_rows_under_partial_checkpointing_give_trls_gradients(pairs, reen
 
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_shared_rows_under_partial_checkpointing_give_trls_gradients(pairs, reentrant):
-    from dist_dpo.fast import checkpointing
+    from dist_dpo.speed import checkpointing
 
     plain = build(pairs)
     rows = [plain.train_dataset[i] for i in range(6)]
@@ -185,7 +185,7 @@ def test_fast_path_logs_trls_metrics(pairs):
     expected = {k: v[-1] for k, v in plain._metrics["train"].items()}
     fast = build(pairs, fast=True, prefix_sharing=True)
     step(fast, rows)
-    from dist_dpo.fast.loss import flush_metrics
+    from dist_dpo.speed.loss import flush_metrics
 
     assert not fast._metrics["train"]  # nothing synced during the step
     flush_metrics(fast)
@@ -204,7 +204,7 @@ def test_non_logging_steps_skip_the_vocabulary_extras(pairs):
     fast.model.train()
     fast.state.global_step = 3  # step 4 is not logged
     fast.compute_loss(fast.model, batch).backward()
-    from dist_dpo.fast.loss import flush_metrics
+    from dist_dpo.speed.loss import flush_metrics
 
     flush_metrics(fast)
     assert "entropy" not in fast._metrics["train"] and "rewards/margins" in fast._metrics["train"]
@@ -226,7 +226,7 @@ def test_length_grouping_keeps_ranks_disjoint():
     from accelerate.data_loader import BatchSamplerShard
     from torch.utils.data import BatchSampler
 
-    from dist_dpo.fast.batching import length_grouped_sampler
+    from dist_dpo.speed.batching import length_grouped_sampler
 
     rng = random.Random(0)
     lengths = [int(rng.lognormvariate(5, 0.8)) + 20 for _ in range(400)]
@@ -252,7 +252,7 @@ def test_each_micro_step_is_dealt_out_across_ranks():
     from accelerate.data_loader import BatchSamplerShard
     from torch.utils.data import BatchSampler
 
-    from dist_dpo.fast.batching import length_grouped_sampler
+    from dist_dpo.speed.batching import length_grouped_sampler
 
     rng = random.Random(0)
     lengths = [int(rng.lognormvariate(5, 0.8)) + 20 for _ in range(400)]
@@ -289,7 +289,7 @@ def test_several_ranks_split_each_step_by_cost_not_count():
     from accelerate.data_loader import BatchSamplerShard
     from torch.utils.data import BatchSampler
 
-    from dist_dpo.fast.batching import length_grouped_sampler, rebalanced_grouped_sampler
+    from dist_dpo.speed.batching import length_grouped_sampler, rebalanced_grouped_sampler
 
     rng = random.Random(0)
     lengths = [int(rng.lognormvariate(5, 0.8)) + 20 for _ in range(768)]
@@ -351,7 +351,7 @@ def test_two_ranks_train_the_same_step_as_one_process(tmp_path, balance):
 def test_every_nth_layer_checkpointing_survives_trls_toggle(pairs):
     from trl.models.utils import disable_gradient_checkpointing
 
-    from dist_dpo.fast import checkpointing
+    from dist_dpo.speed import checkpointing
 
     trainer = build(pairs)
     checkpointing.apply(trainer, every=2, reentrant=False)
@@ -368,7 +368,7 @@ def test_every_nth_layer_checkpointing_survives_trls_toggle(pairs):
 def test_auto_checkpointing_follows_the_memory_plan(pairs, monkeypatch):
     from dist_dpo import plan
     from dist_dpo.config import Recipe
-    from dist_dpo.fast import batching, checkpointing
+    from dist_dpo.speed import batching, checkpointing
     from dist_dpo.runtime import Runtime
 
     trainer = build(pairs)
@@ -395,7 +395,7 @@ def test_accumulated_micro_batches_merge_when_the_plan_says_they_fit(pairs, monk
 
     from dist_dpo import plan
     from dist_dpo.config import Recipe
-    from dist_dpo.fast import batching, microbatch
+    from dist_dpo.speed import batching, microbatch
     from dist_dpo.runtime import Runtime
 
     trainer = build(pairs)
@@ -476,7 +476,7 @@ def test_throughput_smoke_on_cpu(tmp_path):
             assert r[key] is not None, key
     assert rows["dist-dpo/var/lora/1gpu"]["tokens"] == rows["tutorial/var/lora/1gpu"]["tokens"]  # same work
     assert doc["ratios"]["vs_tutorial"] > 0 and doc["versions"]["trl"] and doc["cards"] == ["cpu"]
-    if "fast.apply" in (ROOT / "dist_dpo" / "train.py").read_text():
+    if "speed.apply" in (ROOT / "dist_dpo" / "train.py").read_text():
         assert rows["dist-dpo/var/lora/1gpu"]["speed_path"]
     assert "trainer (tokenization)" in rows["dist-dpo/var/lora/1gpu"]["startup_s"]  # from its dist_dpo_run.json
     profile = rows["dist-dpo/var/lora/1gpu"]["profile_per_rank"]["0"]  # the last step, under torch.profiler
@@ -549,7 +549,7 @@ def test_flash_varlen_speaks_every_varlen_api(monkeypatch, api):
     adapts, and gives the reference attention either way (the kernel stood in for by the reference)."""
     import torch.nn.attention.varlen as tv
 
-    from dist_dpo.fast import attention
+    from dist_dpo.speed import attention
 
     def old(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False, return_aux=None):
         assert is_causal and key.size(1) == query.size(1)
@@ -580,7 +580,7 @@ def test_lora_inputs_skip_peft_copy_under_autocast_and_compute_the_same():
     from transformers import AutoModelForCausalLM
 
     from dist_dpo import model_zoo
-    from dist_dpo.fast import lora_inputs
+    from dist_dpo.speed import lora_inputs
 
     base = AutoModelForCausalLM.from_pretrained(str(model_zoo.ensure_builtin_model()), dtype=torch.bfloat16)
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
@@ -623,11 +623,11 @@ def test_a_bad_ab_switch_is_refused_in_one_line(pairs, monkeypatch, name, value)
 
 @pytest.mark.parametrize("tile", [8, 4096])
 def test_log_probs_with_gradient_in_forward_match_trls_kernel(monkeypatch, tile):
-    """fast/logprob.py against trl's ChunkedLogProbFunction and full-vocabulary log_softmax: same log-probs, same
+    """speed/logprob.py against trl's ChunkedLogProbFunction and full-vocabulary log_softmax: same log-probs, same
     hidden-state gradient; several vocabulary chunks (the last one partial) and, with tile 8, several token tiles."""
     from trl.kernels import ChunkedLogProbFunction
 
-    from dist_dpo.fast import logprob
+    from dist_dpo.speed import logprob
 
     monkeypatch.setattr(logprob, "TOKENS_PER_TILE", tile)
     g = torch.Generator().manual_seed(0)
@@ -648,7 +648,7 @@ def test_log_probs_with_gradient_in_forward_match_trls_kernel(monkeypatch, tile)
 
 
 def test_log_probs_with_gradient_in_forward_cover_only_what_they_can(monkeypatch):
-    from dist_dpo.fast import logprob
+    from dist_dpo.speed import logprob
 
     h, w = torch.zeros(2, 4, requires_grad=True), torch.zeros(6, 4)
     assert logprob.covers(h, w, None, ("log_probs",))
@@ -661,8 +661,8 @@ def test_log_probs_with_gradient_in_forward_cover_only_what_they_can(monkeypatch
 
 
 def test_non_logging_steps_give_trls_loss_and_gradients(pairs, monkeypatch):
-    """Outside logging steps the policy's head is fast/logprob.py (no extras asked): the step is still trl's."""
-    from dist_dpo.fast import logprob
+    """Outside logging steps the policy's head is speed/logprob.py (no extras asked): the step is still trl's."""
+    from dist_dpo.speed import logprob
 
     plain = build(pairs)
     rows = [plain.train_dataset[i] for i in range(6)]
@@ -684,11 +684,11 @@ def test_a_negative_sync_probe_is_refused():
 
 
 def test_torch_rms_norm_is_the_models_rms_norm():
-    """fast/rms_norm.py: F.rms_norm in place of the model's RMSNorm - the same function in fp32, within one bf16
+    """speed/rms_norm.py: F.rms_norm in place of the model's RMSNorm - the same function in fp32, within one bf16
     rounding step in bf16 (HF rounds x * rstd before the weight), input gradient too."""
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
-    from dist_dpo.fast import rms_norm
+    from dist_dpo.speed import rms_norm
 
     g = torch.Generator().manual_seed(0)
     for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2 ** -7)):
@@ -734,7 +734,7 @@ def test_torch_rms_norm_switch_keeps_trls_loss(pairs, monkeypatch):
 
 
 def test_fused_qkv_is_the_three_projections(pairs, monkeypatch):
-    """fast/fused_qkv.py: one matmul for q/k/v gives trl's loss and gradients (fp32, CPU), the modules' weights are
+    """speed/fused_qkv.py: one matmul for q/k/v gives trl's loss and gradients (fp32, CPU), the modules' weights are
     views into the fused copy (no extra memory), and a base whose weights were re-allocated falls back to its own."""
     rows, reference = trl_step(pairs)
     monkeypatch.setenv("DIST_DPO_AB_FUSED_QKV", "1")
@@ -766,7 +766,7 @@ def test_fused_qkv_and_torch_rms_norm_are_the_default_where_weights_are_whole(pa
     """The speed path's defaults since the 2026-11-28 A/B rows (q/k/v one matmul, torch's fused RMSNorm); each A/B
     switch turns its piece off; strategies that shard weights after the speed path (FSDP2, ZeRO-3: the strategy
     table's fuses_qkv) keep q/k/v apart."""
-    import dist_dpo.fast as speed
+    import dist_dpo.speed as speed
     from dist_dpo.strategies import STRATEGY_TABLE, strategy_for
 
     rows, reference = trl_step(pairs)
@@ -799,9 +799,9 @@ def test_throughput_refuses_a_bad_lane_in_one_line(lane, message):
 
 
 def test_the_speed_path_is_applied_once(pairs):
-    """A second fast.apply on the same trainer changes nothing (the same report, trl's loss and gradients), and each
+    """A second speed.apply on the same trainer changes nothing (the same report, trl's loss and gradients), and each
     piece installed twice on a model is still installed once."""
-    from dist_dpo.fast import fused_qkv, rms_norm
+    from dist_dpo.speed import fused_qkv, rms_norm
     from dist_dpo.architectures import family_of
 
     rows, reference = trl_step(pairs)

@@ -23,7 +23,7 @@ def test_a_renamed_constant_fails_the_contract(monkeypatch):
     monkeypatch.delattr(trl.trainer.utils, "_CHUNKED_LOGPROB_CHUNK_SIZE")
     found = upstream.problems()
     assert len(found) == 1 and "trl.trainer.utils:_CHUNKED_LOGPROB_CHUNK_SIZE" in found[0] and "missing" in found[0]
-    assert "fast/head.py" in found[0] and upstream.TRL in found[0]
+    assert "speed/head.py" in found[0] and upstream.TRL in found[0]
 
 
 def test_a_changed_signature_fails_the_contract(monkeypatch):
@@ -51,10 +51,10 @@ def test_a_method_gone_from_the_trainer_fails_the_contract(monkeypatch):
 
 
 def test_an_instance_attribute_no_longer_set_fails_the_contract():
-    entry = upstream.Internal("trl:DPOTrainer._renamed_metrics", "read", "fast/loss.py", "test", upstream.TRL,
+    entry = upstream.Internal("trl:DPOTrainer._renamed_metrics", "read", "speed/loss.py", "test", upstream.TRL,
                               set_by_source=True)
     assert "no longer set by its owner" in upstream.problem(entry)
-    assert upstream.problem(upstream.Internal("trl:DPOTrainer._metrics", "read", "fast/loss.py", "test",
+    assert upstream.problem(upstream.Internal("trl:DPOTrainer._metrics", "read", "speed/loss.py", "test",
                                               upstream.TRL, set_by_source=True)) is None
 
 
@@ -134,7 +134,7 @@ def _modeling_module(model_type: str):
 @pytest.mark.parametrize("family", [f for f in __import__("dist_dpo.architectures", fromlist=["x"]).ARCHITECTURE_TABLE
                                     if f.norm_classes or f.moe_block], ids=lambda f: f.model_types[0])
 def test_the_classes_the_architecture_table_names_exist_with_the_forward_it_replaces(family):
-    """fast/rms_norm.py replaces the forward of each family's norm classes with a one-tensor forward; ZeRO-3 makes the
+    """speed/rms_norm.py replaces the forward of each family's norm classes with a one-tensor forward; ZeRO-3 makes the
     family's MoE block a leaf module by class. A class renamed or given another forward fails here."""
     for model_type in family.model_types:
         module = _modeling_module(model_type)

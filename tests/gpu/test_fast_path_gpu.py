@@ -15,7 +15,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_varlen_kernel_passes_the_probe(head_dim):
-    from dist_dpo.fast import attention
+    from dist_dpo.speed import attention
 
     assert attention.kernel_reason(0, torch.bfloat16, head_dim) is None
 
@@ -23,7 +23,7 @@ def test_varlen_kernel_passes_the_probe(head_dim):
 def test_grouped_kv_heads_run_as_they_are_and_match_the_expansion():
     """Qwen2.5's 12 query / 2 K/V heads at a real size: the grouped kernel (torch 2.11: the flash op directly) gives
     the expanded heads' output and gradients, and the probe picked it."""
-    from dist_dpo.fast import attention
+    from dist_dpo.speed import attention
 
     assert attention.kernel_reason(0, torch.bfloat16, 128) is None
     modes = attention.gqa_modes()
@@ -64,7 +64,7 @@ def test_packed_and_masked_rows_give_trls_loss_on_gpu(pairs):  # noqa: F811
     plain = build(pairs, cuda=True)
     rows = [plain.train_dataset[i] for i in range(6)]
     ref_loss, ref_grads, _ = step(plain, rows)
-    for packed, logging in (("auto", True), ("auto", False), (False, True)):  # not logged: fast/logprob.py's head
+    for packed, logging in (("auto", True), ("auto", False), (False, True)):  # not logged: speed/logprob.py's head
         fast = build(pairs, fast=True, prefix_sharing=True, cuda=True, packed_rows=packed)
         assert fast.data_collator.packed is (packed == "auto"), fast.speed.report
         loss, grads, batch = step(fast, rows, logging=logging)
@@ -77,12 +77,12 @@ def test_packed_and_masked_rows_give_trls_loss_on_gpu(pairs):  # noqa: F811
 
 
 def test_head_gradient_in_forward_matches_trls_kernel_at_a_real_size():
-    """fast/logprob.py's triton fold vs trl's ChunkedLogProbFunction, Qwen2.5-1.5B's head (151,936 x 1,536, bf16)
+    """speed/logprob.py's triton fold vs trl's ChunkedLogProbFunction, Qwen2.5-1.5B's head (151,936 x 1,536, bf16)
     over 5,000 tokens (two token tiles, five vocabulary chunks), both against fp32 log_softmax. Prints each kernel's
     forward + backward time (informative: the benchmark's headrecompute row is the measurement)."""
     from trl.kernels import ChunkedLogProbFunction
 
-    from dist_dpo.fast import logprob
+    from dist_dpo.speed import logprob
 
     gen = torch.Generator(device="cpu").manual_seed(0)
     n, d, vocab = 5000, 1536, 151936

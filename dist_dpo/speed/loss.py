@@ -18,7 +18,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from dist_dpo.fast.head import EXTRAS
+from dist_dpo.speed.head import EXTRAS
 
 NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "ref_rows", "ref_rows_host"}
 # Per micro-step sums, one row each, gathered once per log.
@@ -27,7 +27,7 @@ COLUMNS = ("pairs", "rewards_chosen", "rewards_rejected", "accuracies", "margins
            "logits_rejected", "rejected_tokens", "top1_chosen")
 
 
-def lean_unsupported_reason(trainer) -> str | None:
+def unsupported_reason(trainer) -> str | None:
     if list(trainer.loss_types) != ["sigmoid"] or list(trainer.loss_weights) != [1.0]:
         return f"loss_type {trainer.loss_types}"
     if trainer.ld_alpha is not None or trainer.use_weighting or trainer.f_divergence_type != "reverse_kl":
@@ -60,7 +60,7 @@ def checkpointing_paused(model):
 
 
 def compute_loss(trainer, model, inputs, num_items_in_batch=None):
-    """A training micro-step's loss (DistDPOTrainer.compute_loss calls it where `trainer.speed.lean_loss`; trl's
+    """A training micro-step's loss (DistDPOTrainer.compute_loss calls it where `trainer.speed.own_loss`; trl's
     compute_loss does evaluation and `return_outputs`)."""
     from accelerate.utils import is_peft_model
     from trl.trainer.utils import use_adapter

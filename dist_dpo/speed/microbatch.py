@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from dist_dpo import plan
-from dist_dpo.fast import checkpointing
+from dist_dpo.speed import checkpointing
 
 # Tokens per micro-batch (trl's two rows per pair, the data's mean width) up to which merging still pays: the
 # tutorial's 4 x 512 (4 k tokens, merged 4x: 16 k) gained x1.37 on an H100; 8 x 2048 (32 k) lost.

@@ -21,7 +21,7 @@ import types
 
 import torch
 
-from dist_dpo.fast import logprob, switch
+from dist_dpo.speed import logprob, switch
 
 EXTRAS = ("entropy", "mean_logits", "is_top1")  # trl's logging-only per-token outputs
 
@@ -133,7 +133,7 @@ def _dpo_forward(model, labels, layout: dict, extras: tuple[str, ...], kwargs: d
 def _router_aux_loss(model, backbone_out, attention_mask):
     """The MoE load-balancing loss exactly as trl's fused head computes it (1.16: Mixtral's function, the config's
     expert counts, trl's attention mask). Its averages run over every token of the rows, so it equals trl's only on
-    trl's rows: fast.apply keeps trl's rows when the aux loss is on."""
+    trl's rows: speed.apply keeps trl's rows when the aux loss is on."""
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
     cfg = model.config.get_text_config()
@@ -199,7 +199,7 @@ def layer_masks(model, segments: torch.Tensor, positions: torch.Tensor, dtype: t
     window = getattr(model.config.get_text_config(), "sliding_window", None)
     types = attention_layer_types(model.config)
     unknown = types - {"full_attention", "sliding_attention"}
-    if unknown:  # fast.apply keeps such families on trl's rows; never guess a mask for them
+    if unknown:  # speed.apply keeps such families on trl's rows; never guess a mask for them
         raise RuntimeError(f"shared rows cannot build masks for {sorted(unknown)} layers")
     leak = switch.broken("shared_rows")  # tests only: rejected tokens see the chosen ones
     masks = {t: shared_prompt_mask(segments, dtype, positions if t == "sliding_attention" else None, window, leak)

@@ -22,7 +22,7 @@ BREAKABLE = ("torch_norm", "shared_rows")
 
 
 def check_break() -> None:
-    """A DIST_DPO_TEST_BREAK naming no breakable piece is refused in one line (fast.check_switches)."""
+    """A DIST_DPO_TEST_BREAK naming no breakable piece is refused in one line (speed.check_switches)."""
     value = os.environ.get("DIST_DPO_TEST_BREAK", "")
     if value and value not in BREAKABLE:
         from dist_dpo.errors import UserError

@@ -25,7 +25,7 @@ import types
 
 import torch
 
-from dist_dpo.fast import switch
+from dist_dpo.speed import switch
 
 
 class _Fused:

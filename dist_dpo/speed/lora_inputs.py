@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from dist_dpo.fast import switch
+from dist_dpo.speed import switch
 
 
 class CastUnlessAutocast:

@@ -159,12 +159,12 @@ class SharedPromptCollator:
     tokens_real: int = 0  # non-pad tokens of trl's layout (what throughput counts)
     tokens_run: int = 0  # tokens the decoder actually ran (padding and repeated prompts included)
     batches: dict = field(default_factory=lambda: {"packed": 0, "shared": 0, "pairs": 0})
-    ref_rows: bool = False  # hand the train set's row indices on (fast/ref_cache.py)
+    ref_rows: bool = False  # hand the train set's row indices on (speed/ref_cache.py)
 
     def __call__(self, examples: list[dict]) -> dict:
         batch = self.base(examples)
         if self.ref_rows and examples and "ref_row" in examples[0]:  # training rows (evaluation rows have none)
-            from dist_dpo.fast.ref_cache import batch_rows
+            from dist_dpo.speed.ref_cache import batch_rows
 
             batch.update(batch_rows(examples))
         real = int(batch["attention_mask"].sum())
@@ -234,7 +234,7 @@ class SharedPromptCollator:
         """All pairs back to back in one row [p0 c0 r0 p1 c1 r1 ...], plus the two attention segments of each pair
         (`attention.Varlen`): prompt+chosen over itself, rejected over prompt+rejected. Log-prob positions as in
         `_shared_rows`, offset by where the pair starts."""
-        from dist_dpo.fast.attention import Varlen
+        from dist_dpo.speed.attention import Varlen
 
         pairs = len(examples)
         ids, positions, pred, targets, place = [], [], [], [], []

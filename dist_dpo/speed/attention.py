@@ -56,7 +56,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
-        raise RuntimeError("packed rows support plain causal attention only")  # fast.apply never gets here
+        raise RuntimeError("packed rows support plain causal attention only")  # speed.apply never gets here
     q = query[0].transpose(0, 1)  # [T, H, D]
     k = key[0].transpose(0, 1).index_select(0, dd_varlen.kv_index)  # [keys, Hkv, D]
     v = value[0].transpose(0, 1).index_select(0, dd_varlen.kv_index)

@@ -6,7 +6,7 @@ The reference is frozen (the base model with the adapter off, or a separate froz
 log-probs are the same numbers in every epoch up to the summation order of the batch they are computed in: what
 trl's own `precompute_ref_log_probs` relies on too, but without its separate pass before training. The cache is off
 where that is not so: a reference that moves (`sync_ref_model`), a model with dropout (its reference forward is random
-in training mode), trl's own precomputed values, or trl's loss instead of the speed path's (dist_dpo/fast/loss.py).
+in training mode), trl's own precomputed values, or trl's loss instead of the speed path's (dist_dpo/speed/loss.py).
 
 How a pair is found: the train set gets a `ref_row` column (its row index; the trainer keeps it among trl's
 signature columns), the collator hands the micro-batch's rows on as `ref_rows` (a tensor that goes to the device with

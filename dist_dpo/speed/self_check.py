@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dist_dpo.fast import switch
+from dist_dpo.speed import switch
 from dist_dpo.logs import get_logger
 
 PAIRS = 2  # per rank: a slice small enough to leave the step's peak memory alone
@@ -69,7 +69,7 @@ def turn_off(trainer) -> None:
     collator = trainer.data_collator
     if hasattr(collator, "mode"):  # the DataLoader holds this very object: it stops building shared rows
         collator.mode, collator.packed = "false", False
-    trainer.speed.lean_loss = False
+    trainer.speed.own_loss = False
 
 
 def run(trainer, model, recipe, rt, strategy) -> dict:
@@ -171,7 +171,7 @@ def _measure(trainer, module, batch, grads: bool) -> dict:
     from accelerate.utils import is_peft_model
     from trl.trainer.utils import use_adapter
 
-    from dist_dpo.fast.loss import NON_MODEL_KEYS, checkpointing_paused
+    from dist_dpo.speed.loss import NON_MODEL_KEYS, checkpointing_paused
 
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     kwargs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}

@@ -22,7 +22,7 @@ import types
 
 import torch
 
-from dist_dpo.fast import switch
+from dist_dpo.speed import switch
 
 
 def install(model, norm_classes: tuple[str, ...]) -> int:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dist_dpo import ab_switches
 from dist_dpo.architectures import PIECES, family_of
 from dist_dpo.errors import UserError
-from dist_dpo.fast import (attention, batching, checkpointing, fused_qkv, head, lora_inputs, loss, microbatch,
+from dist_dpo.speed import (attention, batching, checkpointing, fused_qkv, head, lora_inputs, loss, microbatch,
                            ref_cache, rms_norm, self_check, switch)
 from dist_dpo.logs import get_logger
 
@@ -74,7 +74,7 @@ def apply(trainer, recipe, rt) -> dict:
             if ds is None or len(ds) != len(keys):
                 return None  # not the training set: trl's sampler
             a = self.args
-            if self.speed.pairs_per_rank:  # set below with the lean loss, which weights by it
+            if self.speed.pairs_per_rank:  # set below with the speed path's loss, which weights by it
                 return batching.rebalanced_grouped_sampler(keys, a.per_device_train_batch_size,
                                                            a.gradient_accumulation_steps, a.world_size,
                                                            a.process_index, seed, a.dataloader_drop_last)
@@ -148,16 +148,16 @@ def apply(trainer, recipe, rt) -> dict:
         if n and (a.bf16 or a.fp16) and not getattr(trainer, "is_deepspeed_enabled", False):
             report["LoRA inputs"] = f"kept in the compute dtype under autocast ({n} layers; peft copies them to fp32)"
 
-    lean = loss.lean_unsupported_reason(trainer)
-    if lean is None:
-        trainer.speed.lean_loss = True
+    own_loss_off = loss.unsupported_reason(trainer)  # why trl computes the loss (None: the speed path does)
+    if own_loss_off is None:
+        trainer.speed.own_loss = True
         report["metrics"] = "on device, gathered once per log; entropy/logits/top-1 on logging steps only"
         if t.group_by_length and t.balance_ranks and trainer.args.world_size > 1:
             trainer.speed.pairs_per_rank = trainer.args.per_device_train_batch_size
             report["batches"] += ", split across ranks by cost (transformers' BatchRebalanceSampler)"
     else:
-        report["metrics"] = f"trl's per micro-step ({lean})"
-    _keep_reference(trainer, recipe, rt, base, lean, report)
+        report["metrics"] = f"trl's per micro-step ({own_loss_off})"
+    _keep_reference(trainer, recipe, rt, base, own_loss_off, report)
     if trainer.args.use_liger_kernel:  # trl patches the model with them when train() starts
         kept = {k for k, v in (trainer.args.liger_kernel_config or {}).items() if v is False}
         report["liger"] = "kernels on" + (f" (not {', '.join(sorted(kept))})" if kept else "")
@@ -165,11 +165,11 @@ def apply(trainer, recipe, rt) -> dict:
     return _finish(rt, report, off)
 
 
-def _keep_reference(trainer, recipe, rt, base, lean: str | None, report: dict) -> None:
+def _keep_reference(trainer, recipe, rt, base, own_loss_off: str | None, report: dict) -> None:
     """Reference log-probs kept across epochs where the reference is fixed (ref_cache.py)."""
     from dist_dpo.strategies import strategy_for
 
-    why = ref_cache.unsupported_reason(trainer, recipe, base) if lean is None else f"trl's loss: {lean}"
+    why = ref_cache.unsupported_reason(trainer, recipe, base) if own_loss_off is None else f"trl's loss: {own_loss_off}"
     if why is not None:
         if recipe.train.ref_logps_cache is True:
             raise UserError(f"ref_logps_cache: true, but the reference log-probs cannot be kept here: {why}. "
