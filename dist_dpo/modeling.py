@@ -78,11 +78,14 @@ def quantization_config(m: ModelArgs, strat: Strategy, dtype: torch.dtype):
 
 
 def device_map_for(m: ModelArgs, rt: Runtime, strat: Strategy):
-    """Only quantized models get a device_map; unquantized ones are moved by the Trainer / wrapper."""
-    if not (m.load_in_4bit or m.load_in_8bit) or strat.quant_device_map is None:
+    """Where the model loads, as the strategy table says: on this rank's local GPU where every rank holds the whole
+    model, nowhere in particular where the wrapper shards it (FSDP2 / ZeRO-3 place the shards), in host memory on
+    CPU."""
+    quantized = m.load_in_4bit or m.load_in_8bit
+    if strat.quant_device_map is None:
         return None
     if rt.device_type == "cpu":
-        return {"": "cpu"}
+        return {"": "cpu"} if quantized else None
     return {"": rt.local_rank}  # LOCAL rank: correct on every node of a multi-node job
 
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 class Strategy:
     name: str
     summary: str
-    # Where a 4/8-bit base model is placed. "local_rank": the whole quantized model on this process's LOCAL GPU
-    # ({"": local_rank}); None: no device_map, the wrapper (FSDP/ZeRO-3) places shards itself.
+    # Where the base model is placed as it loads (4/8-bit or not). "local_rank": the whole model straight onto this
+    # process's LOCAL GPU ({"": local_rank}), not first into host memory (8 DDP ranks of an 8B model would hold
+    # 8 x 16 GB of host RAM at once); None: no device_map, the wrapper (FSDP/ZeRO-3) places shards itself.
     quant_device_map: str | None
     # bitsandbytes storage dtype of packed 4-bit weights. FSDP/ZeRO-3 flatten and shard parameters and need one float
     # dtype across the model; uint8 storage there fails or is silently not sharded.

@@ -30,7 +30,12 @@ def test_torchrun_second_node(clean_launch_env):
     assert device_map_for(m, rt, strategy_for("zero2")) == {"": 1}
     assert device_map_for(m, rt, strategy_for("fsdp")) is None
     assert device_map_for(m, rt, strategy_for("zero3")) is None
-    assert device_map_for(ModelArgs(), rt, strategy_for("ddp")) is None  # unquantized: the Trainer moves it
+    # unquantized too: straight onto the local GPU, not through host memory; sharded strategies place it themselves
+    assert device_map_for(ModelArgs(), rt, strategy_for("ddp")) == {"": 1}
+    assert device_map_for(ModelArgs(), rt, strategy_for("single")) == {"": 1}
+    assert device_map_for(ModelArgs(), rt, strategy_for("zero3")) is None
+    cpu = resolve_runtime(device_type="cpu")
+    assert device_map_for(ModelArgs(), cpu, strategy_for("ddp")) is None
 
 
 def test_deepspeed_launcher(clean_launch_env, tmp_path):
