@@ -130,17 +130,36 @@ class RefLogpsCache:
         torch.save({"format": 1, "key": self.key, "values": self.values.cpu()}, directory / FILE)
 
     def load(self, directory: Path) -> str | None:
-        """Read a checkpoint's values; returns why they were not taken (None: taken)."""
+        """Read a checkpoint's values on every rank; returns why they were not taken (None: taken). Every rank takes
+        them or none does (one all-reduce): ranks that disagreed would not run the same reference forwards."""
+        why = self._readable(directory)
+        if _agree(why is None, self.values.device):
+            state = torch.load(directory / FILE, map_location="cpu", weights_only=True)
+            self.values.copy_(state["values"].to(self.values.device))
+            self.held = torch.isfinite(self.values).all(dim=1).cpu()
+            self.complete = bool(self.held.all())
+            return None
+        return why or "another rank could not read them"
+
+    def _readable(self, directory: Path) -> str | None:
         path = directory / FILE
         if not path.is_file():
             return "the checkpoint has none"
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state.get("key") != self.key or tuple(state["values"].shape) != tuple(self.values.shape):
             return "they were computed for another model, data or truncation"
-        self.values.copy_(state["values"].to(self.values.device))
-        self.held = torch.isfinite(self.values).all(dim=1).cpu()
-        self.complete = bool(self.held.all())
         return None
+
+
+def _agree(ok: bool, device) -> bool:
+    """Whether `ok` holds on every rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return ok
+    flag = torch.tensor([1 if ok else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _tokens_digest(dataset) -> bytes:
@@ -160,8 +179,15 @@ def key_parts(trainer, base) -> dict:
     """The run's settings the reference log-probs depend on, besides the tokens."""
     a = trainer.args
     ref = trainer.ref_model
+    peft_config = getattr(trainer.model, "peft_config", None) or {}
+    if ref is not None:
+        reference = getattr(ref, "name_or_path", type(ref).__name__)
+    elif "ref" in peft_config:  # a reference adapter of its own (trl's "ref" adapter): its settings say which
+        reference = "adapter 'ref': " + json.dumps(peft_config["ref"].to_dict(), sort_keys=True, default=str)
+    else:
+        reference = "adapter off"
     return {"model": getattr(base, "name_or_path", None), "config": base.config.to_json_string(use_diff=False),
-            "reference": "adapter off" if ref is None else getattr(ref, "name_or_path", type(ref).__name__),
+            "reference": reference, "padding_free": getattr(a, "padding_free", None),
             "max_length": a.max_length, "truncation_mode": a.truncation_mode, "bf16": a.bf16, "fp16": a.fp16,
             "pad_to_multiple_of": a.pad_to_multiple_of}
 
