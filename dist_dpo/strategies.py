@@ -209,8 +209,9 @@ OFFLOAD = "_offload"  # a strategy with its CPU offload on, as the plan and the 
 
 
 def planned_name(strategy: str, offload: bool) -> str:
-    """The name the memory plan knows a run by: its strategy, with CPU offload where it is on."""
-    return strategy + OFFLOAD if offload else strategy
+    """The name the memory plan knows a run by: its strategy, with CPU offload where it is on and the plan has an
+    offload variant of it (ZeRO-3; a ZeRO-2 JSON with offload is planned as ZeRO-2)."""
+    return strategy + OFFLOAD if offload and STRATEGY_TABLE[strategy].offload_relative_speed is not None else strategy
 
 
 def planned(name: str) -> tuple[Strategy, bool]:

@@ -127,3 +127,15 @@ def test_packed_job_sizes_the_largest_micro_batch_of_the_samplers_order():
     assert top.seq_len == 200 and ordered.seq_len == 125
     assert plan.estimate(ordered)["peak"] < plan.estimate(top)["peak"]
     assert ordered.kv_token_frac == 1 + 20 / 250
+
+
+def test_planned_names_come_from_the_strategy_table():
+    from dist_dpo.strategies import planned, planned_name, planned_names
+
+    assert planned_names() == ("ddp", "zero2", "fsdp", "zero3", "zero3_offload")  # fastest first
+    assert planned_name("zero3", True) == "zero3_offload" and planned_name("zero3", False) == "zero3"
+    assert planned_name("zero2", True) == "zero2"  # a ZeRO-2 JSON with offload: the plan has no variant for it
+    strategy, offload = planned("zero3_offload")
+    assert strategy.name == "zero3" and offload
+    with pytest.raises(KeyError):
+        planned("zero2_offload")
