@@ -20,16 +20,10 @@
 # (default 900).
 set -uo pipefail
 S=${GPU_ALL_DIR:-/tmp/dist_dpo_gpu_all}
-cmd=${1:?usage: $0 start|run|wait SECONDS}
+LOGS=(gputests throughput seed resume matrix)
 
-case "$cmd" in
-start)
-  rm -rf "$S"; mkdir -p "$S/results"
-  setsid nohup bash "$0" run > "$S/driver.log" 2>&1 < /dev/null &
-  echo "started: $S (pid $!)"
-  ;;
-run)
-  note() { echo "[$(date +%T)] $*" >> "$S/progress.log"; }
+job_run() {
+  note() { job_note "$@"; }
   commit=${GIT_COMMIT:-unknown}
   gpus=$(nvidia-smi -L | wc -l)
   # Proofs first, sharing the GPUs (each job's losses and peak memory are its own; none of them is a timing):
@@ -54,23 +48,15 @@ run)
   python3 benchmarks/throughput.py --out "$S/results" --budget-s "${THROUGHPUT_BUDGET_S:-900}" --commit "$commit" \
     ${THROUGHPUT_ARGS:-} > "$S/throughput.log" 2>&1
   note "throughput exit $?"
-  touch "$S/done"
-  ;;
-wait)
-  limit=${2:-570}
-  start=$(date +%s)
-  while [ ! -e "$S/done" ] && [ $(( $(date +%s) - start )) -lt "$limit" ]; do sleep 5; done
-  echo "== progress"; cat "$S/progress.log" 2>/dev/null
-  for f in gputests throughput seed resume matrix; do
-    [ -f "$S/$f.log" ] && { echo "== $f.log (end)"; tail -n 25 "$S/$f.log"; }
-  done
-  if [ -n "${OUT:-}" ]; then
-    mkdir -p /tmp/dd_pack
-    cp -r /tmp/dd_matrix/logs /tmp/dd_matrix/checks /tmp/dd_pack/ 2>/dev/null
-    tar czf "$OUT/gpu_all.tgz" -C "$S" . -C /tmp/dd_pack . 2>/dev/null
-    cp "$S"/results/*.json "$OUT/" 2>/dev/null
-    ls -la "$OUT"
-  fi
-  [ -e "$S/done" ] && echo "ALL DONE" || echo "STILL RUNNING"
-  ;;
-esac
+}
+
+job_collect() {
+  mkdir -p /tmp/dd_pack
+  cp -r /tmp/dd_matrix/logs /tmp/dd_matrix/checks /tmp/dd_pack/ 2>/dev/null
+  tar czf "$OUT/gpu_all.tgz" -C "$S" . -C /tmp/dd_pack . 2>/dev/null
+  cp "$S"/results/*.json "$OUT/" 2>/dev/null
+}
+
+# shellcheck source-path=SCRIPTDIR source=background_job.sh
+source "$(dirname "${BASH_SOURCE[0]}")/background_job.sh"
+job_main "$0" "$@"

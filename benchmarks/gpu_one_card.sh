@@ -21,16 +21,10 @@
 set -uo pipefail
 S=${GPU_ONE_CARD_DIR:-/tmp/dist_dpo_gpu_one_card}
 R="$S/results"
-cmd=${1:?usage: $0 start|run|wait SECONDS}
+LOGS=(gputests portable combinations fsdp_head arch self_check throughput_families throughput_default)
 
-case "$cmd" in
-start)
-  rm -rf "$S"; mkdir -p "$S/results"
-  setsid nohup bash "$0" run > "$S/driver.log" 2>&1 < /dev/null &
-  echo "started: $S (pid $!)"
-  ;;
-run)
-  note() { echo "[$(date +%T)] $*" >> "$S/progress.log"; }
+job_run() {
+  note() { job_note "$@"; }
   commit=${GIT_COMMIT:-unknown}
   if [ "${SKIP_PROOFS:-0}" != 1 ]; then
     note "proofs start"
@@ -61,22 +55,14 @@ run)
       --budget-s 600 --out "$R/default" --work /tmp/dd1_tp_default --commit "$commit" > "$S/throughput_default.log" 2>&1
     note "throughput default exit $?"
   fi
-  touch "$S/done"
-  ;;
-wait)
-  limit=${2:-570}
-  start=$(date +%s)
-  while [ ! -e "$S/done" ] && [ $(( $(date +%s) - start )) -lt "$limit" ]; do sleep 5; done
-  echo "== progress"; cat "$S/progress.log" 2>/dev/null
-  for f in gputests portable combinations fsdp_head arch self_check throughput_families throughput_default; do
-    [ -f "$S/$f.log" ] && { echo "== $f.log (end)"; tail -n 12 "$S/$f.log"; }
+}
+
+job_collect() {
+  find "$R" -name "*.json" -not -path "*/work/*" | while read -r f; do
+    rel=${f#"$R"/}; cp "$f" "$OUT/${rel//\//_}"
   done
-  if [ -n "${OUT:-}" ]; then
-    find "$R" -name "*.json" -not -path "*/work/*" | while read -r f; do
-      rel=${f#"$R"/}; cp "$f" "$OUT/${rel//\//_}"
-    done
-    ls -la "$OUT"
-  fi
-  [ -e "$S/done" ] && echo "ALL DONE" || echo "STILL RUNNING"
-  ;;
-esac
+}
+
+# shellcheck source-path=SCRIPTDIR source=background_job.sh
+source "$(dirname "${BASH_SOURCE[0]}")/background_job.sh"
+job_main "$0" "$@"
