@@ -172,3 +172,14 @@ def test_on_a_gpu_the_cached_epochs_train_as_the_uncached_ones(pairs):
     assert len(got) == len(without) == EPOCHS * PAIRS // BATCH
     assert max(abs(a - b) for a, b in zip(got, without)) < 2e-3
     assert cached.speed.ref_cache.used == (EPOCHS - 1) * PAIRS // BATCH
+
+
+def test_a_damaged_values_file_is_a_reason_not_a_crash(pairs, tmp_path):
+    from dist_dpo.speed import ref_cache
+
+    cache = build(pairs, fast=True).speed.ref_cache
+    (tmp_path / ref_cache.FILE).write_bytes(b"not a torch file")
+    assert cache.load(tmp_path).startswith("ref_logps.pt cannot be read")
+    torch.save({"key": cache.key}, tmp_path / ref_cache.FILE)
+    assert cache.load(tmp_path) == "ref_logps.pt holds no values"
+    assert not cache.held.any()

@@ -185,7 +185,7 @@ def _keep_reference(trainer, recipe, rt, base, own_loss_off: str | None, report:
                                     ref_cache.key_parts(trainer, base), trainer.train_dataset)
     trainer.speed.ref_cache = cache
     trainer.data_collator.ref_rows = True
-    trainer.add_callback(ref_cache.ShareAtEpochEnd(cache))
+    trainer.add_callback(ref_cache.share_at_epoch_end(cache))
     report["reference"] = "log-probs kept from the first epoch: later epochs and resumes skip the reference forward"
 
 

@@ -145,7 +145,12 @@ class RefLogpsCache:
         path = directory / FILE
         if not path.is_file():
             return "the checkpoint has none"
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a damaged file costs one epoch's reference forwards, not the run
+            return f"{FILE} cannot be read ({type(e).__name__})"
+        if not isinstance(state, dict) or not isinstance(state.get("values"), torch.Tensor):
+            return f"{FILE} holds no values"
         if state.get("key") != self.key or tuple(state["values"].shape) != tuple(self.values.shape):
             return "they were computed for another model, data or truncation"
         return None
@@ -192,16 +197,12 @@ def key_parts(trainer, base) -> dict:
             "pad_to_multiple_of": a.pad_to_multiple_of}
 
 
-class ShareAtEpochEnd:
+def share_at_epoch_end(cache: RefLogpsCache):
     """A TrainerCallback: at each epoch's end (every rank reaches it) the ranks share what they computed."""
+    from transformers import TrainerCallback
 
-    def __init__(self, cache: RefLogpsCache):
-        self.cache = cache
+    class ShareAtEpochEnd(TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kwargs):
+            cache.share()
 
-    def __getattr__(self, name):  # every other TrainerCallback event: nothing to do
-        if name.startswith("on_"):
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        self.cache.share()
+    return ShareAtEpochEnd()
