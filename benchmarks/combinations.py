@@ -188,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="run N cells at once on the GPU, each on its own rendezvous port (a 0.5B cell needs a few GiB; "
                         "the cells' peak memory is each process's own, and no timing is compared)")
     args = p.parse_args(argv)
+    if args.share < 1:
+        p.error(f"--share {args.share}: give the number of cells to run at once (1 or more)")
     out = Path(args.out)
     if args.merge:
         return merge(args.merge, out)

@@ -62,6 +62,10 @@ def main() -> int:
     p.add_argument("--shape", default="llama-3-8b", help="an untied-head model_zoo shape")
     p.add_argument("--commit", default=None)
     a = p.parse_args()
+    from dist_dpo.model_zoo import SHAPES
+
+    if a.shape not in SHAPES or SHAPES[a.shape]["config"].get("tie_word_embeddings"):
+        p.error(f"--shape {a.shape}: give an untied-head model_zoo shape (llama-3-8b, qwen2.5-7b)")
     out, work = Path(a.out), Path(a.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
