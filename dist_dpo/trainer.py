@@ -26,6 +26,7 @@ from trl import DPOTrainer
 from dist_dpo.checkpoints import AtomicCheckpoints, WholeAdapterSaves
 from dist_dpo.data import TokenizeAcrossRanks
 from dist_dpo.portable import PortableResume
+from dist_dpo.speed import loss, ref_cache
 
 
 @dataclass
@@ -54,22 +55,16 @@ class SpeedPathHooks:
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # mirrors trl.DPOTrainer.compute_loss
-        from dist_dpo.speed import ref_cache
-
         if self.speed.self_check is not None and self.model.training:
             check, self.speed.self_check = self.speed.self_check, None  # once, even if it raises
             self.speed.self_check_verdict = check(self, model)  # may turn the speed path off for the run
         if self.speed.own_loss and self.model.training and not return_outputs:
-            from dist_dpo.speed import loss
-
             return loss.compute_loss(self, model, inputs, num_items_in_batch)
         inputs = {k: v for k, v in inputs.items() if k not in ref_cache.BATCH_KEYS}  # trl hands the rest to the model
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _set_signature_columns_if_needed(self):  # mirrors trl.DPOTrainer._set_signature_columns_if_needed
         super()._set_signature_columns_if_needed()
-        from dist_dpo.speed import ref_cache
-
         if self.speed.ref_cache is not None and ref_cache.COLUMN not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, ref_cache.COLUMN]  # the rows reach the collator
 
@@ -95,8 +90,6 @@ class SpeedPathHooks:
     def log(self, logs, start_time=None):  # mirrors transformers.Trainer.log
         if (self.speed.own_loss or self.speed.pending) and self.model.training:  # every rank gets here: the Trainer
             # gathered the loss first
-            from dist_dpo.speed import loss
-
             loss.flush_metrics(self)
         return super().log(logs, start_time)
 
