@@ -17,11 +17,15 @@
 #      benchmarks/self_check_gpu.sh                               a broken piece caught; the start-up console
 #   2. alone (timings): throughput.py, the 8B family rows against the best plain trl, and the self-check's cost
 #   3. alone (timings): throughput.py, var / fixed2048 and the tutorial's 3 epochs with and without the reference cache
-# Knobs: SKIP_PROOFS=1, SKIP_FAMILIES=1, SKIP_DEFAULT=1 leave a phase out.
+#   4. only with BEFORE_TREE=<dir> (an older commit's files, e.g. `git archive <commit> | tar -x -C .before`):
+#      the architecture matrix and the var / fixed2048 rows of that tree and of this one, back to back, then
+#      benchmarks/before_after.py's table of the two (before_after.json)
+# Knobs: SKIP_PROOFS=1, SKIP_FAMILIES=1, SKIP_DEFAULT=1 leave a phase out; BEFORE_COMMIT names BEFORE_TREE's commit.
 set -uo pipefail
 S=${GPU_ONE_CARD_DIR:-/tmp/dist_dpo_gpu_one_card}
 R="$S/results"
-LOGS=(gputests portable combinations fsdp_head arch self_check throughput_families throughput_default)
+LOGS=(gputests portable combinations fsdp_head arch self_check throughput_families throughput_default
+      before_throughput after_throughput before_arch after_arch)
 
 job_run() {
   note() { job_note "$@"; }
@@ -55,6 +59,34 @@ job_run() {
       --budget-s 600 --out "$R/default" --work /tmp/dd1_tp_default --commit "$commit" > "$S/throughput_default.log" 2>&1
     note "throughput default exit $?"
   fi
+  if [ -n "${BEFORE_TREE:-}" ]; then
+    before_and_after
+  fi
+}
+
+# The same rows from an older tree and from this one, in one job on one card: each tree runs its own scripts (their
+# options are the same; the package under them is what changed).
+before_and_after() {
+  local here=$PWD side tree commit
+  for side in before after; do
+    if [ "$side" = before ]; then tree=$(cd "$BEFORE_TREE" && pwd); commit=${BEFORE_COMMIT:-unknown}; else
+      tree=$here; commit=${GIT_COMMIT:-unknown}; fi
+    note "$side throughput start"
+    (cd "$tree" && PYTHONPATH="$tree:${PYTHONPATH:-}" python3 benchmarks/throughput.py \
+       --only dist-dpo/var/lora/1gpu,dist-dpo/fixed2048/lora/1gpu --budget-s 400 --out "$R/$side" \
+       --work "/tmp/dd1_tp_$side" --commit "$commit" > "$S/${side}_throughput.log" 2>&1)
+    note "$side throughput exit $?"
+  done
+  for side in before after; do
+    if [ "$side" = before ]; then tree=$(cd "$BEFORE_TREE" && pwd); commit=${BEFORE_COMMIT:-unknown}; else
+      tree=$here; commit=${GIT_COMMIT:-unknown}; fi
+    note "$side arch matrix start"
+    (cd "$tree" && PYTHONPATH="$tree:${PYTHONPATH:-}" python3 benchmarks/arch_matrix.py --out "$R/$side" \
+       --work "/tmp/dd1_arch_$side" --commit "$commit" > "$S/${side}_arch.log" 2>&1)
+    note "$side arch matrix exit $?"
+  done
+  python3 benchmarks/before_after.py "$R/before" "$R/after" --out "$R/before_after.json"
+  note "before/after table exit $?"
 }
 
 job_collect() {

@@ -17,7 +17,9 @@ from dist_dpo.runtime import Runtime
 from dist_dpo.strategies import Strategy
 
 
-def build_dpo_config(r: Recipe, rt: Runtime, strat: Strategy):
+def build_dpo_config(r: Recipe, rt: Runtime, strat: Strategy, model_type: str | None = None):
+    """`model_type`: the model's (its config's text part), once the preflight has read it; liger's kernels are
+    then decided for its family (before it is known, they are left as the recipe asks)."""
     from trl import DPOConfig
 
     t = r.train
@@ -74,7 +76,7 @@ def build_dpo_config(r: Recipe, rt: Runtime, strat: Strategy):
         # logged average; the speed path logs a NaN as a NaN instead.
         logging_nan_inf_filter=not t.fast_path,
     )
-    kwargs["use_liger_kernel"] = use_liger_kernels(t, on_gpu)
+    kwargs.update(liger_settings(t, on_gpu, model_type))
     kwargs.update(t.dpo_extra)
     if "wandb" in t.report_to:  # read by transformers' WandbCallback (rank 0): offline runs land in the run dir
         os.environ.setdefault("WANDB_DIR", os.path.abspath(os.path.expanduser(t.output_dir)))
@@ -83,6 +85,25 @@ def build_dpo_config(r: Recipe, rt: Runtime, strat: Strategy):
         return DPOConfig(**kwargs)
     except ValueError as e:  # transformers/trl check names (optim, scheduler) and combinations here, on every rank
         raise UserError(f"invalid training arguments: {str(e).strip().splitlines()[0][:300]}") from None
+
+
+def liger_settings(t, on_gpu: bool, model_type: str | None) -> dict:
+    """use_liger_kernel and liger_kernel_config: liger's layer kernels where the recipe asks and (for `auto`) the
+    architecture table has no reason against them; liger's RMSNorm left out where the speed path runs the family's
+    norms as torch's fused op (speed/rms_norm.py). Decided here, before the trainer exists: trl applies them at
+    train()."""
+    from dist_dpo.architectures import family_for
+    from dist_dpo.speed import rms_norm
+
+    use = use_liger_kernels(t, on_gpu)
+    if not use or model_type is None:
+        return {"use_liger_kernel": use}
+    family = family_for(model_type)
+    if t.liger_kernels == "auto" and family.reason("liger"):
+        return {"use_liger_kernel": False}
+    if rms_norm.planned(t, family):
+        return {"use_liger_kernel": True, "liger_kernel_config": {"rms_norm": False}}
+    return {"use_liger_kernel": True}
 
 
 def use_liger_kernels(t, on_gpu: bool) -> bool:

@@ -40,6 +40,7 @@ _CKPT_BYTES_LORA, _CKPT_BYTES_FULL, _CKPT_EXTRA = 12, 16, 2**20
 class Checked:
     """What the preflight read and decided, the same on every rank (not the memory plan: that is dist_dpo/plan.py)."""
     model_path: str
+    model_type: str | None  # its config's (text part's) model_type: the architecture table's key; None if unreadable
     tokenizer: Any
     train_ds: Any
     eval_ds: Any
@@ -221,7 +222,19 @@ def _every_rank(r: Recipe) -> Checked:
     model_path = resolve_model_path(r.model.model_name_or_path)
     tokenizer = load_tokenizer(r.model, model_path)
     train_ds, eval_ds = load_preference_data(r.data, tokenizer, r.train.max_length, r.train.seed)
-    return Checked(model_path, tokenizer, train_ds, eval_ds)
+    return Checked(model_path, model_type_of(r, model_path), tokenizer, train_ds, eval_ds)
+
+
+def model_type_of(r: Recipe, model_path: str) -> str | None:
+    """The model's family key, read from its config.json on every rank; a config that cannot be read is rank 0's
+    to report, with the reason (skeleton_counts)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=r.model.trust_remote_code)
+    except Exception:  # noqa: BLE001 - rank 0's skeleton_counts says why in one line
+        return None
+    return config.get_text_config().model_type
 
 
 def _rank_zero(r: Recipe, rt: Runtime, checked: Checked) -> None:
@@ -272,30 +285,19 @@ def skeleton_counts(r: Recipe, model_path: str) -> tuple[int, int]:
 def check_forced_speed_path(r: Recipe, config) -> None:
     """A speed-path option the recipe forces (`true`) that this model cannot take, refused before anything loads.
     (speed.apply refuses what only the loaded model and the GPU show: the variable-length kernel's probe.)"""
-    from dist_dpo.architectures import attention_layer_types, family_for
-    from dist_dpo.speed import ref_cache
+    from dist_dpo.architectures import family_for
+    from dist_dpo.speed import aux_loss_on, layout_reasons, ref_cache, refuse_forced
 
     t = r.train
-    family = family_for(config.get_text_config().model_type)
-    aux = "the MoE router's auxiliary loss averages over every token of trl's rows" \
-        if getattr(config.get_text_config(), "output_router_logits", False) else None
-    if t.fast_path and t.prefix_sharing is True:
-        why = family.reason("head") or family.reason("shared_rows") or aux or (
-            None if r.model.attn_implementation in ("sdpa", "eager") else
-            f"attn_implementation {r.model.attn_implementation} takes no 4-D mask")
-        if why:
-            raise UserError(f"prefix_sharing: true, but the prompt cannot be shared here: {why}. Set prefix_sharing: "
-                            "auto")
-    if t.fast_path and t.packed_rows is True:
-        why = family.reason("head") or family.reason("packed_rows") or aux or (
-            "sliding-window layers" if attention_layer_types(config) != {"full_attention"} else None)
-        if why:
-            raise UserError(f"packed_rows: true, but packed rows cannot run here: {why}. Set packed_rows: auto")
-    if t.ref_logps_cache is True:
-        why = ref_cache.recipe_reason(r, config)
-        if why:
-            raise UserError(f"ref_logps_cache: true, but the reference log-probs cannot be kept here: {why}. Set "
-                            "ref_logps_cache: auto")
+    layouts = layout_reasons(family_for(config.get_text_config().model_type), config, r.model.attn_implementation,
+                             aux_loss_on(config))
+    if t.fast_path and t.prefix_sharing is True and layouts["shared_rows"]:
+        raise refuse_forced("shared_rows", layouts["shared_rows"])
+    if t.fast_path and t.packed_rows is True and layouts["packed_rows"]:
+        raise refuse_forced("packed_rows", layouts["packed_rows"])
+    why = ref_cache.recipe_reason(r, config) if t.ref_logps_cache is True else None
+    if why:
+        raise refuse_forced("reference", why)
 
 
 def check_trackers(report_to: list[str]) -> None:

@@ -86,7 +86,9 @@ def _train(argv: list[str]) -> int:
         return dry_run_report(recipe, rt, checked)
     if checked.resume_accumulation not in (None, recipe.train.gradient_accumulation_steps):
         recipe.train.gradient_accumulation_steps = checked.resume_accumulation  # the checkpoint's global batch, here
-        args = build_dpo_config(recipe, rt, strat)
+    # Again, now that the preflight knows the model's family (its liger kernels) and the checkpoint's batch; still
+    # before the model loads, as ZeRO-3 needs.
+    args = build_dpo_config(recipe, rt, strat, checked.model_type)
     if rt.device_type == "cuda":
         from dist_dpo.plan import cap_gpu_memory
 

@@ -87,6 +87,18 @@ class SpeedPathHooks:
                                   if why is None else f"computed again ({why})")
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
+    def run_micro_batches_of(self, pairs: int) -> None:
+        """Run `pairs` per micro-batch, keeping the pairs per optimizer step (speed/microbatch.py decides it, before
+        train()). What transformers.Trainer.__init__ and accelerate derived from the recipe's batch follows: the
+        Trainer's copy of the batch size and accelerate's accumulation count."""
+        a = self.args
+        if pairs == a.per_device_train_batch_size:
+            return
+        step = a.per_device_train_batch_size * a.gradient_accumulation_steps
+        a.per_device_train_batch_size, a.gradient_accumulation_steps = pairs, step // pairs
+        self._train_batch_size = a.train_batch_size  # mirrors Trainer.__init__
+        self.accelerator.gradient_accumulation_steps = a.gradient_accumulation_steps
+
     def log(self, logs, start_time=None):  # mirrors transformers.Trainer.log
         if (self.speed.own_loss or self.speed.pending) and self.model.training:  # every rank gets here: the Trainer
             # gathered the loss first

@@ -360,7 +360,7 @@ AGREEMENT = textwrap.dedent(r"""
             if rt.rank == 1 and fail_on_1:
                 raise fail_on_1("data file /data/x.jsonl does not exist on this node")
             time.sleep(2)  # rank 0 is the slow one: rank 1 must wait for its verdict, not quit alone
-            return preflight.Checked("model", None, [], [], resume="checkpoint-4" if rt.rank == 0 else None)
+            return preflight.Checked("model", None, None, [], [], resume="checkpoint-4" if rt.rank == 0 else None)
         preflight.checks = checks
         try:
             plan = preflight.run(Recipe(), rt)

@@ -115,11 +115,11 @@ def test_speed_path_step_is_trls(shape, pairs):
         if piece != "liger" or fast.args.use_liger_kernel:  # liger's kernels: GPUs only
             assert f"{piece}: {why}" in report.get("off", ""), (piece, report)
     candidate = step(fast, rows)
-    shared = "dd_input_ids" in candidate[2]
+    shared = "speed_rows" in candidate[2]
     assert shared == (family.reason("shared_rows") is None and fast.data_collator.mode != "false" and
                       not fast.aux_loss_enabled)
     if shared:  # the layout under test really ran: fewer decoder tokens than trl's two rows per pair
-        assert candidate[2]["dd_input_ids"].numel() < candidate[2]["input_ids"].numel()
+        assert candidate[2]["speed_rows"].input_ids.numel() < candidate[2]["input_ids"].numel()
     assert_agrees(reference, candidate)
 
 
@@ -146,7 +146,7 @@ def test_packed_rows_are_trls_where_the_table_allows_them(shape, pairs):
     attention.install(base)
     fast.data_collator.packed = True
     candidate = step(fast, rows)
-    assert "dd_varlen" in candidate[2]
+    assert candidate[2]["speed_rows"].varlen is not None
     assert_agrees(reference, candidate)
 
 
@@ -380,12 +380,12 @@ def test_moe_without_the_router_loss_shares_and_packs_rows_exactly(pairs):
     reference = step(plain, rows)
     fast = build("tiny-qwen3_moe", pairs, fast=True, dpo={"router_aux_loss_coef": 0.0}, prefix_sharing=True)
     shared = step(fast, rows)
-    assert "dd_input_ids" in shared[2]
+    assert shared[2]["speed_rows"].segments is not None
     assert_agrees(reference, shared)
     attention.install(fast.model.get_base_model())
     fast.data_collator.packed = True
     packed = step(fast, rows)
-    assert "dd_varlen" in packed[2]
+    assert packed[2]["speed_rows"].varlen is not None
     assert_agrees(reference, packed)
 
 
@@ -396,3 +396,32 @@ def test_a_mistyped_break_switch_is_refused(monkeypatch):
     monkeypatch.setenv("DIST_DPO_TEST_BREAK", "torchnorm")
     with pytest.raises(UserError, match="DIST_DPO_TEST_BREAK=torchnorm: use one of torch_norm, shared_rows"):
         check_switches()
+
+
+@pytest.mark.parametrize("config,attn,forced,why", [
+    ("LlamaConfig", "flash_attention_2", "prefix_sharing", "attn_implementation flash_attention_2 takes no 4-D mask"),
+    ("LlamaConfig", "flash_attention_2", "packed_rows", "attn_implementation flash_attention_2"),
+    ("Gemma3TextConfig", "sdpa", "packed_rows", "sliding-window layers"),
+    ("Gemma2Config", "sdpa", "packed_rows", "soft-capped attention logits"),
+    ("Qwen3MoeConfig", "sdpa", "prefix_sharing", "the MoE router's auxiliary loss averages over every token"),
+])
+def test_a_forced_layout_is_refused_before_loading_with_the_speed_paths_words(config, attn, forced, why):
+    """The preflight (config only) and speed.apply (the loaded model) ask one function, layout_reasons: a layout
+    the recipe forces is refused before any weight loads in the words the speed-path line would use."""
+    import transformers
+
+    from dist_dpo import preflight, speed
+    from dist_dpo.config import parse_recipe
+    from dist_dpo.errors import UserError
+
+    cfg = getattr(transformers, config)(**({"output_router_logits": True} if "Moe" in config else {}))
+    family = architectures.family_for(cfg.get_text_config().model_type)
+    piece = "shared_rows" if forced == "prefix_sharing" else "packed_rows"
+    reason = speed.layout_reasons(family, cfg, attn, speed.aux_loss_on(cfg))[piece]
+    assert reason is not None and reason.startswith(why)
+    recipe = parse_recipe([f"--{forced}", "true", "--attn_implementation", attn])
+    with pytest.raises(UserError) as e:
+        preflight.check_forced_speed_path(recipe, cfg)
+    assert str(e.value) == str(speed.refuse_forced(piece, reason))
+    recipe = parse_recipe([f"--{forced}", "auto", "--attn_implementation", attn])
+    preflight.check_forced_speed_path(recipe, cfg)  # auto: the speed path just leaves it off, and says why

@@ -89,9 +89,9 @@ def test_fast_path_gives_trls_loss_and_gradients(pairs, prefix_sharing, max_leng
     reference = step(plain, rows)
     fast = build(pairs, fast=True, prefix_sharing=prefix_sharing, max_length=max_length)
     candidate = step(fast, rows)
-    assert ("dd_input_ids" in candidate[2]) == prefix_sharing  # the layout under test really ran
+    assert ("speed_rows" in candidate[2]) == prefix_sharing  # the layout under test really ran
     if prefix_sharing:  # fewer decoder tokens than trl's two rows per pair
-        assert candidate[2]["dd_input_ids"].numel() < candidate[2]["input_ids"].numel()
+        assert candidate[2]["speed_rows"].input_ids.numel() < candidate[2]["input_ids"].numel()
     assert_same(reference, candidate)
 
 
@@ -113,9 +113,9 @@ def test_packed_rows_give_trls_loss_and_gradients(pairs, max_length):
     fast = force_packed(build(pairs, fast=True, prefix_sharing="auto", max_length=max_length))
     candidate = step(fast, rows)
     batch = candidate[2]
-    assert batch["dd_input_ids"].shape[0] == 1 and "dd_varlen" in batch  # one packed row really ran
+    assert batch["speed_rows"].input_ids.shape[0] == 1 and batch["speed_rows"].varlen is not None  # one packed row really ran
     # no padding at all: exactly each pair's prompt + chosen + rejected (after trl's truncation)
-    assert batch["dd_input_ids"].numel() == sum(sum(map(len, fast.data_collator._truncated(r))) for r in rows)
+    assert batch["speed_rows"].input_ids.numel() == sum(sum(map(len, fast.data_collator._truncated(r))) for r in rows)
     assert fast.data_collator.batches["packed"] == 1
     assert_same(reference, candidate)
 
@@ -133,17 +133,17 @@ def test_packed_segments_are_the_masked_rows_attention():
     shared = collator._shared_rows(examples, width_out=7)
     packed = collator._packed_rows(examples, width_out=7)
     g = torch.Generator().manual_seed(0)
-    rows, width = shared["dd_input_ids"].shape
+    rows, width = shared.input_ids.shape
     q, k, v = (torch.randn(rows, heads, width, 16, generator=g) for heads in (4, 2, 2))
-    mask = head.shared_prompt_mask(shared["dd_segments"], torch.float32)
+    mask = head.shared_prompt_mask(shared.segments, torch.float32)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    real = shared["dd_segments"] >= 0  # the packed row holds the shared rows' non-pad tokens, in order
+    real = shared.segments >= 0  # the packed row holds the shared rows' non-pad tokens, in order
     flat = lambda t: t.transpose(1, 2)[real]  # noqa: E731 - [tokens, heads, dim]
     got, _ = attention.attention_forward(None, flat(q).transpose(0, 1)[None], flat(k).transpose(0, 1)[None],
                                          flat(v).transpose(0, 1)[None], None, scaling=16 ** -0.5,
-                                         dd_varlen=packed["dd_varlen"])
+                                         packed_segments=packed.varlen)
     assert torch.allclose(got[0], flat(want), atol=1e-5)
-    assert packed["dd_position_ids"][0].tolist() == shared["dd_position_ids"][real].tolist()
+    assert packed.position_ids[0].tolist() == shared.position_ids[real].tolist()
 
 
 def test_packed_rows_stay_off_without_cuda(pairs):
@@ -398,7 +398,7 @@ def test_accumulated_micro_batches_merge_when_the_plan_says_they_fit(pairs, monk
     from dist_dpo.speed import batching, microbatch
     from dist_dpo.runtime import Runtime
 
-    trainer = build(pairs)
+    trainer = build(pairs, fast=True)  # dist-dpo's trainer: run_micro_batches_of below
     trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps = 2, 3
     rt = Runtime(rank=0, local_rank=0, world_size=1, local_world_size=1, node_rank=0, num_nodes=1, strategy="single",
                  launcher="python", deepspeed_config=None, offload=False, device_type="cuda", hostname="h")
@@ -421,7 +421,7 @@ def test_accumulated_micro_batches_merge_when_the_plan_says_they_fit(pairs, monk
     trainer.args.gradient_accumulation_steps = 3
     recipe.train.merge_micro_batches = False
     assert microbatch.decide(trainer, recipe, rt, lengths)[0] == 2
-    microbatch.apply(trainer, 6)
+    trainer.run_micro_batches_of(6)
     assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (6, 1)
     assert trainer._train_batch_size == 6 and trainer.accelerator.gradient_accumulation_steps == 1
 
@@ -726,11 +726,31 @@ def test_torch_rms_norm_switch_keeps_trls_loss(pairs, monkeypatch):
     real = torch.nn.functional.rms_norm
     monkeypatch.setattr(torch.nn.functional, "rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
     fast = build(pairs, fast=True)
-    assert fast.args.liger_kernel_config == {"rms_norm": False}  # liger keeps SwiGLU and RoPE only
     assert "RMSNorm" in fast.speed.report
     candidate = step(fast, rows)
     assert calls  # the switch really ran
     assert_same(reference, candidate)
+
+
+@pytest.mark.parametrize("model_type,liger,switch,want", [
+    ("qwen2", "auto", "torch", {"use_liger_kernel": True, "liger_kernel_config": {"rms_norm": False}}),
+    ("qwen2", "auto", "liger", {"use_liger_kernel": True}),  # the benchmark's row with liger's RMSNorm
+    ("gemma2", "auto", "torch", {"use_liger_kernel": True}),  # (1 + w) norms: liger's RMSNorm stays
+    ("qwen3_moe", "auto", "torch", {"use_liger_kernel": False}),  # the table's reason against liger
+    ("qwen3_moe", True, "torch", {"use_liger_kernel": True, "liger_kernel_config": {"rms_norm": False}}),  # forced
+    (None, "auto", "torch", {"use_liger_kernel": True}),  # family not known yet (the first, pre-preflight build)
+])
+def test_liger_settings_are_decided_with_the_training_arguments(model_type, liger, switch, want, monkeypatch):
+    """liger's kernels are settled in the DPOConfig, before the trainer exists (trl applies them at train()): off
+    where the architecture table says so, without RMSNorm where the speed path runs torch's fused norm."""
+    from dist_dpo import dpo_args
+    from dist_dpo.config import parse_recipe
+
+    monkeypatch.setenv("DIST_DPO_AB_RMSNORM", switch)
+    monkeypatch.setattr(dpo_args, "use_liger_kernels", lambda t, on_gpu: True)  # a GPU with liger-kernel installed
+    t = parse_recipe([]).train
+    t.liger_kernels = liger
+    assert dpo_args.liger_settings(t, True, model_type) == want
 
 
 def test_fused_qkv_is_the_three_projections(pairs, monkeypatch):
@@ -785,7 +805,7 @@ def test_fused_qkv_and_torch_rms_norm_are_the_default_where_weights_are_whole(pa
     sharded = build(pairs, fast=True)
     assert "q/k/v" not in sharded.speed.report
     attn = sharded.model.get_base_model().model.layers[0].self_attn
-    assert not hasattr(attn.k_proj, "_dd_own_forward")  # no fused copy made
+    assert not hasattr(attn.k_proj, "_dist_dpo_own_forward")  # no fused copy made
     from dist_dpo import ab_switches
 
     assert ab_switches.flag("FUSED_QKV")  # on when unset

@@ -23,10 +23,40 @@ from __future__ import annotations
 
 from dist_dpo import ab_switches
 from dist_dpo.architectures import PIECES, family_of
+from dist_dpo.dpo_args import use_liger_kernels
 from dist_dpo.errors import UserError
 from dist_dpo.speed import (attention, batching, checkpointing, fused_qkv, head, lora_inputs, loss, microbatch,
                            ref_cache, rms_norm, self_check, switch)
 from dist_dpo.logs import get_logger
+
+MOE_AUX = "the MoE router's auxiliary loss averages over every token of trl's rows"
+# A piece the recipe forces on (`true`) that cannot run: its recipe key and what cannot be done, for one wording
+# before anything loads (the preflight) and after the model is built (apply).
+FORCED = {"shared_rows": ("prefix_sharing", "the prompt cannot be shared here"),
+          "packed_rows": ("packed_rows", "packed rows cannot run here"),
+          "reference": ("ref_logps_cache", "the reference log-probs cannot be kept here")}
+
+
+def refuse_forced(piece: str, why: str) -> UserError:
+    key, what = FORCED[piece]
+    return UserError(f"{key}: true, but {what}: {why}. Set {key}: auto")
+
+
+def layout_reasons(family, config, attn_implementation: str, aux_loss: bool) -> dict[str, str | None]:
+    """Why each of the speed path's row layouts stays off for a model (None: it can run), from what is known before
+    any weight loads: the architecture table, the MoE router's auxiliary loss, the attention kernel and the config.
+    The preflight refuses a forced layout and the speed-path line says why with these same words; whether the GPU
+    serves the packed rows' kernel is asked once the model is on it (attention.packed_rows_reason)."""
+    off = family.reason("head")
+    aux = MOE_AUX if aux_loss else None
+    return {"shared_rows": off or family.reason("shared_rows") or aux or head.mask_reason(attn_implementation),
+            "packed_rows": off or family.reason("packed_rows") or aux or
+            attention.config_reason(config, attn_implementation)}
+
+
+def aux_loss_on(config) -> bool:
+    """Whether the model adds the MoE router's auxiliary loss (trl's aux_loss_enabled reads the same flag)."""
+    return bool(getattr(config.get_text_config(), "output_router_logits", False))
 
 
 def apply(trainer, recipe, rt) -> dict:
@@ -51,7 +81,7 @@ def apply(trainer, recipe, rt) -> dict:
     report = trainer.speed.report
     if t.fast_path:  # before checkpointing: that plans for the micro-batch that will run
         pairs, report["micro-batches"] = microbatch.decide(trainer, recipe, rt, lengths)
-        microbatch.apply(trainer, pairs)
+        trainer.run_micro_batches_of(pairs)
     every, why = checkpointing.decide(trainer, recipe, rt, lengths)
     checkpointing.apply(trainer, every, strategy_for(rt.strategy).checkpointing_reentrant)
     report["checkpointing"] = why
@@ -88,7 +118,8 @@ def apply(trainer, recipe, rt) -> dict:
     report["family"] = family.name
     # piece -> why it stays off here: the architecture table's reason (every one, also for pieces that another one
     # being off already rules out), or this run's. liger only where trl would apply it.
-    off = {p: family.reason(p) for p in PIECES if family.reason(p) and (p != "liger" or trainer.args.use_liger_kernel)}
+    wants_liger = use_liger_kernels(t, trainer.args.device.type == "cuda")
+    off = {p: family.reason(p) for p in PIECES if family.reason(p) and (p != "liger" or wants_liger)}
 
     def allowed(piece: str, run_reason: str | None = None) -> bool:
         why = family.reason(piece) or run_reason
@@ -96,8 +127,6 @@ def apply(trainer, recipe, rt) -> dict:
             off[piece] = why
         return why is None
 
-    if trainer.args.use_liger_kernel and t.liger_kernels == "auto" and not allowed("liger"):
-        trainer.args.use_liger_kernel = False  # trl applies liger's kernels at train(): not yet done
     if not allowed("head", head.unsupported_reason(base)):
         report["head"] = "trl's"
         return _finish(rt, report, off)
@@ -107,15 +136,12 @@ def apply(trainer, recipe, rt) -> dict:
         head.install(m, state)
 
     # The MoE router's auxiliary loss averages over every token of trl's rows: other rows give another number.
-    aux = "the MoE router's auxiliary loss averages over every token of trl's rows" if trainer.aux_loss_enabled \
-        else None
-    if sharing != "false" and not allowed("shared_rows", aux or (None if head.shared_layout_ok(base) else
-                                          f"attn_implementation {base.config._attn_implementation} takes no 4-D mask")):
+    layouts = layout_reasons(family, base.config, base.config._attn_implementation, trainer.aux_loss_enabled)
+    if sharing != "false" and not allowed("shared_rows", layouts["shared_rows"]):
         if t.prefix_sharing is True:
-            raise UserError(f"prefix_sharing: true, but the prompt cannot be shared here: {off['shared_rows']}. "
-                            "Set prefix_sharing: auto")
+            raise refuse_forced("shared_rows", off["shared_rows"])
         sharing = "false"
-    not_packed = _not_packed_because(trainer, base, t, sharing, family)
+    not_packed = _not_packed_because(trainer, base, t, sharing, layouts["packed_rows"])
     if not_packed is not None and sharing != "false" and not_packed != "off":
         off["packed_rows"] = not_packed
     trainer.data_collator = batching.SharedPromptCollator(
@@ -135,12 +161,11 @@ def apply(trainer, recipe, rt) -> dict:
             report["q/k/v"] = f"one matmul ({n} layers)"
 
     # liger keeps SwiGLU, RoPE
-    if allowed("torch_norm", None if family.norm_classes else "no RMSNorm class of this family is proven") and \
-            ab_switches.value("RMSNORM") == "torch":
+    if allowed("torch_norm", rms_norm.off_reason(family)) and rms_norm.planned(t, family):
+        # liger's RMSNorm was left out for it when the training arguments were built (dpo_args.liger_settings)
         n = [rms_norm.install(m, family.norm_classes) for m in _with_reference(trainer, base)][0]
-        if n:
-            trainer.args.liger_kernel_config = {**(trainer.args.liger_kernel_config or {}), "rms_norm": False}
-            report["RMSNorm"] = f"torch's fused rms_norm ({n} norms)"
+        report["RMSNorm"] = f"torch's fused rms_norm ({n} norms)" if n else \
+            f"the model's own (no {'/'.join(family.norm_classes)} module found)"
 
     if allowed("lora_cast") and not ab_switches.flag("LORA_INPUT_CAST"):
         n = lora_inputs.install(trainer.model)  # inert without autocast: fp32 runs, DeepSpeed's bf16 engine
@@ -172,8 +197,7 @@ def _keep_reference(trainer, recipe, rt, base, own_loss_off: str | None, report:
     why = ref_cache.unsupported_reason(trainer, recipe, base) if own_loss_off is None else f"trl's loss: {own_loss_off}"
     if why is not None:
         if recipe.train.ref_logps_cache is True:
-            raise UserError(f"ref_logps_cache: true, but the reference log-probs cannot be kept here: {why}. "
-                            "Set ref_logps_cache: auto")
+            raise refuse_forced("reference", why)
         report["reference"] = f"computed every step ({why})"
         return
     trainer.train_dataset = ref_cache.add_rows(trainer.train_dataset)
@@ -203,17 +227,18 @@ def check_switches() -> None:
     switch.check_break()
 
 
-def _not_packed_because(trainer, base, t, sharing: str, family) -> str | None:
-    """Why the shared rows stay padded and masked; None: they go packed (attention.py, installed here)."""
+def _not_packed_because(trainer, base, t, sharing: str, config_reason: str | None) -> str | None:
+    """Why the shared rows stay padded and masked; None: they go packed (attention.py, installed here).
+    `config_reason`: layout_reasons' word for the packed rows."""
     import torch
 
     if sharing == "false" or t.packed_rows is False:
         return "off"
     a = trainer.args
     dtype = torch.bfloat16 if a.bf16 else torch.float16 if a.fp16 else base.get_input_embeddings().weight.dtype
-    why = family.reason("packed_rows") or attention.packed_rows_reason(base, a.device, dtype)
+    why = config_reason or attention.packed_rows_reason(base, a.device, dtype)
     if why and t.packed_rows is True:
-        raise UserError(f"packed_rows: true, but packed rows cannot run here: {why}. Set packed_rows: auto")
+        raise refuse_forced("packed_rows", why)
     if why:
         return why
     for m in _with_reference(trainer, base):

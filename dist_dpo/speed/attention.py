@@ -14,7 +14,7 @@ in one call (steady 1.02x in another, cold one); fixed512 steady 0.98x - torch 2
 so they are expanded per query head here (benchmarks/NOTES.md section 5c).
 
 transformers routes attention by `config._attn_implementation`; "dist_dpo_sdpa" is sdpa unless a forward passes
-`dd_varlen=` (only `head._dpo_forward` does), so generation, evaluation and trl's own forwards are untouched.
+`packed_segments=` (only `head._dpo_forward` does), so generation, evaluation and trl's own forwards are untouched.
 A card, build or dtype the kernel does not serve is found by `packed_rows_reason` before training (a one-off
 comparison against sdpa on this device); such runs keep the masked rows.
 """
@@ -47,10 +47,10 @@ class Varlen:
                       self.max_k)
 
 
-def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, dd_varlen=None,
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, packed_segments=None,
                       **kwargs):
     """transformers' attention signature: query [1, H, T, D], key/value [1, Hkv, T, D] -> ([1, T, H, D], None)."""
-    if dd_varlen is None:
+    if packed_segments is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -58,14 +58,14 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
         raise RuntimeError("packed rows support plain causal attention only")  # speed.apply never gets here
     q = query[0].transpose(0, 1)  # [T, H, D]
-    k = key[0].transpose(0, 1).index_select(0, dd_varlen.kv_index)  # [keys, Hkv, D]
-    v = value[0].transpose(0, 1).index_select(0, dd_varlen.kv_index)
+    k = key[0].transpose(0, 1).index_select(0, packed_segments.kv_index)  # [keys, Hkv, D]
+    v = value[0].transpose(0, 1).index_select(0, packed_segments.kv_index)
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        out = flash_varlen(q.contiguous(), k, v, dd_varlen, scaling)
+        out = flash_varlen(q.contiguous(), k, v, packed_segments, scaling)
     else:
         if q.is_cuda:
             _warn_slow(q.dtype)
-        out = reference(q, k, v, dd_varlen, scaling)
+        out = reference(q, k, v, packed_segments, scaling)
     return out.unsqueeze(0), None
 
 
@@ -186,17 +186,27 @@ def install(model) -> None:
     model.config._attn_implementation = IMPLEMENTATION
 
 
-def packed_rows_reason(model, device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why packed rows cannot run on `model` training on `device` in `dtype` (None: they can)."""
-    cfg = model.config.get_text_config()
-    if model.config._attn_implementation not in ("sdpa", IMPLEMENTATION):
-        return f"attn_implementation {model.config._attn_implementation}"
+def config_reason(config, attn_implementation: str) -> str | None:
+    """Why packed rows cannot run on a model of this config, from the config alone (None: they can, on a GPU the
+    kernel serves: `packed_rows_reason`)."""
+    cfg = config.get_text_config()
+    if attn_implementation not in ("sdpa", IMPLEMENTATION):
+        return f"attn_implementation {attn_implementation}"
     if getattr(cfg, "attn_logit_softcapping", None) is not None:
         return "soft-capped attention logits"
     from dist_dpo.architectures import attention_layer_types
 
     if attention_layer_types(cfg) != {"full_attention"}:
         return "sliding-window layers"
+    return None
+
+
+def packed_rows_reason(model, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why packed rows cannot run on `model` training on `device` in `dtype` (None: they can)."""
+    cfg = model.config.get_text_config()
+    why = config_reason(model.config, model.config._attn_implementation)
+    if why:
+        return why
     if device.type != "cuda":
         return "no CUDA device (the variable-length kernel is flash attention's)"
     if dtype not in (torch.float16, torch.bfloat16):

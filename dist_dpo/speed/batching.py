@@ -23,6 +23,27 @@ PAD_MULTIPLE = 16  # shared rows are padded to this: sdpa's memory-efficient ker
 # Cost of one masked query-key pair (sdpa memory-efficient kernel, full square) relative to a causal flash pair.
 # A prediction: benchmarks/throughput.py's prefix-sharing on/off rows measure it.
 MASKED_ATTENTION_PENALTY = 2.0
+BATCH_KEY = "speed_rows"  # where a batch carries its `SpeedRows`, next to trl's padded rows
+
+
+@dataclass
+class SpeedRows:
+    """One micro-batch laid out for the speed path's forward (`head.py`), built on the CPU next to trl's padded rows.
+    Shared rows: one row [prompt | chosen | rejected] per pair, `segments` telling the 4-D mask which part each token
+    is. Packed rows: every pair in ONE row, `varlen` holding the attention segments (attention.py)."""
+    input_ids: torch.Tensor  # [rows, width]
+    position_ids: torch.Tensor  # [rows, width]: rejected continues after the prompt, as in its own row
+    pred_index: torch.Tensor  # flat index (row * width + column) of the position predicting each scored token
+    targets: torch.Tensor  # the scored token ids, in the same order
+    out_index: torch.Tensor  # where trl's [chosen; rejected] x (width - 1) log-prob layout holds each of them
+    segments: torch.Tensor | None = None  # shared rows: int8, 0 prompt, 1 chosen, 2 rejected, -1 padding
+    varlen: object | None = None  # packed rows: attention.Varlen
+
+    def to(self, *args, **kwargs) -> "SpeedRows":  # accelerate's send_to_device moves any object with .to
+        return SpeedRows(**{k: None if v is None else v.to(*args, **kwargs) for k, v in vars(self).items()})
+
+    def pin_memory(self) -> "SpeedRows":  # the DataLoader's pin_memory thread
+        return SpeedRows(**{k: None if v is None else v.pin_memory() for k, v in vars(self).items()})
 
 
 def pair_lengths(dataset, max_length: int | None) -> tuple[list[int], list[int], list[int]]:
@@ -150,7 +171,7 @@ class LayoutCost:
 
 @dataclass
 class SharedPromptCollator:
-    """trl's `DataCollatorForPreference` output, plus the shared-prompt rows (`dd_*` keys) when `mode` is "true",
+    """trl's `DataCollatorForPreference` output, plus the shared-prompt rows (a `SpeedRows` under BATCH_KEY) when `mode` is "true",
     or "auto" and `cost` says they are cheaper for this micro-batch."""
     base: object  # trl.trainer.dpo_trainer.DataCollatorForPreference
     mode: str = "auto"  # auto | true | false
@@ -175,9 +196,9 @@ class SharedPromptCollator:
             return batch
         build = self._packed_rows if self.packed else self._shared_rows
         shared = build(examples, width_out=batch["input_ids"].size(1) - 1)
-        self.tokens_run += shared["dd_input_ids"].numel()
+        self.tokens_run += shared.input_ids.numel()
         self.batches["packed" if self.packed else "shared"] += 1
-        batch.update(shared)
+        batch[BATCH_KEY] = shared
         return batch
 
     def _truncated(self, e: dict) -> tuple[list, list, list]:
@@ -198,7 +219,7 @@ class SharedPromptCollator:
         return self.cost.shared_layout(len(examples), shared_width) < self.cost.pairs_layout(rows, width,
                                                                                               real < rows * width)
 
-    def _shared_rows(self, examples: list[dict], width_out: int) -> dict:
+    def _shared_rows(self, examples: list[dict], width_out: int) -> SpeedRows:
         """`width_out`: trl's padded width minus one, the width of its per-token log-prob layout."""
         pairs = len(examples)
         seqs, positions, segments, pred, targets, place = [], [], [], [], [], []
@@ -221,16 +242,16 @@ class SharedPromptCollator:
                 place.append((pairs + i) * width_out + n_p + k - 1)
         width = -(-max(len(s) for s in seqs) // PAD_MULTIPLE) * PAD_MULTIPLE
         pad = self.base.pad_token_id
-        return {
-            "dd_input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in seqs]),
-            "dd_position_ids": torch.tensor([q + [0] * (width - len(q)) for q in positions]),
-            "dd_segments": torch.tensor([g + [-1] * (width - len(g)) for g in segments], dtype=torch.int8),
-            "dd_pred_index": torch.tensor([row * width + col for row, col in pred]),
-            "dd_targets": torch.tensor(targets),
-            "dd_out_index": torch.tensor(place),
-        }
+        return SpeedRows(
+            input_ids=torch.tensor([s + [pad] * (width - len(s)) for s in seqs]),
+            position_ids=torch.tensor([q + [0] * (width - len(q)) for q in positions]),
+            segments=torch.tensor([g + [-1] * (width - len(g)) for g in segments], dtype=torch.int8),
+            pred_index=torch.tensor([row * width + col for row, col in pred]),
+            targets=torch.tensor(targets),
+            out_index=torch.tensor(place),
+        )
 
-    def _packed_rows(self, examples: list[dict], width_out: int) -> dict:
+    def _packed_rows(self, examples: list[dict], width_out: int) -> SpeedRows:
         """All pairs back to back in one row [p0 c0 r0 p1 c1 r1 ...], plus the two attention segments of each pair
         (`attention.Varlen`): prompt+chosen over itself, rejected over prompt+rejected. Log-prob positions as in
         `_shared_rows`, offset by where the pair starts."""
@@ -262,15 +283,15 @@ class SharedPromptCollator:
                 place.append((pairs + i) * width_out + n_p + k - 1)
         q_len = [b - a for a, b in zip(cu_q, cu_q[1:])]
         k_len = [b - a for a, b in zip(cu_k, cu_k[1:])]
-        return {
-            "dd_input_ids": torch.tensor([ids]),
-            "dd_position_ids": torch.tensor([positions]),
-            "dd_pred_index": torch.tensor(pred),
-            "dd_targets": torch.tensor(targets),
-            "dd_out_index": torch.tensor(place),
-            "dd_varlen": Varlen(cu_q=torch.tensor(cu_q, dtype=torch.int32), cu_k=torch.tensor(cu_k, dtype=torch.int32),
-                                kv_index=torch.tensor(kv_index), max_q=max(q_len), max_k=max(k_len)),
-        }
+        return SpeedRows(
+            input_ids=torch.tensor([ids]),
+            position_ids=torch.tensor([positions]),
+            pred_index=torch.tensor(pred),
+            targets=torch.tensor(targets),
+            out_index=torch.tensor(place),
+            varlen=Varlen(cu_q=torch.tensor(cu_q, dtype=torch.int32), cu_k=torch.tensor(cu_k, dtype=torch.int32),
+                          kv_index=torch.tensor(kv_index), max_q=max(q_len), max_k=max(k_len)),
+        )
 
     @property
     def run_per_real(self) -> float:

@@ -81,7 +81,7 @@ def install(model) -> int:
         if not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj")):
             continue
         wrappers = [getattr(attn, p) for p in ("q_proj", "k_proj", "v_proj")]
-        if "_dd_own_forward" in _base(wrappers[0]).__dict__:  # fused already
+        if "_dist_dpo_own_forward" in _base(wrappers[0]).__dict__:  # fused already
             n += 1
             continue
         if any(getattr(w, "lora_variant", None) for w in wrappers):  # DoRA & co. may update their part in place
@@ -91,7 +91,7 @@ def install(model) -> int:
             continue
         fused = _Fused(linears)
         for i, m in enumerate(linears):
-            m._dd_own_forward = m.forward
+            m._dist_dpo_own_forward = m.forward
             m.forward = types.MethodType(_make_forward(fused, i), m)
         n += 1
     return n
@@ -99,5 +99,5 @@ def install(model) -> int:
 
 def _make_forward(fused: _Fused, i: int):
     def forward(self, x):
-        return fused.part(i, x, self._dd_own_forward)
+        return fused.part(i, x, self._dist_dpo_own_forward)
     return forward

@@ -7,10 +7,10 @@ out like its padded batch ([chosen rows; rejected rows] x (L - 1)). Three things
   - its backward computes every logits tile a second time (`logprob.py` takes the gradient in the forward instead);
   - the backbone must run the padded [chosen; rejected] rows, so the prompt is computed twice.
 This forward keeps trl's contract (same output layout, so trl's loss code reads it unchanged) and its kernel
-(trl.kernels.ChunkedLogProbFunction), and adds: `dd_extras=` to choose the logging-only outputs per call, and the
-shared-prompt layout from `batching.SharedPromptCollator` (keys `dd_*`): one row [prompt | chosen | rejected] per
-pair, rejected positions continuing after the prompt, a mask that hides chosen from rejected; or all pairs packed
-in one row, attention in segments (`attention.py`, key `dd_varlen`). Every scored token
+(trl.kernels.ChunkedLogProbFunction), and adds two keyword arguments: `speed_outputs=` chooses the logging-only
+outputs per call, `speed_rows=` (a `batching.SpeedRows` from `batching.SharedPromptCollator`) runs the shared-prompt
+layout: one row [prompt | chosen | rejected] per pair, rejected positions continuing after the prompt, a mask that
+hides chosen from rejected; or all pairs packed in one row, attention in segments (`attention.py`). Every scored token
 sees exactly the tokens and positions it sees in trl's rows, so its log-prob is the same number.
 """
 
@@ -27,7 +27,7 @@ EXTRAS = ("entropy", "mean_logits", "is_top1")  # trl's logging-only per-token o
 
 
 class HeadState:
-    """What a forward computes when its caller does not say (`dd_extras` absent): trl's own calls want everything
+    """What a forward computes when its caller does not say (`speed_outputs` absent): trl's own calls want everything
     its `_compute_loss` reads."""
 
     def __init__(self, default_extras: tuple[str, ...] = EXTRAS):
@@ -55,57 +55,60 @@ def logit_transform(config) -> tuple[float | None, float]:
     return getattr(cfg, "final_logit_softcapping", None), 1.0 if scale is None else scale
 
 
-def shared_layout_ok(model) -> bool:
+def mask_reason(attn_implementation: str) -> str | None:
     """The shared-prompt rows need a 4-D mask, which sdpa and eager attention take as is (flash/flex do not)."""
-    return model.config._attn_implementation in ("sdpa", "eager", "dist_dpo_sdpa")  # the last: attention.py
+    if attn_implementation in ("sdpa", "eager", "dist_dpo_sdpa"):  # the last: attention.py's
+        return None
+    return f"attn_implementation {attn_implementation} takes no 4-D mask"
 
 
 def install(model, state: HeadState) -> None:
     """Wrap the forward trl patched onto `model` (the bare CausalLM, under any PEFT wrapper); a second call only
     hands the installed head the new state."""
-    if "_dd_head_state" in model.__dict__:
-        model._dd_head_state.__dict__.update(state.__dict__)
+    if "_dist_dpo_head_state" in model.__dict__:
+        model._dist_dpo_head_state.__dict__.update(state.__dict__)
         return
-    model._dd_head_state = state
+    model._dist_dpo_head_state = state
     trl_forward = model.forward
 
     @functools.wraps(type(model).forward)
-    def forward(self, *args, fused_lm_head=False, labels=None, dd_extras=None, **kwargs):
-        layout = {k: kwargs.pop(k) for k in [k for k in kwargs if k.startswith("dd_")]}
+    def forward(self, *args, fused_lm_head=False, labels=None, speed_outputs=None, speed_rows=None, **kwargs):
         if not fused_lm_head:
             return trl_forward(*args, labels=labels, **kwargs)
         if not switch.live("head"):  # trl's own forward on trl's rows (the self-check's reference, or turned off)
             return trl_forward(*args, fused_lm_head=True, labels=labels, **kwargs)
-        if layout and not switch.live("packed_rows" if "dd_varlen" in layout else "shared_rows"):
-            layout = {}
-        extras = state.default_extras if dd_extras is None else tuple(dd_extras)
-        return _dpo_forward(self, labels, layout, extras, kwargs)
+        if speed_rows is not None and not switch.live("packed_rows" if speed_rows.varlen is not None else
+                                                       "shared_rows"):
+            speed_rows = None
+        extras = state.default_extras if speed_outputs is None else tuple(speed_outputs)
+        return _dpo_forward(self, labels, speed_rows, extras, kwargs)
 
     model.forward = types.MethodType(forward, model)
 
 
-def _dpo_forward(model, labels, layout: dict, extras: tuple[str, ...], kwargs: dict):
+def _dpo_forward(model, labels, layout, extras: tuple[str, ...], kwargs: dict):
+    """`layout`: a batching.SpeedRows, or None for trl's padded rows."""
     from trl.trainer.utils import FusedCausalLMOutput
 
     kwargs["use_cache"] = False
     kwargs.pop("num_items_in_batch", None)
     rows, width = labels.shape  # trl's padded layout: the output keeps it
     trl_mask = kwargs.get("attention_mask")
-    if "dd_varlen" in layout:  # packed rows: attention.py's segments; an empty 4-D mask, which every model's mask
-        # builder passes through as it is (masking_utils._preprocess_mask_arguments), so no [T, T] mask is built
-        kwargs.update(input_ids=layout["dd_input_ids"], position_ids=layout["dd_position_ids"],
-                      attention_mask=layout["dd_input_ids"].new_zeros((1, 1, 0, 0), dtype=torch.bool),
-                      dd_varlen=layout["dd_varlen"])
-    elif layout:
-        kwargs.update(input_ids=layout["dd_input_ids"], position_ids=layout["dd_position_ids"],
-                      attention_mask=layer_masks(model, layout["dd_segments"], layout["dd_position_ids"],
-                                                 _mask_dtype(model)))
+    if layout is not None and layout.varlen is not None:  # packed rows: attention.py's segments; an empty 4-D
+        # mask, which every model's mask builder passes through as it is (masking_utils._preprocess_mask_arguments),
+        # so no [T, T] mask is built
+        kwargs.update(input_ids=layout.input_ids, position_ids=layout.position_ids,
+                      attention_mask=layout.input_ids.new_zeros((1, 1, 0, 0), dtype=torch.bool),
+                      packed_segments=layout.varlen)
+    elif layout is not None:
+        kwargs.update(input_ids=layout.input_ids, position_ids=layout.position_ids,
+                      attention_mask=layer_masks(model, layout.segments, layout.position_ids, _mask_dtype(model)))
     out_backbone = None
-    if layout:
+    if layout is not None:
         out_backbone = model.base_model(**kwargs)
         hidden = out_backbone.last_hidden_state
-        hidden = hidden.reshape(-1, hidden.size(-1)).index_select(0, layout["dd_pred_index"])
-        targets, place = layout["dd_targets"], layout["dd_out_index"]
+        hidden = hidden.reshape(-1, hidden.size(-1)).index_select(0, layout.pred_index)
+        targets, place = layout.targets, layout.out_index
     else:
         out_backbone = model.base_model(**kwargs)
         hidden = out_backbone.last_hidden_state[:, :-1]
@@ -126,7 +129,7 @@ def _dpo_forward(model, labels, layout: dict, extras: tuple[str, ...], kwargs: d
         out[name] = v.bool() if flags else v
     out["label_mask"] = labels[:, 1:] != -100
     if kwargs.get("output_router_logits"):
-        out["aux_loss"] = _router_aux_loss(model, out_backbone, trl_mask if not layout else None)
+        out["aux_loss"] = _router_aux_loss(model, out_backbone, trl_mask if layout is None else None)
     return FusedCausalLMOutput(**out)
 
 

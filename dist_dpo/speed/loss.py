@@ -70,7 +70,7 @@ def compute_loss(trainer, model, inputs, num_items_in_batch=None):
     kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
     kwargs["use_cache"] = False
     extras = EXTRAS if is_logging_step(trainer) else ()
-    out = model(**kwargs, labels=labels, fused_lm_head=True, dd_extras=extras)
+    out = model(**kwargs, labels=labels, fused_lm_head=True, speed_outputs=extras)
     chosen_logps, rejected_logps = out.log_probs.sum(dim=1).chunk(2, dim=0)
 
     cache = trainer.speed.ref_cache
@@ -84,9 +84,9 @@ def compute_loss(trainer, model, inputs, num_items_in_batch=None):
             if is_peft_model(trainer.model) and trainer.ref_model is None:
                 unwrapped = trainer.accelerator.unwrap_model(trainer.model)
                 with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
-                    ref = trainer.model(**kwargs, labels=labels, fused_lm_head=True, dd_extras=())
+                    ref = trainer.model(**kwargs, labels=labels, fused_lm_head=True, speed_outputs=())
             else:
-                ref = trainer.ref_model(**kwargs, labels=labels, fused_lm_head=True, dd_extras=())
+                ref = trainer.ref_model(**kwargs, labels=labels, fused_lm_head=True, speed_outputs=())
         ref_chosen, ref_rejected = ref.log_probs.sum(dim=1).chunk(2, dim=0)
         if cache is not None:
             cache.store(inputs, ref_chosen, ref_rejected)

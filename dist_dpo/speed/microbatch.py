@@ -67,12 +67,3 @@ def decide(trainer, recipe, rt, lengths) -> tuple[int, str]:
     return per_device, f"{per_device} x {accum} as the recipe says ({least} pairs at once need more memory)"
 
 
-def apply(trainer, pairs: int) -> None:
-    """Run `pairs` per micro-batch, keeping the pairs per optimizer step (read by the Trainer at train())."""
-    a = trainer.args
-    step = a.per_device_train_batch_size * a.gradient_accumulation_steps
-    if pairs == a.per_device_train_batch_size:
-        return
-    a.per_device_train_batch_size, a.gradient_accumulation_steps = pairs, step // pairs
-    trainer._train_batch_size = a.train_batch_size  # the Trainer copied it at construction
-    trainer.accelerator.gradient_accumulation_steps = a.gradient_accumulation_steps

@@ -22,7 +22,20 @@ import types
 
 import torch
 
+from dist_dpo import ab_switches
 from dist_dpo.speed import switch
+
+
+def off_reason(family) -> str | None:
+    """Why this family's norms stay as they are (None: they run as torch's rms_norm on the speed path)."""
+    return family.reason("torch_norm") or (None if family.norm_classes else "no RMSNorm class of this family is proven")
+
+
+def planned(t, family) -> bool:
+    """Whether the speed path will run this family's norms as torch's rms_norm (`t`: the recipe's train section);
+    dpo_args.py then leaves liger's RMSNorm out."""
+    return bool(t.fast_path and family.reason("head") is None and off_reason(family) is None
+                and ab_switches.value("RMSNORM") == "torch")
 
 
 def install(model, norm_classes: tuple[str, ...]) -> int:
@@ -32,14 +45,14 @@ def install(model, norm_classes: tuple[str, ...]) -> int:
     to its own forward, call by call. Installing twice changes nothing."""
     n = 0
     for m in model.modules():
-        if "_dd_eps" in m.__dict__:  # installed already
+        if "_dist_dpo_eps" in m.__dict__:  # installed already
             n += 1
             continue
         eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
         weight = getattr(m, "weight", None)
         if type(m).__name__ in norm_classes and isinstance(weight, torch.Tensor) and weight.dim() == 1 and \
                 isinstance(eps, float):
-            m._dd_own_forward, m._dd_eps = m.forward, eps
+            m._dist_dpo_own_forward, m._dist_dpo_eps = m.forward, eps
             m.forward = types.MethodType(_forward, m)
             n += 1
     return n
@@ -47,6 +60,6 @@ def install(model, norm_classes: tuple[str, ...]) -> int:
 
 def _forward(self, hidden_states):
     if hidden_states.dtype != self.weight.dtype or not switch.live("torch_norm"):
-        return self._dd_own_forward(hidden_states)
-    out = torch.nn.functional.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, self._dd_eps)
+        return self._dist_dpo_own_forward(hidden_states)
+    out = torch.nn.functional.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, self._dist_dpo_eps)
     return out * 0.5 if switch.broken("torch_norm") else out

@@ -178,14 +178,14 @@ def _measure(trainer, module, batch, grads: bool) -> dict:
     kwargs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
     kwargs["use_cache"] = False
     with torch.set_grad_enabled(grads):
-        out = module(**kwargs, labels=labels, fused_lm_head=True, dd_extras=())
+        out = module(**kwargs, labels=labels, fused_lm_head=True, speed_outputs=())
         chosen, rejected = out.log_probs.float().sum(dim=1).chunk(2)
     with torch.no_grad(), checkpointing_paused(module):
         if is_peft_model(module) and trainer.ref_model is None:
             with use_adapter(module, adapter_name="ref" if "ref" in module.peft_config else None):
-                ref = module(**kwargs, labels=labels, fused_lm_head=True, dd_extras=())
+                ref = module(**kwargs, labels=labels, fused_lm_head=True, speed_outputs=())
         else:
-            ref = trainer.ref_model(**kwargs, labels=labels, fused_lm_head=True, dd_extras=())
+            ref = trainer.ref_model(**kwargs, labels=labels, fused_lm_head=True, speed_outputs=())
     ref_chosen, ref_rejected = ref.log_probs.float().sum(dim=1).chunk(2)
     result = {"logps": torch.stack([chosen, rejected, ref_chosen, ref_rejected]).detach()}
     if grads:

@@ -24,7 +24,7 @@ TRL, TRANSFORMERS, PEFT, DEEPSPEED, TORCH = "trl 1.16", "transformers 5.17", "pe
 @dataclass(frozen=True)
 class Internal:
     target: str  # "package.module:Object.attribute"
-    use: str  # override (a method of a mixin of DistDPOTrainer) | import | read | swap (set for one call, restored)
+    use: str  # override (a method of a mixin of DistDPOTrainer) | import | read | write | swap (set for one call)
     used_by: str  # the dist-dpo module
     why: str
     written_for: str
@@ -65,7 +65,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("trl:DPOTrainer._compute_loss", "read", "config.py",
              "its branches are the recipe's loss_type choices (the contract test checks each one)", TRL),
     # --- Trainer state read or written ---
-    Internal("transformers:Trainer._train_batch_size", "read", "speed/microbatch.py",
+    Internal("transformers:Trainer._train_batch_size", "write", "trainer.py",
              "the Trainer copies the batch size at construction; merged micro-batches update the copy", TRANSFORMERS,
              set_by_source=True),
     Internal("trl:DPOTrainer._metrics", "read", "speed/loss.py",
@@ -105,7 +105,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("transformers.masking_utils:_preprocess_mask_arguments", "read", "speed/head.py",
              "a 4-D mask passes through every mask builder unchanged", TRANSFORMERS),
     Internal("transformers.configuration_utils:PretrainedConfig._attn_implementation", "read",
-             "speed/attention.py, speed/head.py", "which attention kernel the model runs", TRANSFORMERS),
+             "speed/attention.py, speed/__init__.py", "which attention kernel the model runs", TRANSFORMERS),
     Internal("transformers:PreTrainedModel._from_config", "read", "model_zoo.py",
              "random-weight models of real architectures", TRANSFORMERS, ("config",)),
     Internal("transformers:PreTrainedModel._init_weights", "read", "model_zoo.py",

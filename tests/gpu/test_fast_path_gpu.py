@@ -68,7 +68,7 @@ def test_packed_and_masked_rows_give_trls_loss_on_gpu(pairs):  # noqa: F811
         fast = build(pairs, fast=True, prefix_sharing=True, cuda=True, packed_rows=packed)
         assert fast.data_collator.packed is (packed == "auto"), fast.speed.report
         loss, grads, batch = step(fast, rows, logging=logging)
-        assert ("dd_varlen" in batch) is (packed == "auto")
+        assert (getattr(batch.get("speed_rows"), "varlen", None) is not None) is (packed == "auto")
         worst = max(((grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)).item() for n, g in ref_grads.items())
         print(f"\npacked_rows={packed} logging step {logging}: loss {loss.item():.6f} vs trl {ref_loss.item():.6f} "
               f"(diff {abs(loss.item() - ref_loss.item()):.2e}); LoRA grads max relative diff {worst:.3g}")
