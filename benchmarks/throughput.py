@@ -11,7 +11,8 @@ only); dist-dpo rows run the real `dist-dpo train` entrypoint. Each row is its o
 own. Two lanes (GPU 0, GPU 1) run the 1-GPU rows at once; the rows a ratio compares share a lane, i.e. a card.
 
 Reported per row (benchmarks/README.md explains): non-pad tokens/s and pairs/s over the epoch end to end (trainer
-construction - tokenization, any reference precompute - through the last step), the same tokens/s in steady state
+construction - tokenization, any reference precompute - through the last step), the same tokens/s over the whole
+process (Python start, imports, model load and the final save included: what a user waits for), and in steady state
 (from step 3), MFU = 6 N x tokens/s / (GPUs x 790 TFLOP/s) with N = model_zoo.param_count, and the peak
 torch.cuda.max_memory_allocated() of the busiest rank. Results: <out>/throughput.json (rows, ratios, card,
 versions, commit, command), written after every row so a cut-off run still leaves what finished.
@@ -607,6 +608,7 @@ class Bench:
         return "ok", {
             "tokens": tokens, "pairs": r0["pairs"], "init_s": round(r0["init_s"], 2),
             "train_s": round(r0["train_s"], 2), "process_s": round(process_s, 1),
+            "process_tokens_per_s": tokens / process_s,  # start to exit: imports, load, save included
             "train_end_wall_s": round(r0["wall_s"], 2), **_epoch(tokens, r0["pairs"], wall, flops, row.gpus),
             "steady_tokens_per_s": steady, "steady_mfu": flops * steady / (PEAK_FLOPS * row.gpus) if steady else None,
             "mfu_palm": palm_per_token * tokens / wall / (PEAK_FLOPS * row.gpus) if palm_per_token else None,
@@ -843,6 +845,8 @@ def ratios(rows: list[dict]) -> dict:
         best = max([v for v in (tps(f"trl-best/{ds}/lora/1gpu"), tps(f"trl-best-precompute/{ds}/lora/1gpu")) if v],
                    default=None)
         case = {"vs_tutorial": ratio(ours, tps(f"tutorial/{ds}/lora/1gpu")), "vs_best_trl": ratio(ours, best)}
+        whole = [tps(f"{runner}/{ds}/lora/1gpu", "process_tokens_per_s") for runner in ("dist-dpo", "trl-best")]
+        case["vs_best_trl whole process"] = ratio(*whole)
         if any(case.values()):
             out[f"{ds}/lora/1gpu"] = case
     if "var/lora/1gpu" in out:  # the headline case: 1.5B / variable-length / LoRA / 1 GPU

@@ -124,14 +124,14 @@ def plot(history: list[dict], out_dir: Path, weight: float) -> list[Path]:
             if not (train or ev):
                 target.text(0.5, 0.5, "not logged", ha="center", va="center", transform=target.transAxes)
         ax.legend(fontsize=8)
-        fig.tight_layout()
+        fig.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.92)  # fixed margins: tight_layout costs ~0.1 s
         path = out_dir / f"{key.replace('/', '_')}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         files.append(path)
     axes.flat[0].legend(fontsize=8)
     grid.suptitle("DPO training curves (blue: train, orange: eval; thin: raw, bold: smoothed)")
-    grid.tight_layout()
+    grid.subplots_adjust(left=0.05, right=0.98, bottom=0.05, top=0.93, hspace=0.3, wspace=0.2)
     overview = out_dir / "overview.png"
     grid.savefig(overview, dpi=80)
     plt.close(grid)

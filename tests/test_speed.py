@@ -489,6 +489,9 @@ def test_throughput_smoke_on_cpu(tmp_path):
     dd = rows["dist-dpo/var/lora/1gpu"]
     assert dd["epoch_wall_s"] == pytest.approx(dd["step_end_s_per_rank"]["0"][-1], abs=0.01)
     assert dd["train_end_wall_s"] > dd["epoch_wall_s"]
+    for r in rows.values():  # the whole process (imports, load, save): slower than the epoch's own clock
+        assert 0 < r["process_tokens_per_s"] < r["tokens_per_s"] and \
+            r["process_tokens_per_s"] == pytest.approx(r["tokens"] / r["process_s"], rel=0.01)
     table, syncs = proc.stdout.split("\nsyncs ", 1)  # the sync probe's lines come after the table
     assert syncs.startswith("dist-dpo/var/lora/1gpu rank 0: ")
     tail = table.splitlines()[-(len(doc["targets"]) + 1):]  # the table is printed last, then the targets
