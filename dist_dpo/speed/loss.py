@@ -14,6 +14,7 @@ go to trl's `_compute_loss` unchanged, through the same forward.
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,38 @@ def is_logging_step(trainer) -> bool:
     return step % every == 0 or (step == 1 and trainer.args.logging_first_step)
 
 
+# model -> the PeftModel whose adapter is switched off for the reference forward (None: the reference is a model of
+# its own). accelerate's is_peft_model / unwrap_model look up package metadata on every call (about a millisecond
+# of host time each, several per micro-step): asked once per model object instead.
+_PEFT_REFERENCE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def peft_reference(trainer, model=None):
+    """The PeftModel to run with its adapter off as the reference of `model` (default: trainer.model), or None when
+    trl keeps a reference model of its own."""
+    from accelerate.utils import is_peft_model
+
+    model = trainer.model if model is None else model
+    if trainer.ref_model is not None:
+        return None
+    if model not in _PEFT_REFERENCE:
+        _PEFT_REFERENCE[model] = trainer.accelerator.unwrap_model(model) if is_peft_model(model) else None
+    return _PEFT_REFERENCE[model]
+
+
+def reference_forward(trainer, model, **kwargs):
+    """trl's reference forward (1.16 `_compute_loss`): the policy with its adapter off (or its "ref" adapter), or
+    the reference model, without gradients and without the policy's recompute bookkeeping."""
+    from trl.trainer.utils import use_adapter
+
+    with torch.no_grad(), checkpointing_paused(model):
+        unwrapped = peft_reference(trainer, model)
+        if unwrapped is not None:
+            with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+                return model(**kwargs)
+        return trainer.ref_model(**kwargs)
+
+
 @contextlib.contextmanager
 def checkpointing_paused(model):
     """No recompute bookkeeping for the no-grad reference forward. trl toggles it through
@@ -62,9 +95,6 @@ def checkpointing_paused(model):
 def compute_loss(trainer, model, inputs, num_items_in_batch=None):
     """A training micro-step's loss (DistDPOTrainer.compute_loss calls it where `trainer.speed.own_loss`; trl's
     compute_loss does evaluation and `return_outputs`)."""
-    from accelerate.utils import is_peft_model
-    from trl.trainer.utils import use_adapter
-
     completion_mask = inputs["completion_mask"]
     labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
     kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
@@ -80,13 +110,7 @@ def compute_loss(trainer, model, inputs, num_items_in_batch=None):
     elif cached is not None:  # the values an earlier epoch's reference forward gave for these very pairs
         ref_chosen, ref_rejected = cached
     else:
-        with torch.no_grad(), checkpointing_paused(trainer.model):
-            if is_peft_model(trainer.model) and trainer.ref_model is None:
-                unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-                with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
-                    ref = trainer.model(**kwargs, labels=labels, fused_lm_head=True, speed_outputs=())
-            else:
-                ref = trainer.ref_model(**kwargs, labels=labels, fused_lm_head=True, speed_outputs=())
+        ref = reference_forward(trainer, trainer.model, **kwargs, labels=labels, fused_lm_head=True, speed_outputs=())
         ref_chosen, ref_rejected = ref.log_probs.sum(dim=1).chunk(2, dim=0)
         if cache is not None:
             cache.store(inputs, ref_chosen, ref_rejected)

@@ -169,10 +169,7 @@ def _pairs(trainer, rt) -> dict:
 
 def _measure(trainer, module, batch, grads: bool) -> dict:
     """Policy and reference log-probs per pair, and the DPO loss's gradient in the trainable weights."""
-    from accelerate.utils import is_peft_model
-    from trl.trainer.utils import use_adapter
-
-    from dist_dpo.speed.loss import NON_MODEL_KEYS, checkpointing_paused
+    from dist_dpo.speed.loss import NON_MODEL_KEYS, reference_forward
 
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     kwargs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
@@ -180,12 +177,7 @@ def _measure(trainer, module, batch, grads: bool) -> dict:
     with torch.set_grad_enabled(grads):
         out = module(**kwargs, labels=labels, fused_lm_head=True, speed_outputs=())
         chosen, rejected = out.log_probs.float().sum(dim=1).chunk(2)
-    with torch.no_grad(), checkpointing_paused(module):
-        if is_peft_model(module) and trainer.ref_model is None:
-            with use_adapter(module, adapter_name="ref" if "ref" in module.peft_config else None):
-                ref = module(**kwargs, labels=labels, fused_lm_head=True, speed_outputs=())
-        else:
-            ref = trainer.ref_model(**kwargs, labels=labels, fused_lm_head=True, speed_outputs=())
+    ref = reference_forward(trainer, module, **kwargs, labels=labels, fused_lm_head=True, speed_outputs=())
     ref_chosen, ref_rejected = ref.log_probs.float().sum(dim=1).chunk(2)
     result = {"logps": torch.stack([chosen, rejected, ref_chosen, ref_rejected]).detach()}
     if grads:

@@ -93,7 +93,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("trl.trainer.utils:maybe_gather_lm_head_ctx", "import", "speed/head.py",
              "the LM head gathered under ZeRO-3 as trl gathers it", TRL),
     Internal("trl.trainer.utils:FusedCausalLMOutput", "import", "speed/head.py", "trl's output type of the head", TRL),
-    Internal("trl.trainer.utils:use_adapter", "import", "speed/loss.py, speed/self_check.py",
+    Internal("trl.trainer.utils:use_adapter", "import", "speed/loss.py",
              "the reference forward with the adapter off, as trl does it", TRL, ("model", "adapter_name")),
     Internal("trl.kernels:ChunkedLogProbFunction", "import", "speed/head.py", "trl's log-prob kernel", TRL),
     Internal("trl.kernels.chunked_logprob:TOKEN_CHUNK_SIZE", "import", "speed/logprob.py", "trl's token tiling", TRL),
