@@ -16,7 +16,8 @@
 #      benchmarks/arch_matrix.py                                  every family x LoRA/QLoRA, speed path vs trl
 #      benchmarks/self_check_gpu.sh                               a broken piece caught; the start-up console
 #   2. alone (timings): throughput.py, the 8B family rows against the best plain trl, and the self-check's cost
-#   3. alone (timings): throughput.py, var / fixed2048 and the tutorial's 3 epochs with and without the reference cache
+#   3. alone (timings): throughput.py, var / fixed2048, the tutorial's 3 epochs with and without the reference cache,
+#      and the compiled-layer rows (DIST_DPO_AB_COMPILE=layers) beside the default ones
 #   4. only with BEFORE_TREE=<dir> (an older commit's files, e.g. `git archive <commit> | tar -x -C .before`):
 #      the architecture matrix and the var / fixed2048 rows of that tree and of this one, back to back, then
 #      benchmarks/before_after.py's table of the two (before_after.json)
@@ -55,7 +56,7 @@ job_run() {
   fi
   if [ "${SKIP_DEFAULT:-0}" != 1 ]; then
     note "throughput default start"
-    python3 benchmarks/throughput.py --add 3epochs --only dist-dpo/var/lora/1gpu,trl-best/var/lora/1gpu,dist-dpo/fixed2048,dist-dpo-3epochs \
+    python3 benchmarks/throughput.py --add 3epochs,compiled --only dist-dpo/var/lora/1gpu,trl-best/var/lora/1gpu,dist-dpo/fixed2048,dist-dpo-3epochs,dist-dpo-compiled \
       --budget-s 600 --out "$R/default" --work /tmp/dd1_tp_default --commit "$commit" > "$S/throughput_default.log" 2>&1
     note "throughput default exit $?"
   fi

@@ -159,6 +159,13 @@ def optional_rows() -> list[Row]:
         Row("dist-dpo", "separateqkv", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_AB_FUSED_QKV": "0"}),
         Row("dist-dpo", "separateqkv", "var6k", gpus=2, env={"DIST_DPO_AB_FUSED_QKV": "0"}),
         Row("dist-dpo", "4x4", "fixed2048", batch=4, accum=4, lane=1),
+        # decoder layers through torch.compile (speed/compiled.py): fewer launches and less Python per step on the
+        # host-bound short rows, against its compile time; and the same without liger (the compiler fuses SwiGLU
+        # and RoPE itself)
+        Row("dist-dpo", "compiled", "var", env={"DIST_DPO_AB_COMPILE": "layers"}),
+        Row("dist-dpo", "compiled-noliger", "var", env={"DIST_DPO_AB_COMPILE": "layers"},
+            extra=["--liger_kernels", "false"]),
+        Row("dist-dpo", "compiled", "fixed2048", batch=8, accum=2, lane=1, env={"DIST_DPO_AB_COMPILE": "layers"}),
         # the 1-GPU row with the intra-op threads the launcher gives each rank of a 2-GPU row (1; a plain process
         # leaves OMP_NUM_THREADS unset and torch picks): a 1-GPU var6k row's steps were slower than each 2-GPU rank's
         Row("dist-dpo", "omp1", "var6k", lane=1, env={"OMP_NUM_THREADS": "1"}),
@@ -823,6 +830,8 @@ PIECES = {"noshare": "prefix_sharing", "masked": "packed_rows", "expandkv": "gro
           "headrecompute": "head_grad_in_forward", "noliger": "liger", "lorafp32": "lora_inputs",
           "lignorm": "torch_rms_norm", "separateqkv": "fused_qkv", "4x4": "8x2_over_4x4",
           "omp1": "torch_threads_over_one", "expseg": "default_allocator_over_expandable",
+          # below 1: the compiled layers win (not the default until they do)
+          "compiled": "eager_over_compiled_layers", "compiled-noliger": "eager_over_compiled_layers_without_liger",
           # earlier rows: the same two switches the other way round, before they became the default
           "torchnorm": "liger_rms_norm_over_torch", "fusedqkv": "separate_over_fused_qkv"}
 

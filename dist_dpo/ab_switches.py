@@ -28,6 +28,8 @@ SWITCHES = {
     "DDP_GRAD_COPY": Switch(("0", "1"), "1: DDP copies every gradient into its all-reduce bucket and back"),
     "RMSNORM": Switch(("torch", "liger"), "liger: liger's Triton RMSNorm instead of torch's fused rms_norm "
                                           "(speed/rms_norm.py; needs liger's kernels on)"),
+    "COMPILE": Switch(("0", "layers"), "layers: every decoder layer through torch.compile, dynamic shapes, q/k/v "
+                                       "left to the compiler (speed/compiled.py)"),
     # "": the best mode this torch has (speed/attention.py picks it); the others force one
     "VARLEN_GQA": Switch(("", "varlen", "aten", "expand"), "expand: K/V heads expanded per query head in packed rows; "
                                                            "varlen / aten: that grouped kernel"),

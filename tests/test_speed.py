@@ -756,6 +756,32 @@ def test_liger_settings_are_decided_with_the_training_arguments(model_type, lige
     assert dpo_args.liger_settings(t, True, model_type) == want
 
 
+def test_compiled_layers_keep_trls_loss_and_compile_once(pairs, monkeypatch):
+    """speed/compiled.py (DIST_DPO_AB_COMPILE=layers): every decoder layer through torch.compile gives trl's loss
+    and gradients, without a graph break, and steps of other lengths reuse the graphs (dynamic shapes). The CPU test
+    traces with aot_eager (the same graphs, no code generation); tests/gpu runs inductor with packed rows."""
+    from dist_dpo.speed import compiled
+
+    rows, reference = trl_step(pairs)
+    monkeypatch.setenv("DIST_DPO_AB_COMPILE", "layers")
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    fast = build(pairs, fast=True)
+    assert fast.speed.report["decoder layers"] == "compiled (4 layers, torch.compile, dynamic shapes)"
+    assert "q/k/v" not in fast.speed.report  # the compiler sees the three projections
+    assert compiled.install(fast.model.get_base_model()) == 4  # twice changes nothing
+    candidate = step(fast, rows)
+    assert_same(reference, candidate)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert 0 < graphs <= 3  # one per grad mode (policy, reference), not one per layer
+    for other in (rows[:5], rows[1:]):  # other lengths: the same graphs
+        step(fast, other)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert not torch._dynamo.utils.counters["graph_break"]
+    torch._dynamo.reset()
+
+
 def test_fused_qkv_is_the_three_projections(pairs, monkeypatch):
     """speed/fused_qkv.py: one matmul for q/k/v gives trl's loss and gradients (fp32, CPU), the modules' weights are
     views into the fused copy (no extra memory), and a base whose weights were re-allocated falls back to its own."""

@@ -14,6 +14,7 @@ trl's `_compute_loss` on one batch); what changes is how much work a step does:
   lora_inputs.py    LoRA layers skip peft's fp32 copy of their input where autocast recasts it anyway
   rms_norm.py       the decoder's RMSNorm as torch's one fused op
   fused_qkv.py      each layer's q/k/v projections as one matmul where weights are whole
+  compiled.py       decoder layers through torch.compile (an A/B switch until measured)
 The benchmark measures each piece against its alternative through dist_dpo/ab_switches.py.
 Recipe keys: fast_path, group_by_length, prefix_sharing, packed_rows, gradient_checkpointing (config.py documents them);
 liger_kernels is a DPOConfig flag (dpo_args.py).
@@ -25,8 +26,8 @@ from dist_dpo import ab_switches
 from dist_dpo.architectures import PIECES, family_of
 from dist_dpo.dpo_args import use_liger_kernels
 from dist_dpo.errors import UserError
-from dist_dpo.speed import (attention, batching, checkpointing, fused_qkv, head, lora_inputs, loss, microbatch,
-                           ref_cache, rms_norm, self_check, switch)
+from dist_dpo.speed import (attention, batching, checkpointing, compiled, fused_qkv, head, lora_inputs, loss,
+                           microbatch, ref_cache, rms_norm, self_check, switch)
 from dist_dpo.logs import get_logger
 
 MOE_AUX = "the MoE router's auxiliary loss averages over every token of trl's rows"
@@ -153,9 +154,11 @@ def apply(trainer, recipe, rt) -> dict:
         report["prompt"] += ", pairs packed in one row (flash, variable length)" if not_packed is None else \
             ", padded rows with a mask"
 
-    # q/k/v as one matmul where every rank holds whole weights (the strategy table)
+    compile_layers = ab_switches.value("COMPILE") == "layers"
+    # q/k/v as one matmul where every rank holds whole weights (the strategy table); compiled layers leave the three
+    # matmuls to the compiler (compiled.py)
     if allowed("fused_qkv", None if strategy_for(rt.strategy).fuses_qkv else f"weights sharded under {rt.strategy}") \
-            and ab_switches.flag("FUSED_QKV"):
+            and ab_switches.flag("FUSED_QKV") and not compile_layers:
         n = [fused_qkv.install(m) for m in _with_reference(trainer, base)][0]
         if n:
             report["q/k/v"] = f"one matmul ({n} layers)"
@@ -183,6 +186,9 @@ def apply(trainer, recipe, rt) -> dict:
     else:
         report["metrics"] = f"trl's per micro-step ({own_loss_off})"
     _keep_reference(trainer, recipe, rt, base, own_loss_off, report)
+    if compile_layers:  # last: the graphs are traced through every piece installed above
+        n = [compiled.install(m) for m in _with_reference(trainer, base)][0]
+        report["decoder layers"] = f"compiled ({n} layers, torch.compile, dynamic shapes)"
     if trainer.args.use_liger_kernel:  # trl patches the model with them when train() starts
         kept = {k for k, v in (trainer.args.liger_kernel_config or {}).items() if v is False}
         report["liger"] = "kernels on" + (f" (not {', '.join(sorted(kept))})" if kept else "")

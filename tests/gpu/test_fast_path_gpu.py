@@ -76,6 +76,28 @@ def test_packed_and_masked_rows_give_trls_loss_on_gpu(pairs):  # noqa: F811
         assert worst < 0.1
 
 
+def test_compiled_layers_give_trls_loss_with_packed_rows_on_gpu(pairs, monkeypatch):  # noqa: F811
+    """speed/compiled.py with inductor on the GPU path: packed rows (the variable-length kernel inside the compiled
+    layer), bf16; steps of other lengths reuse the graphs instead of compiling again."""
+    monkeypatch.setenv("DIST_DPO_AB_COMPILE", "layers")
+    plain = build(pairs, cuda=True)
+    rows = [plain.train_dataset[i] for i in range(6)]
+    ref_loss, ref_grads, _ = step(plain, rows)
+    fast = build(pairs, fast=True, prefix_sharing=True, cuda=True)
+    assert "decoder layers" in fast.speed.report and "q/k/v" not in fast.speed.report, fast.speed.report
+    loss, grads, batch = step(fast, rows)
+    assert batch["speed_rows"].varlen is not None  # packed rows ran through the compiled layers
+    worst = max(((grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)).item() for n, g in ref_grads.items())
+    print(f"\ncompiled layers: loss {loss.item():.6f} vs trl {ref_loss.item():.6f}; LoRA grads max relative diff "
+          f"{worst:.3g}")
+    assert abs(loss.item() - ref_loss.item()) < 2e-3 and worst < 0.1
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for other in (rows[:5], rows[1:], rows[2:]):  # other packed lengths
+        step(fast, other)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+
+
 def test_head_gradient_in_forward_matches_trls_kernel_at_a_real_size():
     """speed/logprob.py's triton fold vs trl's ChunkedLogProbFunction, Qwen2.5-1.5B's head (151,936 x 1,536, bf16)
     over 5,000 tokens (two token tiles, five vocabulary chunks), both against fp32 log_softmax. Prints each kernel's
