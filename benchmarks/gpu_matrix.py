@@ -16,6 +16,13 @@ that computes the loss differently (bf16 log-probs, lost gradients, wrong data o
 far outside it. Each run also logs a start fingerprint (dist_dpo/same_model.py: one forward before step 1, where
 the adapter is still a no-op): it shows whether a cell starts from the same model as its reference.
 
+Beyond the main shape (--shape, a Qwen2.5 one): two other families of the architecture table (FAMILIES: Llama and
+Qwen3 shapes, whose LM heads are untied, so their FSDP2 cells also prove the speed path's head on a sharded head of
+its own) under DDP, FSDP2 and ZeRO-3 with LoRA and QLoRA; and the tutorial recipe's optimizer (paged 8-bit AdamW)
+under every strategy with QLoRA. Each such group has its own single-GPU references and noise floor; a combination
+the strategy table refuses (paged 8-bit AdamW under FSDP2) must be refused before launch with its one line.
+`--list` prints the cells and what each is compared with, without a GPU.
+
 Adapters: each cell's saved adapter is reloaded on one GPU with peft (benchmarks/check_adapter.py) and must
 reproduce the eval log-probs that the trained model logged under its strategy; QLoRA adapters are also merged into
 a bf16 base and reloaded with plain transformers.
@@ -46,6 +53,11 @@ GLOBAL_BATCH = 16
 CELL_TIMEOUT_S = 180  # a cell takes 40-75 s on H200s; past this it hangs (DIST_DPO_STACKS_AFTER_S shows where)
 
 
+# Other families of the architecture table: group name -> model_zoo shape (untied LM heads, a few MB each)
+FAMILIES = {"llama": "tiny-llama", "qwen3": "tiny-qwen3"}
+PAGED = "paged_adamw_8bit"  # the tutorial recipe's optimizer (recipes/seed_qlora.yaml)
+
+
 @dataclass
 class Cell:
     name: str
@@ -55,16 +67,32 @@ class Cell:
     gpus: int = 2
     reference: str = ""  # the cell it must agree with
     result: dict = field(default_factory=dict)
+    group: str = ""  # "" (the main shape, adamw_torch), a FAMILIES key, or "paged": its own references and noise
+    shape: str = ""  # model_zoo shape ("" = --shape)
+    optim: str = "adamw_torch"
+    refused: str = ""  # the run must be refused before launch with a line containing this (the strategy table's)
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.group}-" if self.group else ""
+
+    @property
+    def noise_key(self) -> str:  # the tolerance this cell is held to
+        return f"{self.group}/{self.quant}" if self.group else self.quant
+
+
+def references(group: str, q: str, **kw) -> list[Cell]:
+    """A group's single-GPU reference and its two re-runs with other micro-batch layouts (the noise floor)."""
+    p = f"{group}-" if group else ""
+    return [Cell(f"{p}ref-{q}", "python", "single", q, gpus=1, group=group, **kw),
+            Cell(f"{p}ref-alt-{q}", "python", "single", q, gpus=1, group=group, **kw),  # same math, other layouts
+            Cell(f"{p}ref-alt2-{q}", "python", "single", q, gpus=1, group=group, **kw)]
 
 
 def cells() -> list[Cell]:
     out = []
     for q in ("lora", "qlora"):
-        out += [
-            Cell(f"ref-{q}", "python", "single", q, gpus=1),
-            Cell(f"ref-alt-{q}", "python", "single", q, gpus=1),  # same math, other layouts: the noise floor
-            Cell(f"ref-alt2-{q}", "python", "single", q, gpus=1),
-        ]
+        out += references("", q)
     # Diagnostics: each sharded strategy on ONE GPU, same batch. Such a cell computes like its 2-GPU cells (DeepSpeed's
     # bf16 engine, FSDP2's 4-bit loading and mixed precision) without splitting the batch, so a 2-GPU cell that
     # matches it but not ref-qlora differs by the strategy's precision, not by distributing (at 8dcd628: QLoRA under
@@ -80,14 +108,39 @@ def cells() -> list[Cell]:
     # Two nodes matter for the 4-bit model's placement (each rank on its LOCAL device): QLoRA only.
     out.append(Cell("2nodes-accelerate-ddp-qlora", "multinode-accelerate", "ddp", "qlora", reference="make-ddp-qlora"))
     out.append(Cell("2nodes-torchrun-ddp-qlora", "multinode-torchrun", "ddp", "qlora", reference="make-ddp-qlora"))
+    for group, shape in FAMILIES.items():
+        for q in ("lora", "qlora"):
+            out += references(group, q, shape=shape)
+            out += [Cell(f"{group}-make-{s}-{q}", "make", s, q, reference=f"{group}-ref-{q}", group=group, shape=shape)
+                    for s in ("ddp", "fsdp", "zero3")]
+    out += references("paged", "qlora", optim=PAGED)
+    for s in ("ddp", "zero2", "zero3", "zero3_offload"):
+        out.append(Cell(f"paged-make-{s}-qlora", "make", s, "qlora", reference="paged-ref-qlora", group="paged",
+                        optim=PAGED))
+    out.append(Cell("paged-make-fsdp-qlora", "make", "fsdp", "qlora", group="paged", optim=PAGED,
+                    refused=f"optim {PAGED} (bitsandbytes) cannot update FSDP2's sharded parameters"))
     return out
+
+
+def selected(all_cells: list[Cell], only: str, quant: str) -> dict[str, Cell]:
+    """The cells --only / --quant pick, with the references (and noise-floor re-runs) they are compared with."""
+    picked = [c for c in all_cells if (quant == "all" or c.quant == quant)
+              and (not only or any(k in c.name for k in only.split(",")))]
+    groups = {(c.group, c.quant) for c in picked}
+    by_name = {c.name: c for c in all_cells}
+    names = {c.name for c in picked}
+    names |= {c.name for c in all_cells if c.gpus == 1 and not c.reference and (c.group, c.quant) in groups}
+    for c in picked:  # a reference that is itself a cell (make-ddp-qlora for the two-node cells)
+        if c.reference:
+            names.add(c.reference)
+    return {c.name: c for c in all_cells if c.name in names and c.name in by_name}
 
 
 def train_args(cell: Cell, model: Path, out: Path) -> list[str]:
     per_device, accum = PER_DEVICE, GLOBAL_BATCH // (PER_DEVICE * cell.gpus)
-    if cell.name.startswith("ref-alt-"):
+    if cell.name.startswith(cell.prefix + "ref-alt-"):
         per_device, accum = 4, 4
-    elif cell.name.startswith("ref-alt2-"):
+    elif cell.name.startswith(cell.prefix + "ref-alt2-"):
         per_device, accum = 2, 8
     args = [
         "--model_name_or_path", str(model), "--output_dir", str(out), "--max_steps", str(STEPS),
@@ -96,7 +149,7 @@ def train_args(cell: Cell, model: Path, out: Path) -> list[str]:
         "--save_steps", str(STEPS), "--logging_steps", "1", "--learning_rate", "2e-4", "--lr_scheduler_type",
         "constant", "--max_length", "512", "--lora_dropout", "0", "--report_to", "none", "--seed", "7",
         "--lora_target_modules", "q_proj,k_proj,v_proj,o_proj", "--gradient_checkpointing", "true",
-        "--optim", "adamw_torch", "--collective_timeout_s", "300",
+        "--optim", cell.optim, "--collective_timeout_s", "300",
         "--merge_micro_batches", "false",  # the layouts are the experiment (ref vs ref-alt is the noise floor)
     ]
     if cell.quant == "qlora":
@@ -166,6 +219,15 @@ def read_run(cell: Cell) -> None:
     r = cell.result
     out = Path(r["out"])
     marker = out / "dist_dpo_run.json"
+    if cell.refused:  # must stop before training, with the strategy table's line, and write nothing
+        text = "\n".join(Path(p).read_text(errors="replace") for p in r["logs"])
+        said = cell.refused in text
+        if r["rc"] != 0 and said and not marker.is_file():
+            r.update(status="refused", reason=next(ln.strip() for ln in text.splitlines() if cell.refused in ln)[:300])
+        else:
+            r.update(status="failed", reason=f"exit {r['rc']}: expected the refusal '{cell.refused}'"
+                     + ("" if said else ", never printed"))
+        return
     if r["rc"] != 0 or not marker.is_file():
         tail = "\n".join(Path(r["logs"][0]).read_text(errors="replace").splitlines()[-15:])
         r.update(status="failed", reason=f"exit {r['rc']}: " + _first_error(r["logs"]) , log_tail=tail)
@@ -243,28 +305,32 @@ def agreement(all_cells: dict[str, Cell]) -> dict:
         return max(abs(x - y) for x, y in zip(a["losses"], b["losses"]))
 
     noise, noise_one_alt = {}, {}
-    for q in ("lora", "qlora"):
-        runs = [all_cells[n].result for n in (f"ref-{q}", f"ref-alt-{q}", f"ref-alt2-{q}") if n in all_cells]
+    for key, c in {c.noise_key: c for c in all_cells.values()}.items():  # one noise floor per group and quant
+        p, q = c.prefix, c.quant
+        runs = [all_cells[n].result for n in (f"{p}ref-{q}", f"{p}ref-alt-{q}", f"{p}ref-alt2-{q}") if n in all_cells]
         runs = [r for r in runs if r.get("status") == "ok"]
         if len(runs) >= 2:
-            noise[q] = max(maxdiff(a, b) for i, a in enumerate(runs) for b in runs[i + 1:])
-            noise_one_alt[q] = maxdiff(runs[0], runs[1])
-    tol = {q: max(3 * n, 2e-3) for q, n in noise.items()}
+            noise[key] = max(maxdiff(a, b) for i, a in enumerate(runs) for b in runs[i + 1:])
+            noise_one_alt[key] = maxdiff(runs[0], runs[1])
+    tol = {key: max(3 * n, 2e-3) for key, n in noise.items()}
     for c in all_cells.values():
         r = c.result
         ref = all_cells.get(c.reference)
+        if c.refused:
+            r["agrees"] = r.get("status") == "refused"
+            continue
         if not ref or r.get("status") != "ok" or ref.result.get("status") != "ok":
             r["agrees"] = r.get("status") == "ok" and not c.reference
             continue
         diffs = [abs(x - y) for x, y in zip(r["losses"], ref.result["losses"])]
         r["max_loss_diff"] = max(diffs) if len(diffs) == STEPS else float("inf")
-        one = all_cells.get(f"ref1-{c.strategy.replace('zero3_offload', 'zero3')}-{c.quant}")
+        one = None if c.group else all_cells.get(f"ref1-{c.strategy.replace('zero3_offload', 'zero3')}-{c.quant}")
         if one is not None and one is not c and one.result.get("status") == "ok" and not one.result.get("stale"):
             same = [abs(x - y) for x, y in zip(r["losses"], one.result["losses"])]
             r["same_strategy_1gpu_diff"] = max(same) if len(same) == STEPS else None
         if r.get("start_fingerprint") and ref.result.get("start_fingerprint"):
             r["start_vs_reference"] = abs(r["start_fingerprint"] / ref.result["start_fingerprint"] - 1)
-        r["tolerance"] = tol.get(c.quant)
+        r["tolerance"] = tol.get(c.noise_key)
         r["agrees"] = r["tolerance"] is not None and r["max_loss_diff"] <= r["tolerance"]
     return {"noise": noise, "tolerance": tol, "noise_from_one_alternative_layout": noise_one_alt,
             "how": "3 x the largest loss difference between the reference and its re-runs with other micro-batch "
@@ -280,13 +346,15 @@ def run_matrix(args) -> dict:
     for stale in ("runs", "logs", "checks"):  # a warm machine keeps /tmp: old runs would be refused as finished
         shutil.rmtree(work / stale, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    model = work / "model"
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "dist_dpo", "build-model", "--shape", args.shape, "--out", str(model),
-                    "--device", "cuda", "--dtype", "bfloat16", "--seed", "0"], cwd=ROOT, check=True)
-    all_cells = {c.name: c for c in cells()
-                 if (args.quant == "all" or c.quant == args.quant)
-                 and (not args.only or c.name.startswith("ref-") or any(k in c.name for k in args.only.split(",")))}
+    all_cells = selected(cells(), args.only, args.quant)
+    models = {}
+    for shape in sorted({c.shape or args.shape for c in all_cells.values()}):
+        models[shape] = work / ("model" if shape == args.shape else f"model-{shape}")
+        subprocess.run([sys.executable, "-m", "dist_dpo", "build-model", "--shape", shape, "--out",
+                        str(models[shape]), "--device", "cuda", "--dtype", "bfloat16", "--seed", "0"], cwd=ROOT,
+                       check=True)
+    model_of = lambda cell: models[cell.shape or args.shape]  # noqa: E731
     port = iter(range(29600, 29999, 7))
     # A finished cell's adapter is checked on its lane's first GPU while the next cell trains there (the check is a
     # short forward; the cells' seconds per step may carry a little of it).
@@ -296,7 +364,7 @@ def run_matrix(args) -> dict:
 
     def finished(cell: Cell, lane: list[int]) -> None:
         def check():
-            result = check_adapter(cell, model, work, lane[0])
+            result = check_adapter(cell, model_of(cell), work, lane[0])
             with lock:
                 if result is not None:
                     cell.result["adapter_check"] = result
@@ -319,7 +387,7 @@ def run_matrix(args) -> dict:
             while pending or futures:
                 while pending and free:
                     cell, lane = pending.pop(0), free.pop(0)
-                    futures[pool.submit(launch, cell, model, work, lane, next(port))] = (cell, lane)
+                    futures[pool.submit(launch, cell, model_of(cell), work, lane, next(port))] = (cell, lane)
                 done, _ = cf.wait(futures, return_when=cf.FIRST_COMPLETED)
                 for f in done:
                     cell, lane = futures.pop(f)
@@ -337,7 +405,8 @@ def run_matrix(args) -> dict:
         f.result()
     checks.shutdown()
     tol = agreement(all_cells)
-    return {"cells": all_cells, "tolerance": tol, "wall_s": round(time.time() - t0, 1), "model": str(model)}
+    return {"cells": all_cells, "tolerance": tol, "wall_s": round(time.time() - t0, 1),
+            "models": {k: str(v) for k, v in models.items()}}
 
 
 def main() -> int:
@@ -348,6 +417,7 @@ def main() -> int:
     p.add_argument("--only", default="", help="comma-separated substrings of cell names to run")
     p.add_argument("--quant", default="all", choices=("all", "lora", "qlora"), help="run only this half")
     p.add_argument("--share", type=int, default=1, help="cells running at once on each group of GPUs")
+    p.add_argument("--list", action="store_true", help="print the cells --only / --quant select and exit")
     p.add_argument("--merge", nargs="+", help="merge partial result files (one per --quant run) into --out")
     p.add_argument("--overlay", nargs=2, metavar=("BASE", "NEWER"),
                    help="cells of NEWER (a later run of some cells) replace BASE's of the same name; agreement is "
@@ -355,6 +425,12 @@ def main() -> int:
     p.add_argument("--stale", default="", help="with --overlay: NAME,NAME=why - BASE cells whose code path the fix "
                                                 "changed but NEWER did not re-run (kept, marked, never counted ok)")
     args = p.parse_args()
+    if args.list:
+        for c in selected(cells(), args.only, args.quant).values():
+            against = f"refused: {c.refused}" if c.refused else f"vs {c.reference}" if c.reference else "reference"
+            print(f"{c.name:32} {c.launcher:20} {c.strategy:13} {c.quant:5} {c.gpus} GPU  "
+                  f"{c.shape or args.shape:13} {c.optim:16} {against}")
+        return 0
     if args.merge:
         return merge(args.merge, Path(args.out))
     if args.overlay:
@@ -374,14 +450,16 @@ def write_doc(args, all_cells: dict, tolerance: dict, wall_s: float, final: bool
         check = r.get("adapter_check", {})
         row = {
             "name": c.name, "strategy": c.strategy, "quant": c.quant, "launcher": c.launcher, "gpus": c.gpus,
-            "status": r.get("status", "failed"), "agrees": bool(r.get("agrees")) and bool(check.get("ok", False)),
+            "group": c.group, "shape": c.shape or args.shape, "optim": c.optim,
+            "status": r.get("status", "failed"),
+            "agrees": bool(r.get("agrees")) and (bool(check.get("ok", False)) or c.refused != ""),
             "loss_agrees": bool(r.get("agrees")), "adapter_ok": bool(check.get("ok", False)),
             "reference": c.reference, "max_loss_diff": r.get("max_loss_diff"), "tolerance": r.get("tolerance"),
             "peak_mem_gib": r.get("peak_mem_gib"), "seconds_per_step": r.get("seconds_per_step"),
             "adapter_tensors": r.get("adapter_tensors"),
         }
         row.update({k: v for k, v in r.items() if k not in row and k not in ("out",)})
-        if row["status"] != "ok" or not row["agrees"]:
+        if row["status"] not in ("ok", "refused") or not row["agrees"]:
             row.setdefault("reason", r.get("reason") or check.get("reason") or "loss outside tolerance")
         cells_out.append(row)
     doc = {
@@ -473,8 +551,9 @@ def print_table(cells_out: list[dict]) -> int:
         print(f"{row['name']:34} {row['status']:7} {str(row['agrees']):5} {fmt(row.get('max_loss_diff'), '%9.5f')} "
               f"{fmt(row.get('tolerance'), '%8.5f')} {fmt(row.get('peak_mem_gib'), '%6.2f')} "
               f"{fmt(row.get('seconds_per_step'), '%7.3f')} {fmt(row.get('adapter_tensors'), '%7d')}"
-              + (f"  {row.get('reason', '')[:90]}" if row["status"] != "ok" or not row["agrees"] else ""))
-    return 0 if all(r["status"] == "ok" and r["agrees"] for r in cells_out) else 1
+              + (f"  {row.get('reason', '')[:90]}" if row["status"] not in ("ok", "refused") or not row["agrees"]
+                 else ""))
+    return 0 if all(r["status"] in ("ok", "refused") and r["agrees"] for r in cells_out) else 1
 
 
 if __name__ == "__main__":

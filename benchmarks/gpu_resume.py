@@ -7,6 +7,11 @@ every process of the job must be gone within 60 s; (3) the same command again in
 checkpoint-4 and log steps 5-8 with the straight run's losses. GPU kernels are not bitwise deterministic, so the
 comparison reports the max difference next to the tolerance of the matrix (3 x layout noise, floor 2e-3); the
 bitwise check is the CPU test (tests/test_faults.py).
+
+Then the portable checkpoints (dist_dpo/portable.py) across layouts: DDP's checkpoint-4 (2 processes) resumed on ONE
+GPU, and under ZeRO-3 on two. Steps 5-8 are held to the DDP straight run's: within TOLERANCE on one GPU (the same
+arithmetic, the global batch kept by accumulation), and under ZeRO-3 within 3 x how far the DDP and ZeRO-3 straight
+runs drift apart over steps 1-4 (DeepSpeed trains bf16 working copies of the adapter), at least TOLERANCE.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -60,6 +66,7 @@ def one_strategy(strategy: str, model: Path, work: Path, gpus: str, port: int) -
                             timeout=300).returncode
     if rc != 0:
         return {**res, "status": "failed", "reason": f"straight run exit {rc}"}
+    res["straight_losses"] = losses(straight)  # also what the portable resumes below are held to
     log = open(work / f"{strategy}-killed.log", "w")
     job = subprocess.Popen(cmd(strategy, model, killed), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                            start_new_session=True)
@@ -99,6 +106,43 @@ def one_strategy(strategy: str, model: Path, work: Path, gpus: str, port: int) -
     return {**res, "status": "ok" if ok else "failed", "tolerance": TOLERANCE}
 
 
+# (name, the straight run whose checkpoint-4 is resumed, the strategy that resumes it, its GPUs)
+PORTABLE = (("ddp->1gpu", "ddp", "ddp", 1), ("ddp->zero3", "ddp", "zero3", 2))
+
+
+def portable(name: str, source: str, strategy: str, ngpus: int, model: Path, work: Path, gpus: str, port: int,
+             straight: dict[str, dict[int, float]]) -> dict:
+    res: dict = {"strategy": name, "quant": "qlora", "gpus": ",".join(gpus.split(",")[:ngpus])}
+    src = work / f"{source}-straight" / "checkpoint-4"
+    if not (src / "dist_dpo_checkpoint.json").is_file() or source not in straight:
+        return {**res, "status": "failed", "reason": f"no straight {source} run to take checkpoint-4 from"}
+    out = work / f"portable-{name.replace('->', '-to-')}"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(src, out / "checkpoint-4")
+    env = dict(os.environ, NGPUS=str(ngpus), CUDA_VISIBLE_DEVICES=res["gpus"], MASTER_PORT=str(port),
+               PYTHON=sys.executable, PREFLIGHT="0", DIST_DPO_STACKS_AFTER_S="200")
+    log = work / f"{out.name}.log"
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd(strategy, model, out), cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                            timeout=300).returncode
+    text = log.read_text(errors="replace")
+    res["resume_line"] = next((ln.split("INFO dist_dpo: ")[-1] for ln in text.splitlines() if "resuming from" in ln),
+                              None)
+    if rc != 0:
+        return {**res, "status": "failed", "reason": f"resumed run exit {rc}"}
+    a, b = straight[source], losses(out)
+    res["resumed_losses"] = b
+    res["max_loss_diff_steps_5_8"] = max(abs(a[s] - b[s]) for s in range(5, 9))
+    bound = TOLERANCE
+    if strategy != source and strategy in straight:  # another precision: the two straight runs' own drift
+        res["straight_drift_steps_1_4"] = max(abs(a[s] - straight[strategy][s]) for s in range(1, 5))
+        bound = max(TOLERANCE, 3 * res["straight_drift_steps_1_4"])
+    res["tolerance"] = bound
+    ok = res["resume_line"] is not None and "checkpoint-4" in res["resume_line"] and \
+        res["max_loss_diff_steps_5_8"] <= bound
+    return {**res, "status": "ok" if ok else "failed"}
+
+
 def main() -> int:
     import torch
 
@@ -120,6 +164,9 @@ def main() -> int:
     with cf.ThreadPoolExecutor(2 if lanes[0] != lanes[1] else 1) as pool:
         rows = list(pool.map(lambda i: one_strategy(["ddp", "zero3"][i], model, work, lanes[i], 29800 + 17 * i),
                              range(2)))
+    straight = {r["strategy"]: r["straight_losses"] for r in rows if r.get("straight_losses")}
+    for i, (name, source, strategy, ngpus) in enumerate(PORTABLE):
+        rows.append(portable(name, source, strategy, ngpus, model, work, lanes[0], 29900 + 7 * i, straight))
     doc = {"what": "kill -9 one rank after checkpoint-4, then resume (benchmarks/gpu_resume.py)",
            "command": "python3 benchmarks/gpu_resume.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
            "environment": environment(), "shape": a.shape, "rows": rows}

@@ -19,7 +19,11 @@ ORDER = ["single", "ddp", "fsdp", "zero2", "zero3", "zero3_offload"]
 
 def cell_text(c: dict) -> str:
     """✅ trains, loss within tolerance of its reference, adapter reloads (and merges); ⚠️ trains and saves a
-    loadable adapter but a check is outside its bound (said which); ❌ failed."""
+    loadable adapter but a check is outside its bound (said which); 🚫 refused before launch, as the strategy table
+    says it must be; ❌ failed."""
+    if c["status"] == "refused":
+        return f"🚫 refused before launch: {c.get('reason', '')[:100]}" if c.get("agrees") else \
+            f"❌ refused, but not as planned: {c.get('reason', '')[:80]}"
     if c["status"] != "ok":
         return f"❌ {c.get('reason', c['status'])[:80]}"
     if c.get("stale"):
@@ -47,9 +51,13 @@ def cell_text(c: dict) -> str:
 
 
 def render(doc: dict) -> str:
-    rows = {}
+    rows, grouped = {}, {}
     for c in doc["cells"]:
         if c["name"].startswith(("ref-alt", "ref1-")):  # the noise floor and the 1-GPU diagnostics: not user cells
+            continue
+        if c.get("group"):  # another family or the tutorial's optimizer: their own table below
+            if c["gpus"] > 1:
+                grouped.setdefault((c["group"], c["shape"], c["optim"], c["strategy"]), {})[c["quant"]] = c
             continue
         rows.setdefault((c["launcher"], c["strategy"]), {})[c["quant"]] = c
     env = doc.get("environment", {})
@@ -74,6 +82,16 @@ def render(doc: dict) -> str:
     for (launcher, strategy), by_q in sorted(rows.items(), key=lambda kv: (kv[0][0], ORDER.index(kv[0][1]))):
         lines.append(f"| {launcher} | {strategy} | {cell_text(by_q['lora']) if 'lora' in by_q else '-'} | "
                      f"{cell_text(by_q['qlora']) if 'qlora' in by_q else '-'} |")
+    if grouped:
+        lines += ["", "Other families (untied LM heads) and the tutorial's optimizer, each against its own single-GPU "
+                      "reference and noise floor (" + ", ".join(
+                          f"{k} {v:.4f}" for k, v in tol.get("tolerance", {}).items() if "/" in k) + "):", "",
+                  "| group | model | optimizer | strategy | LoRA (bf16) | QLoRA (4-bit) |", "|---|---|---|---|---|---|"]
+        for (group, shape, optim, strategy), by_q in sorted(grouped.items(),
+                                                            key=lambda kv: (kv[0][0], ORDER.index(kv[0][3]))):
+            lines.append(f"| {group} | {shape} | {optim} | {strategy} | "
+                         f"{cell_text(by_q['lora']) if 'lora' in by_q else '-'} | "
+                         f"{cell_text(by_q['qlora']) if 'qlora' in by_q else '-'} |")
     diag = [c for c in doc["cells"] if c["name"].startswith("ref1-")]
     if diag:
         lines += ["", "One-GPU runs of the sharded strategies (same batch, no data split) against the single-GPU "
