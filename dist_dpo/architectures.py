@@ -91,6 +91,23 @@ ARCHITECTURE_TABLE: tuple[Family, ...] = (
            unless={"packed_rows": "sliding-window layers"}),
     # Some layers have no RoPE: positions reach only the layers that use them, in every layout alike.
     Family("SmolLM3", ("smollm3",), norm_classes=("SmolLM3RMSNorm",), example="SmolLM3-3B"),
+    # Embedding, residual and attention multipliers inside the model; logits divided by logits_scaling, which the
+    # log-prob head applies as trl's does. liger has no Granite patch.
+    Family("Granite", ("granite",), norm_classes=("GraniteRMSNorm",), off={"liger": NOT_PROVEN},
+           example="granite-3.3-8b-instruct"),
+    # Half of each head rotated (partial_rotary_factor), q/k/v with biases (fused with them); GLM-4-0414 adds
+    # post-attention and post-MLP norms.
+    Family("GLM-4", ("glm", "glm4"), norm_classes=("GlmRMSNorm", "Glm4RMSNorm"), off={"liger": NOT_PROVEN},
+           example="GLM-4-9B-0414"),
+    Family("Mixtral", ("mixtral",), norm_classes=("MixtralRMSNorm",), moe_block="MixtralSparseMoeBlock",
+           unless={"shared_rows": "router aux loss on", "packed_rows": "router aux loss on"},
+           off={"liger": NOT_PROVEN}, example="Mixtral-8x7B-Instruct-v0.1"),
+    # q_norm / k_norm over the whole projection (not per head): they act on the projections' outputs.
+    Family("OLMoE", ("olmoe",), norm_classes=("OlmoeRMSNorm",), moe_block="OlmoeSparseMoeBlock",
+           unless={"shared_rows": "router aux loss on", "packed_rows": "router aux loss on"},
+           off={"liger": NOT_PROVEN}, example="OLMoE-1B-7B-0125-Instruct"),
+    Family("ERNIE-4.5", ("ernie4_5",), norm_classes=("Ernie4_5RMSNorm",), off={"liger": NOT_PROVEN},
+           example="ERNIE-4.5-0.3B-PT"),
 )
 
 _BY_TYPE = {t: f for f in ARCHITECTURE_TABLE for t in f.model_types}

@@ -134,6 +134,14 @@ FAMILY_SHAPES: dict[str, dict] = {"tiny-qwen2": SHAPES["tiny-qwen2"]} | {f"tiny-
     _tiny("olmo2", "Olmo2ForCausalLM"),
     _tiny("olmo3", "Olmo3ForCausalLM", sliding_window=24, layer_types=_ALTERNATING),
     _tiny("smollm3", "SmolLM3ForCausalLM", no_rope_layers=[1, 1, 1, 0]),
+    # Granite 3's multipliers (attention's is 1 / head_dim here), all away from 1 so that each one counts
+    _tiny("granite", "GraniteForCausalLM", embedding_multiplier=12.0, residual_multiplier=0.22,
+          attention_multiplier=0.0625, logits_scaling=8.0),
+    _tiny("glm", "GlmForCausalLM"),  # partial rotary, q/k/v biases: the configs' defaults
+    _tiny("glm4", "Glm4ForCausalLM"),
+    _tiny("mixtral", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2),
+    _tiny("olmoe", "OlmoeForCausalLM", num_experts=4, num_experts_per_tok=2),
+    _tiny("ernie4_5", "Ernie4_5ForCausalLM", tie_word_embeddings=True),
 )}
 SHAPES.update(FAMILY_SHAPES)
 
