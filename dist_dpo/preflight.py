@@ -290,7 +290,7 @@ def check_forced_speed_path(r: Recipe, config) -> None:
 
     t = r.train
     layouts = layout_reasons(family_for(config.get_text_config().model_type), config, r.model.attn_implementation,
-                             aux_loss_on(config))
+                             aux_loss_on(config, t.dpo_extra.get("router_aux_loss_coef")))
     if t.fast_path and t.prefix_sharing is True and layouts["shared_rows"]:
         raise refuse_forced("shared_rows", layouts["shared_rows"])
     if t.fast_path and t.packed_rows is True and layouts["packed_rows"]:

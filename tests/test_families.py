@@ -414,7 +414,7 @@ def test_a_forced_layout_is_refused_before_loading_with_the_speed_paths_words(co
     from dist_dpo.config import parse_recipe
     from dist_dpo.errors import UserError
 
-    cfg = getattr(transformers, config)(**({"output_router_logits": True} if "Moe" in config else {}))
+    cfg = getattr(transformers, config)()  # Qwen3-MoE's default: router logits declared, coefficient 0.001
     family = architectures.family_for(cfg.get_text_config().model_type)
     piece = "shared_rows" if forced == "prefix_sharing" else "packed_rows"
     reason = speed.layout_reasons(family, cfg, attn, speed.aux_loss_on(cfg))[piece]
@@ -425,3 +425,23 @@ def test_a_forced_layout_is_refused_before_loading_with_the_speed_paths_words(co
     assert str(e.value) == str(speed.refuse_forced(piece, reason))
     recipe = parse_recipe([f"--{forced}", "auto", "--attn_implementation", attn])
     preflight.check_forced_speed_path(recipe, cfg)  # auto: the speed path just leaves it off, and says why
+
+
+def test_the_preflight_knows_when_trl_adds_the_router_loss():
+    """trl adds the MoE router's loss where the config declares router logits and the coefficient is not 0 (the
+    recipe's router_aux_loss_coef, else the config's): the preflight asks the same, so a forced shared prompt on an
+    MoE model is refused before loading, and allowed with the coefficient at 0."""
+    import transformers
+
+    from dist_dpo import preflight, speed
+    from dist_dpo.config import parse_recipe
+    from dist_dpo.errors import UserError
+
+    for name in ("Qwen3MoeConfig", "MixtralConfig", "OlmoeConfig"):
+        cfg = getattr(transformers, name)()
+        assert speed.aux_loss_on(cfg) and not speed.aux_loss_on(cfg, 0.0)
+        with pytest.raises(UserError, match="router's auxiliary loss"):
+            preflight.check_forced_speed_path(parse_recipe(["--prefix_sharing", "true"]), cfg)
+        preflight.check_forced_speed_path(parse_recipe(["--prefix_sharing", "true", "--dpo_extra",
+                                                        "{router_aux_loss_coef: 0.0}"]), cfg)
+    assert not speed.aux_loss_on(transformers.LlamaConfig())

@@ -55,9 +55,13 @@ def layout_reasons(family, config, attn_implementation: str, aux_loss: bool) -> 
             attention.config_reason(config, attn_implementation)}
 
 
-def aux_loss_on(config) -> bool:
-    """Whether the model adds the MoE router's auxiliary loss (trl's aux_loss_enabled reads the same flag)."""
-    return bool(getattr(config.get_text_config(), "output_router_logits", False))
+def aux_loss_on(config, coef: float | None = None) -> bool:
+    """Whether trl will add the MoE router's auxiliary loss, as its DPOTrainer decides aux_loss_enabled (1.16): the
+    config declares router logits and the coefficient (`coef`, the recipe's router_aux_loss_coef, else the config's)
+    is not 0."""
+    cfg = config.get_text_config()
+    coef = getattr(cfg, "router_aux_loss_coef", 0.0) if coef is None else coef
+    return hasattr(cfg, "output_router_logits") and coef != 0.0
 
 
 def apply(trainer, recipe, rt) -> dict:
