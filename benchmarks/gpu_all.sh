@@ -9,11 +9,13 @@
 #
 # Phases:
 #   1. at once, sharing the GPUs (proofs, not timings):
-#      benchmarks/gpu_matrix.py --share 4       every strategy x LoRA/QLoRA, 2 GPUs per cell
+#      benchmarks/gpu_matrix.py --share 4       every strategy x LoRA/QLoRA, 2 GPUs per cell; Llama / Qwen3 shapes
+#                                                under DDP, FSDP2, ZeRO-3; paged 8-bit AdamW under every strategy
 #      tests/gpu/test_fast_path_gpu.py          varlen kernel probe; packed / masked / trl rows: the same loss
 #      with GPU_ALL_EXTRAS=1 also (~3 min more of shared GPUs):
 #      benchmarks/seed_qlora_gpu.sh on GPUs 0,1  make train-ddp / train-zero3, seed_qlora, 1.5B shape
-#      benchmarks/gpu_resume.py                  kill -9 a rank, resume: DDP and ZeRO-3 with QLoRA
+#      benchmarks/gpu_resume.py                  kill -9 a rank, resume: DDP and ZeRO-3 with QLoRA; DDP's checkpoint
+#                                                resumed on 1 GPU and under ZeRO-3
 #   2. alone: benchmarks/throughput.py           1-GPU rows on one lane per GPU, then the 2-GPU rows
 # Knobs: SKIP_MATRIX=1 (phase 1 runs the GPU tests only), MATRIX_ARGS="--only ..." (passed to gpu_matrix.py: a
 # subset of cells), THROUGHPUT_ARGS="--only ... --add ... --profile" (passed to throughput.py), THROUGHPUT_BUDGET_S
