@@ -99,6 +99,11 @@ class SpeedPathHooks:
         self._train_batch_size = a.train_batch_size  # mirrors Trainer.__init__
         self.accelerator.gradient_accumulation_steps = a.gradient_accumulation_steps
 
+    def checkpoint_layers(self, on: bool) -> None:
+        """Whether train() enables gradient checkpointing (speed/checkpointing.py plans it against the tokenized
+        pairs, before train(); the layers it recomputes are set on the model there)."""
+        self.args.gradient_checkpointing = on
+
     def log(self, logs, start_time=None):  # mirrors transformers.Trainer.log
         if (self.speed.own_loss or self.speed.pending) and self.model.training:  # every rank gets here: the Trainer
             # gathered the loss first

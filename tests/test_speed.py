@@ -353,7 +353,7 @@ def test_every_nth_layer_checkpointing_survives_trls_toggle(pairs):
 
     from dist_dpo.speed import checkpointing
 
-    trainer = build(pairs)
+    trainer = build(pairs, fast=True)  # dist-dpo's trainer (checkpoint_layers)
     checkpointing.apply(trainer, every=2, reentrant=False)
     layers = lambda: [m.gradient_checkpointing for m in trainer.model.modules()  # noqa: E731
                       if type(m).__name__.endswith("DecoderLayer")]

@@ -70,13 +70,12 @@ def decide(trainer, recipe, rt, lengths) -> tuple[int, str]:
 def apply(trainer, every: int, reentrant: bool) -> None:
     """Make the model checkpoint every `every`-th layer (0: none) for the whole run, whoever re-enables it."""
     model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    trainer.checkpoint_layers(every > 0)
     if every == 0:
-        trainer.args.gradient_checkpointing = False
         if model.is_gradient_checkpointing:
             model.gradient_checkpointing_disable()
         model.disable_input_require_grads()  # set for checkpointing by trl / peft: a backward into layer 0's input
         return
-    trainer.args.gradient_checkpointing = True
     original = type(model).gradient_checkpointing_enable
 
     # The Trainer enables checkpointing at train() and trl re-enables it after each eval reference forward, both
