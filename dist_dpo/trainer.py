@@ -12,7 +12,8 @@ it wherever dist-dpo has nothing to add. Nothing is replaced on an instance.
   SpeedPathHooks     (below)           Trainer._get_train_sampler, DPOTrainer.compute_loss, Trainer.log,
                                        DPOTrainer._set_signature_columns_if_needed, Trainer._save_checkpoint,
                                        Trainer.train: the speed path (dist_dpo/speed), as `speed.apply` configured it
-                                       for this run
+                                       for this run; and the two training arguments it settles before train()
+                                       (run_micro_batches_of, checkpoint_layers): nothing else writes `args`
 """
 
 from __future__ import annotations
