@@ -18,7 +18,8 @@
 #   2. alone (timings): throughput.py, the 8B family rows against the best plain trl, and the self-check's cost
 #   3. alone (timings): throughput.py, var / fixed2048, the tutorial's 3 epochs with and without the reference cache,
 #      and the compiled-layer rows (DIST_DPO_AB_COMPILE=layers) beside the default ones
-#   4. only with BEFORE_TREE=<dir> (an older commit's files, e.g. `git archive <commit> | tar -x -C .before`):
+#   4. only with BEFORE_TREE=<dir> (an older commit's files: `mkdir .before; git archive <commit> | tar -x -C .before`,
+#      git-ignored; carried to a remote GPU machine with the tree):
 #      the architecture matrix and the var / fixed2048 rows of that tree and of this one, back to back, then
 #      benchmarks/before_after.py's table of the two (before_after.json)
 # Knobs: SKIP_PROOFS=1, SKIP_FAMILIES=1, SKIP_DEFAULT=1 leave a phase out; BEFORE_COMMIT names BEFORE_TREE's commit.
