@@ -329,28 +329,29 @@ def test_a_template_without_system_role_gets_the_system_prompt_in_the_first_user
 
 
 def test_a_family_absent_from_the_table_trains_exactly_on_trls_path(pairs, tmp_path):
-    """Granite (logit scaling, attention and residual multipliers) is not in the table: every piece stays off,
+    """Cohere (LayerNorm, attention and MLP in parallel, logit scaling) is not in the table: every piece stays off,
     with the reason, and the step is trl's to the bit."""
     from dist_dpo import model_zoo
 
-    shape = {"architecture": "GraniteForCausalLM", "config": dict(
-        model_type="granite", vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, logits_scaling=4.0, residual_multiplier=0.5,
-        attention_multiplier=0.1, embedding_multiplier=6.0, pad_token_id=None, tie_word_embeddings=False)}
-    model_zoo.SHAPES["tiny-granite-test"] = shape
-    model_zoo.FAMILY_SHAPES["tiny-granite-test"] = shape
+    assert "cohere" not in {t for f in architectures.ARCHITECTURE_TABLE for t in f.model_types}
+    shape = {"architecture": "CohereForCausalLM", "config": dict(
+        model_type="cohere", vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, logit_scale=0.25, pad_token_id=None,
+        tie_word_embeddings=False)}
+    model_zoo.SHAPES["tiny-cohere-test"] = shape
+    model_zoo.FAMILY_SHAPES["tiny-cohere-test"] = shape
     model_zoo.BUILTIN_SHAPES = tuple(model_zoo.FAMILY_SHAPES)
     try:
-        plain = build("tiny-granite-test", pairs, fast=False)
+        plain = build("tiny-cohere-test", pairs, fast=False)
         rows = [plain.train_dataset[i] for i in range(6)]
         reference = step(plain, rows)
-        fast = build("tiny-granite-test", pairs, fast=True)
-        assert "unlisted (granite)" == fast.speed.report["family"]
+        fast = build("tiny-cohere-test", pairs, fast=True)
+        assert "unlisted (cohere)" == fast.speed.report["family"]
         assert f"head: {architectures.UNLISTED}" in fast.speed.report["off"]
         candidate = step(fast, rows)
     finally:
         for table in (model_zoo.SHAPES, model_zoo.FAMILY_SHAPES):
-            table.pop("tiny-granite-test", None)
+            table.pop("tiny-cohere-test", None)
         model_zoo.BUILTIN_SHAPES = tuple(model_zoo.FAMILY_SHAPES)
     assert candidate[0].item() == reference[0].item() and torch.equal(candidate[1], reference[1])
 
