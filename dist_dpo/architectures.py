@@ -25,6 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 PIECES = ("head", "shared_rows", "packed_rows", "fused_qkv", "torch_norm", "lora_cast", "liger")
+# How the README's table and `dist-dpo doctor` name them
+PIECE_NAMES = {"head": "log-prob head", "shared_rows": "prompt once", "packed_rows": "packed rows",
+               "fused_qkv": "fused q/k/v", "torch_norm": "fused RMSNorm", "lora_cast": "LoRA input cast",
+               "liger": "liger"}
 
 # Reasons shared by several families.
 OFFSET_NORM = "its RMSNorm scales by (1 + w), not w (torch's rms_norm would multiply by w, ~0 at init)"
@@ -134,6 +138,16 @@ def attention_layer_types(config) -> set[str]:
     return {"full_attention"}
 
 
+def summary(model_type: str) -> str:
+    """One line for `dist-dpo doctor`: the family of a model type and what of the speed path it runs."""
+    f = family_for(model_type)
+    if model_type not in _BY_TYPE:
+        return f"{f.name}: trains on trl's own path ({UNLISTED})"
+    on = [PIECE_NAMES[p] + (f" (not with {f.unless[p]})" if p in f.unless else "") for p in PIECES if not f.reason(p)]
+    off = [f"{PIECE_NAMES[p]} ({f.reason(p)})" for p in PIECES if f.reason(p)]
+    return f"{f.name} (`{model_type}`): speed path with {', '.join(on)}" + (f"; off: {'; '.join(off)}" if off else "")
+
+
 def family_of(model) -> Family:
     return family_for(model.config.get_text_config().model_type)
 
@@ -141,9 +155,7 @@ def family_of(model) -> Family:
 def markdown_table() -> str:
     """The README's supported-families table, generated from ARCHITECTURE_TABLE (python -m dist_dpo.architectures):
     yes, no (the table's reason), or what keeps a proven piece off at run time (e.g. sliding-window layers)."""
-    names = {"head": "log-prob head", "shared_rows": "prompt once", "packed_rows": "packed rows",
-             "fused_qkv": "fused q/k/v", "torch_norm": "fused RMSNorm", "lora_cast": "LoRA input cast",
-             "liger": "liger"}
+    names = PIECE_NAMES
     lines = ["| family | model_type | e.g. | " + " | ".join(names[p] for p in PIECES) + " |",
              "|---|---|---|" + "---|" * len(PIECES)]
     for f in ARCHITECTURE_TABLE:

@@ -362,6 +362,10 @@ def recipe_rows(recipe, chosen: str | None, gpus: int) -> list[Row]:
         return [Row("recipe", FAIL, str(e))]
     rows = [Row("recipe", OK, f"{recipe.source}: {len(plan.train_ds)} train / {len(plan.eval_ds)} test pairs, "
                 f"{plan.trainable:,} trainable of {plan.params:,} params")]
+    if plan.model_type:
+        from dist_dpo.architectures import summary
+
+        rows.append(Row("model family", INFO, summary(plan.model_type)))
     rows.append(Row("disk", OK if plan.disk_free >= 2 * plan.disk_need else WARN,
                     f"{human(plan.disk_free)} free at {recipe.train.output_dir}, "
                     f"checkpoints need ~{human(plan.disk_need)}"))

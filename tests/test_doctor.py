@@ -71,7 +71,20 @@ def test_doctor_runs_trains_checks_on_a_recipe_and_writes_nothing(capsys, tmp_pa
     assert code == 0, text
     assert rows["recipe"][0] == "ok" and "400 train / 100 test pairs" in rows["recipe"][1]
     assert rows["disk"][0] == "ok" and f"free at {out}" in rows["disk"][1]
+    assert rows["model family"] == ("-", "Qwen2 / Qwen2.5 (`qwen2`): speed path with log-prob head, prompt once, "
+                                         "packed rows, fused q/k/v, fused RMSNorm, LoRA input cast, liger")
     assert not (tmp_path / "not").exists()
+
+
+def test_the_model_family_line_says_what_the_speed_path_runs():
+    from dist_dpo.architectures import summary
+
+    assert summary("mistral").startswith("Mistral (`mistral`): speed path with log-prob head, prompt once, packed "
+                                         "rows (not with a sliding window (v0.1)),")
+    line = summary("qwen3_5_text")
+    assert "; off: prompt once (its linear-attention" in line and "liger (not proven on this family)" in line
+    assert summary("cohere") == ("unlisted (cohere): trains on trl's own path (model type not in dist-dpo's "
+                                 "architecture table (dist_dpo/architectures.py))")
 
 
 @pytest.mark.parametrize("extra, check, needle", [
