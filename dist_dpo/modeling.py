@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from dist_dpo.architectures import family_of
 from dist_dpo.config import BUILTIN_MODEL, LoraArgs, ModelArgs
 from dist_dpo.errors import UserError
 from dist_dpo.runtime import Runtime
@@ -139,7 +140,6 @@ def moe_blocks_as_leaves(model, strat: Strategy) -> int:
     """Under ZeRO-3 (the strategy table's cell), the family's sparse MoE block (the architecture table's) becomes a
     DeepSpeed leaf module: its experts are gathered together, whatever each rank's tokens route to. Without it ranks
     gather different experts and wait on each other for ever (DeepSpeed #4966). Returns how many blocks."""
-    from dist_dpo.architectures import family_of
 
     block = family_of(model).moe_block
     if not (strat.moe_blocks_as_leaves and block):
@@ -155,7 +155,6 @@ def moe_blocks_as_leaves(model, strat: Strategy) -> int:
 def lora_targets(targets: list[str], model) -> list[str]:
     """The recipe's targets; where the model has none of them and they are the default attention pair, the
     family's own names for it (Phi-3's fused qkv_proj), said once."""
-    from dist_dpo.architectures import family_of
     from dist_dpo.config import LoraArgs
 
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
@@ -167,6 +166,9 @@ def lora_targets(targets: list[str], model) -> list[str]:
                           " / ".join(targets), " / ".join(family.attention_targets))
         return list(family.attention_targets)
     return targets
+
+
+MLP_NAMES = {"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"}  # dense MLP projections of the usual families
 
 
 def lora_config(lo: LoraArgs, model) -> "object | None":
@@ -185,8 +187,11 @@ def lora_config(lo: LoraArgs, model) -> "object | None":
             linear = sorted(
                 {n.rsplit(".", 1)[-1] for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
             )
+            moe = family_of(model).moe_block is not None and {m.split(".")[-1] for m in missing} <= MLP_NAMES
             raise UserError(
                 f"lora_target_modules {missing} not found in the model; its linear layers are: {', '.join(linear)}"
+                + (" (a Mixture-of-Experts model: its experts keep their weights as 3-D parameters, not linear "
+                   "layers; leave the MLP names out to adapt the attention projections)" if moe else "")
             )
     return LoraConfig(
         r=lo.lora_r,

@@ -446,3 +446,26 @@ def test_the_preflight_knows_when_trl_adds_the_router_loss():
         preflight.check_forced_speed_path(parse_recipe(["--prefix_sharing", "true", "--dpo_extra",
                                                         "{router_aux_loss_coef: 0.0}"]), cfg)
     assert not speed.aux_loss_on(transformers.LlamaConfig())
+
+
+def test_mlp_targets_on_an_moe_model_are_refused_with_why():
+    """Mixtral's experts are 3-D parameters in transformers 5, not gate/up/down linear layers: the refusal says so
+    and what to do, instead of only listing the layers it has."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dist_dpo.config import LoraArgs
+    from dist_dpo.errors import UserError
+    from dist_dpo.model_zoo import ensure_builtin_model
+    from dist_dpo.modeling import lora_config
+
+    config = AutoConfig.from_pretrained(ensure_builtin_model(shape="tiny-mixtral"))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(UserError, match="Mixture-of-Experts model: its experts keep their weights as 3-D parameters"):
+        lora_config(LoraArgs(lora_target_modules=["q_proj", "gate_proj", "up_proj"]), model)
+    assert lora_config(LoraArgs(lora_target_modules=["q_proj", "v_proj"]), model) is not None
+    with torch.device("meta"):  # a dense model missing a name: the plain line, no MoE hint
+        dense = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ensure_builtin_model(shape="tiny-llama")))
+    with pytest.raises(UserError) as e:
+        lora_config(LoraArgs(lora_target_modules=["query_key_value"]), dense)
+    assert "Mixture-of-Experts" not in str(e.value)
