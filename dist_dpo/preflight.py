@@ -40,10 +40,10 @@ _CKPT_BYTES_LORA, _CKPT_BYTES_FULL, _CKPT_EXTRA = 12, 16, 2**20
 class Checked:
     """What the preflight read and decided, the same on every rank (not the memory plan: that is dist_dpo/plan.py)."""
     model_path: str
-    model_type: str | None  # its config's (text part's) model_type: the architecture table's key; None if unreadable
     tokenizer: Any
     train_ds: Any
     eval_ds: Any
+    model_type: str | None = None  # the config's (text part's): the architecture table's key; rank 0's, shared
     resume: str | None = None  # rank 0's choice, shared with every rank
     resume_portable: bool = False  # from the checkpoint's portable state (another world size or strategy)
     resume_accumulation: int | None = None  # the accumulation that keeps the checkpoint's global batch here
@@ -181,7 +181,8 @@ def run(r: Recipe, rt: Runtime) -> Checked:
         error = str(e)
     except Exception as e:  # a bug on this rank must not leave the others waiting either
         error, bug = f"{type(e).__name__}: {e}".splitlines()[0], e
-    shared = (checked.resume, checked.resume_portable, checked.resume_accumulation) if checked is not None and rt.is_main else None
+    shared = (checked.resume, checked.resume_portable, checked.resume_accumulation, checked.model_type) \
+        if checked is not None and rt.is_main else None
     reports = agree(rt, error, shared)
     if bug is not None:
         raise bug  # its traceback, on this rank; the others exit 2 with the line below
@@ -189,7 +190,7 @@ def run(r: Recipe, rt: Runtime) -> Checked:
     if failed:
         rank, host, err = failed[0]
         raise UserError(err if rank == rt.rank or rank == 0 else f"rank {rank} on {host}: {err}")
-    checked.resume, checked.resume_portable, checked.resume_accumulation = reports[0][3]
+    checked.resume, checked.resume_portable, checked.resume_accumulation, checked.model_type = reports[0][3]
     return checked
 
 
@@ -222,23 +223,11 @@ def _every_rank(r: Recipe) -> Checked:
     model_path = resolve_model_path(r.model.model_name_or_path)
     tokenizer = load_tokenizer(r.model, model_path)
     train_ds, eval_ds = load_preference_data(r.data, tokenizer, r.train.max_length, r.train.seed)
-    return Checked(model_path, model_type_of(r, model_path), tokenizer, train_ds, eval_ds)
-
-
-def model_type_of(r: Recipe, model_path: str) -> str | None:
-    """The model's family key, read from its config.json on every rank; a config that cannot be read is rank 0's
-    to report, with the reason (skeleton_counts)."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(model_path, trust_remote_code=r.model.trust_remote_code)
-    except Exception:  # noqa: BLE001 - rank 0's skeleton_counts says why in one line
-        return None
-    return config.get_text_config().model_type
+    return Checked(model_path, tokenizer, train_ds, eval_ds)
 
 
 def _rank_zero(r: Recipe, rt: Runtime, checked: Checked) -> None:
-    checked.params, checked.trainable = skeleton_counts(r, checked.model_path)
+    checked.params, checked.trainable, checked.model_type = skeleton_counts(r, checked.model_path)
     check_trackers(r.train.report_to)
     out = Path(r.train.output_dir)
     choice = check_output_dir(r, rt, out, len(checked.train_ds) if hasattr(checked.train_ds, "__len__") else None)
@@ -256,9 +245,9 @@ def _rank_zero(r: Recipe, rt: Runtime, checked: Checked) -> None:
         )
 
 
-def skeleton_counts(r: Recipe, model_path: str) -> tuple[int, int]:
-    """(params, trainable params) from the model's config on the meta device: LoRA targets are checked and counted
-    without loading a single weight."""
+def skeleton_counts(r: Recipe, model_path: str) -> tuple[int, int, str]:
+    """(params, trainable params, model_type) from the model's config on the meta device: LoRA targets are checked
+    and counted without loading a single weight."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -273,13 +262,14 @@ def skeleton_counts(r: Recipe, model_path: str) -> tuple[int, int]:
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot build model '{model_path}' from its config.json: {str(e).splitlines()[0]}") from None
     params = sum(p.numel() for p in skeleton.parameters())
+    model_type = config.get_text_config().model_type
     peft_config = lora_config(r.lora, skeleton)
     if peft_config is None:
-        return params, params
+        return params, params, model_type
     from peft import get_peft_model
 
     adapted = get_peft_model(skeleton, peft_config)
-    return params, sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    return params, sum(p.numel() for p in adapted.parameters() if p.requires_grad), model_type
 
 
 def check_forced_speed_path(r: Recipe, config) -> None:

@@ -360,11 +360,12 @@ AGREEMENT = textwrap.dedent(r"""
             if rt.rank == 1 and fail_on_1:
                 raise fail_on_1("data file /data/x.jsonl does not exist on this node")
             time.sleep(2)  # rank 0 is the slow one: rank 1 must wait for its verdict, not quit alone
-            return preflight.Checked("model", None, None, [], [], resume="checkpoint-4" if rt.rank == 0 else None)
+            return preflight.Checked("model", None, [], [], resume="checkpoint-4" if rt.rank == 0 else None,
+                                     model_type="qwen3" if rt.rank == 0 else None)
         preflight.checks = checks
         try:
             plan = preflight.run(Recipe(), rt)
-            return f"passed, resume={plan.resume}"
+            return f"passed, resume={plan.resume}, model_type={plan.model_type}"
         except UserError as e:
             return f"UserError: {e}"
         except RuntimeError as e:
@@ -399,6 +400,8 @@ def test_a_failure_on_one_rank_only_stops_every_rank(tmp_path):
     assert rank0[1].endswith(f"UserError: rank 1 on {host}: RuntimeError: data file /data/x.jsonl does not exist "
                              "on this node")
     assert rank1[1].endswith("RuntimeError: data file /data/x.jsonl does not exist on this node")  # its traceback
-    assert rank0[2].endswith("passed, resume=checkpoint-4") and rank1[2].endswith("passed, resume=checkpoint-4")
+    # rank 0's resume choice and model type (liger's kernels are decided from it) reach every rank
+    assert rank0[2].endswith("passed, resume=checkpoint-4, model_type=qwen3") and \
+        rank1[2].endswith("passed, resume=checkpoint-4, model_type=qwen3")
     for line in rank0 + rank1:  # rank 1 failed at once but left only when rank 0 had finished (2 s)
         assert 1.5 < float(re.search(r"after ([\d.]+) s", line).group(1)) < 20, line

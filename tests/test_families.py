@@ -111,6 +111,9 @@ def test_speed_path_step_is_trls(shape, pairs):
     report = fast.speed.report
     family = architectures.family_for(FAMILY_SHAPES[shape]["config"]["model_type"])
     assert report["family"] == family.name
+    from dist_dpo.speed import aux_loss_on  # the preflight's copy of trl's rule, held to trl's own verdict
+
+    assert aux_loss_on(fast.model.config) == plain.aux_loss_enabled == fast.aux_loss_enabled
     for piece, why in family.off.items():  # every piece the table leaves off is named with its reason
         if piece != "liger" or fast.args.use_liger_kernel:  # liger's kernels: GPUs only
             assert f"{piece}: {why}" in report.get("off", ""), (piece, report)

@@ -111,8 +111,8 @@ def test_rank_local_model_builds_stay_outside_zero3_init(tmp_path):
     with zero3_init_off():
         assert not is_deepspeed_zero3_enabled()
     assert is_deepspeed_zero3_enabled()  # restored
-    params, trainable = skeleton_counts(parse_recipe([]), str(ensure_builtin_model()))
-    assert params > trainable > 0
+    params, trainable, model_type = skeleton_counts(parse_recipe([]), str(ensure_builtin_model()))
+    assert params > trainable > 0 and model_type == "qwen2"
     del ds
 
 
