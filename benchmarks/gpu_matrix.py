@@ -425,6 +425,10 @@ def main() -> int:
     p.add_argument("--stale", default="", help="with --overlay: NAME,NAME=why - BASE cells whose code path the fix "
                                                 "changed but NEWER did not re-run (kept, marked, never counted ok)")
     args = p.parse_args()
+    if (args.list or not (args.merge or args.overlay)) and not selected(cells(), args.only, args.quant):
+        print(f"gpu_matrix.py: --only {args.only!r} --quant {args.quant} selects no cell (--list shows them)",
+              file=sys.stderr)
+        return 2
     if args.list:
         for c in selected(cells(), args.only, args.quant).values():
             against = f"refused: {c.refused}" if c.refused else f"vs {c.reference}" if c.reference else "reference"

@@ -109,3 +109,9 @@ def test_the_docs_table_gives_the_families_and_the_tutorials_optimizer_their_own
     assert "| make | ddp | ✅" in main and "llama" not in main and "paged" not in main
     assert "| llama | tiny-llama | adamw_torch | fsdp | ✅ Δloss 0.0010" in other and "llama/lora 0.0030" in other
     assert "| paged | qwen2.5-0.5b | paged_adamw_8bit | fsdp | - | 🚫 refused before launch: optim" in other
+
+
+def test_a_selection_that_matches_no_cell_is_refused_in_one_line():
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_matrix.py", "--list", "--only", "no-such-cell"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "selects no cell" in proc.stderr and "Traceback" not in proc.stderr
